@@ -1,0 +1,275 @@
+"""`actsparse inspect|optimize|passes|compile|run|bench`.
+
+Every user error ends as one line on stderr and exit status 2; outputs are written
+to a temp file and renamed, and the input is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from actsparse.errors import ActsparseError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(EXIT_USAGE, f"actsparse: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="actsparse", description="Compiler for activation-sparse, quantized inference.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="summarize a model: ops, parameters, FFN/attention blocks, activations")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("optimize", help="run a pass pipeline: ONNX in, ONNX out")
+    p.add_argument("model", help="input ONNX file (never overwritten)")
+    p.add_argument("-o", "--output", required=True, help="output ONNX file")
+    _add_pipeline_args(p)
+    p.add_argument("--report", help="write the passes, options and results as JSON (replays with --recipe)")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("passes", help="list the passes with their options")
+    p.add_argument("name", nargs="?", help="show one pass in full")
+    p.set_defaults(func=cmd_passes)
+    return parser
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--passes", help='pipeline, e.g. "relufy,sparsify{method=teal,sparsity=0.5}" (default: cleanup)')
+    p.add_argument("--recipe", help="YAML/JSON recipe (or an optimize --report file)")
+    p.add_argument("--calib", help=".npz of named inputs (default: generated from the input signature)")
+    p.add_argument("--samples", type=int, default=8, help="generated calibration samples (default 8)")
+    p.add_argument("--seq-len", type=int, default=16, help="sequence length for generated inputs (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated calibration data")
+    p.add_argument("--no-verify", action="store_true", help="skip onnx.checker/onnxruntime checks after each pass")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ActsparseError as exc:
+        print(f"actsparse: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("actsparse: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not the user's input: still one line unless asked
+        if os.environ.get("ACTSPARSE_DEBUG"):
+            raise
+        print(f"actsparse: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(set ACTSPARSE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+# --- inspect ---------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    from actsparse.frontend.onnx_file import load_model
+
+    model = load_model(args.model)
+    summary = model_summary(model)
+    if args.json:
+        import json
+
+        print(json.dumps(summary, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{args.model}[/]  opset {summary['opset']}  "
+                  f"{summary['parameters']:,} parameters ({summary['parameter_bytes'] / 1e6:.1f} MB)  "
+                  f"{summary['nodes']} nodes")
+    io = Table("kind", "name", "dtype", "shape", title="inputs / outputs")
+    for kind in ("inputs", "outputs"):
+        for item in summary[kind]:
+            io.add_row(kind[:-1], item["name"], item["dtype"], str(item["shape"]))
+    console.print(io)
+    ops = Table("op", "count", title="ops")
+    for op, count in summary["ops"].items():
+        ops.add_row(op, str(count))
+    console.print(ops)
+    blocks = Table("block", "kind", "activation", "linears (in x out)", title="blocks found")
+    for block in summary["ffn_blocks"] + summary["attention_blocks"]:
+        blocks.add_row(block["name"], block["kind"], block.get("activation", ""), ", ".join(block["linears"]))
+    console.print(blocks)
+    console.print(f"linear layers: {summary['linears']}  activations: {summary['activations'] or 'none'}")
+    return 0
+
+
+def model_summary(model) -> dict:
+    import onnx_ir as ir
+
+    from actsparse.calibrate.data import model_inputs
+    from actsparse.ir.activations import match_activation
+    from actsparse.ir.blocks import find_blocks
+
+    ops = Counter()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        ops[f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
+    params = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    blocks = find_blocks(model)
+    activations = Counter()
+    seen = set()
+    for node in model.graph:
+        act = match_activation(node)
+        if act is not None and id(act.output) not in seen:
+            seen.add(id(act.output))
+            activations[act.kind] += 1
+
+    def describe(linear):
+        return f"{linear.name} ({linear.in_features}x{linear.out_features})"
+
+    def io(value):
+        return {"name": value.name, "dtype": str(value.dtype) if value.dtype else "?",
+                "shape": [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else None}
+
+    return {
+        "opset": model.opset_imports.get("", None),
+        "nodes": sum(ops.values()),
+        "parameters": int(sum(p.size for p in params)),
+        "parameter_bytes": int(sum(p.nbytes for p in params)),
+        "inputs": [io(v) for v in model_inputs(model)],
+        "outputs": [io(v) for v in model.graph.outputs],
+        "ops": dict(ops.most_common()),
+        "linears": len(blocks.linears),
+        "ffn_blocks": [
+            {"name": b.name, "kind": b.kind, "activation": b.activation.kind,
+             "linears": [describe(l) for l in (b.gate, b.up, b.down) if l is not None]}
+            for b in blocks.ffn
+        ],
+        "attention_blocks": [
+            {"name": b.name, "kind": "attention",
+             "linears": list(dict.fromkeys(describe(l) for l in (b.q, b.k, b.v, b.o) if l is not None))}
+            for b in blocks.attention
+        ],
+        "activations": dict(activations),
+    }
+
+
+# --- optimize --------------------------------------------------------------------------
+
+def cmd_optimize(args) -> int:
+    from actsparse.api import OptimizeResult, calibration_for, resolve_passes, write_json_atomic
+    from actsparse.frontend.onnx_file import _same_file, load_model, save_model
+    from actsparse.passes.base import PassContext
+    from actsparse.passes.pipeline import run_pipeline
+
+    if _same_file(Path(args.output), Path(args.model)):
+        raise ActsparseError(f"{args.output}: refusing to overwrite the input model; choose another -o")
+    specs = resolve_passes(args.passes, args.recipe)
+    model = load_model(args.model)
+    calibration = calibration_for(model, args.calib, samples=args.samples, seed=args.seed, sequence_length=args.seq_len)
+    context = PassContext(calibration=calibration, seed=args.seed)
+    with _progress("optimizing") as on_pass:
+        model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=on_pass)
+    result = OptimizeResult(model, records)
+    save_model(model, args.output, source=args.model)
+    if args.report:
+        report = result.report() | {"input": str(args.model), "output": str(args.output)}
+        write_json_atomic(args.report, report)
+    print_records(records)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def print_records(records) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("pass", "options", "changed", "cosine", "max abs err", "details", title="passes")
+    for r in records:
+        acc = r.vs_original
+        table.add_row(
+            r.name, ",".join(f"{k}={v}" for k, v in r.options.items() if not isinstance(v, dict) or v),
+            "yes" if r.modified else "no",
+            f"{acc.cosine:.5f}" if acc else "-", f"{acc.max_abs_error:.2e}" if acc else "-",
+            _short_report(r.report),
+        )
+    Console(stderr=True).print(table)
+
+
+def _short_report(report: dict) -> str:
+    parts = []
+    for key, value in report.items():
+        if isinstance(value, (int, float, str, bool)):
+            parts.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)[:120]
+
+
+class _progress:
+    """A transient progress bar on stderr for multi-pass runs (silent when not a terminal)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self.progress.start()
+        self.task = None
+
+        def on_pass(index: int, total: int, name: str):
+            if self.task is None:
+                self.task = self.progress.add_task(self.what, total=total)
+            self.progress.update(self.task, completed=index, description=f"{self.what}: {name}" if name else self.what)
+
+        return on_pass
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
+
+
+# --- passes ----------------------------------------------------------------------------
+
+def cmd_passes(args) -> int:
+    import inspect as pyinspect
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from actsparse.passes.base import available_passes, get_pass_class, option_docs, pass_summary
+
+    console = Console()
+    if args.name:
+        cls = get_pass_class(args.name)
+        console.print(f"[bold]{cls.name}[/] ({'exact' if cls.exact else 'approximate'})\n")
+        print(pyinspect.getdoc(sys.modules[cls.__module__]) or pass_summary(cls))
+        table = Table("option", "type", "default", "help")
+        for doc in option_docs(cls):
+            table.add_row(doc["name"], doc["type"], doc["default"], doc["help"])
+        console.print(table)
+        return 0
+    table = Table("pass", "kind", "options", "what it does")
+    for name, cls in available_passes().items():
+        opts = ", ".join(f"{d['name']}={d['default']}" for d in option_docs(cls))
+        table.add_row(name, "exact" if cls.exact else "approx", opts, pass_summary(cls))
+    console.print(table)
+    return 0
+
+
+def _version() -> str:
+    from actsparse import __version__
+
+    return f"actsparse {__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

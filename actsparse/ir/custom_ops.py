@@ -1,0 +1,103 @@
+"""Ops of domain `actsparse` (version 1). Each carries an ONNX-function body, so
+onnxruntime and onnx.checker accept a model that uses them; codegen lowers them to kernels.
+
+- `Sparsify(x, threshold) -> y`: y = x where |x| > threshold, else 0 (TEAL, CATS).
+- `SparsifyWeighted(x, threshold, channel_scale) -> y`: y = x where |x| * scale > threshold,
+  else 0; `channel_scale[k]` is the norm of the weight row that input channel k reads (WINA).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper
+
+DOMAIN = "actsparse"
+VERSION = 1
+SPARSIFY = "Sparsify"
+SPARSIFY_WEIGHTED = "SparsifyWeighted"
+CUSTOM_OPS = (SPARSIFY, SPARSIFY_WEIGHTED)
+
+
+def _function_proto(name: str, onnx_opset: int) -> onnx.FunctionProto:
+    weighted = name == SPARSIFY_WEIGHTED
+    nodes = [helper.make_node("Abs", ["x"], ["magnitude"])]
+    score = "magnitude"
+    if weighted:
+        nodes.append(helper.make_node("Mul", ["magnitude", "channel_scale"], ["score"]))
+        score = "score"
+    nodes += [
+        helper.make_node("Greater", [score, "threshold"], ["keep"]),
+        # threshold * 0 is a zero of x's dtype in every opset (CastLike needs opset 15).
+        helper.make_node("Mul", ["threshold", "zero_factor"], ["zero"]),
+        helper.make_node("Where", ["keep", "x", "zero"], ["y"]),
+    ]
+    zero_factor = helper.make_node(
+        "Constant", [], ["zero_factor"], value=helper.make_tensor("zero_factor", onnx.TensorProto.FLOAT, [], [0.0])
+    )
+    inputs = ["x", "threshold"] + (["channel_scale"] if weighted else [])
+    return helper.make_function(
+        DOMAIN, name, inputs, ["y"], [zero_factor, *nodes],
+        opset_imports=[helper.make_opsetid("", onnx_opset), helper.make_opsetid(DOMAIN, VERSION)],
+    )
+
+
+def ensure_function(model: ir.Model, name: str) -> None:
+    """Add the op's function definition and the `actsparse` opset import, once."""
+    if name not in CUSTOM_OPS:
+        raise ValueError(f"unknown actsparse op {name!r}")
+    model.opset_imports.setdefault(DOMAIN, VERSION)
+    key = (DOMAIN, name, "")
+    if key not in model.functions:
+        onnx_opset = model.opset_imports.get("", 18)
+        model.functions[key] = ir.serde.deserialize_function(_function_proto(name, onnx_opset))
+
+
+def is_sparsify(node: ir.Node) -> bool:
+    return node.domain == DOMAIN and node.op_type in CUSTOM_OPS
+
+
+def add_initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer with a name not yet used in the graph."""
+    name = unique_name(model, name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    model.graph.register_initializer(value)
+    return value
+
+
+def unique_name(model: ir.Model, base: str) -> str:
+    taken = set(model.graph.initializers) | {v.name for v in model.graph.inputs}
+    taken |= {out.name for node in model.graph for out in node.outputs}
+    name, suffix = base, 1
+    while name in taken:
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    return name
+
+
+def insert_sparsify(model: ir.Model, x: ir.Value, threshold: ir.Value, channel_scale: ir.Value | None = None,
+                    *, name: str) -> ir.Value:
+    """Append a Sparsify node reading `x` (placed right after x's producer) and return its output.
+    The caller rewires the consumers that should see the sparse value."""
+    op = SPARSIFY if channel_scale is None else SPARSIFY_WEIGHTED
+    ensure_function(model, op)
+    inputs = [x, threshold] + ([channel_scale] if channel_scale is not None else [])
+    node = ir.Node(DOMAIN, op, inputs, name=unique_node_name(model, name))
+    out = node.outputs[0]
+    out.name = unique_name(model, f"{x.name}_sparse")
+    out.type, out.shape = x.type, x.shape
+    producer = x.producer()
+    if producer is not None and producer.graph is model.graph:
+        model.graph.insert_after(producer, node)
+    else:
+        model.graph.insert_before(next(iter(model.graph)), node)
+    return out
+
+
+def unique_node_name(model: ir.Model, base: str) -> str:
+    taken = {node.name for node in model.graph}
+    name, suffix = base, 1
+    while name in taken:
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    return name

@@ -1,0 +1,72 @@
+"""cleanup: constant folding, dead-code and identity removal, shape inference.
+
+Before: a graph with foldable constant subgraphs (Shape->Gather->Concat on static shapes,
+        Constant->Cast, ...), Identity nodes, unused nodes, initializers and functions.
+After:  the same function with those folded or removed, and value shapes/types inferred.
+
+Exact: the model's outputs are unchanged (checked to 1e-5). Control flow (If/Loop bodies),
+dynamic shapes and external-data tensors are kept; actsparse custom ops are not inlined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import onnxscript.optimizer
+
+from actsparse.passes.base import ActsparsePass, option, register
+
+# Serializing for onnx's shape inference must stay under protobuf's 2 GB limit.
+_SHAPE_INFERENCE_LIMIT = 1 << 30
+
+
+@dataclass
+class CleanupOptions:
+    fold_constants: bool = option(True, "fold subgraphs whose inputs are all constant")
+    shape_inference: bool = option(True, "infer value shapes and types (skipped above 1 GB of weights)")
+
+
+@register
+class CleanupPass(ActsparsePass):
+    """Fold constants, remove dead code and Identity nodes, infer shapes (exact)."""
+
+    name = "cleanup"
+    exact = True
+    Options = CleanupOptions
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        nodes_before = _count_nodes(model.graph)
+        inits_before = len(model.graph.initializers)
+        if self.options.fold_constants:
+            # inline=False keeps actsparse.* ops (and any other model-local functions) intact.
+            onnxscript.optimizer.optimize_ir(model, inline=False, onnx_shape_inference=False)
+        passes = [
+            common.IdentityEliminationPass(),
+            common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedFunctionsPass(),
+            common.RemoveUnusedOpsetsPass(),
+        ]
+        for pass_ in passes:
+            model = pass_(model).model
+        inferred = False
+        if self.options.shape_inference and _weight_bytes(model) < _SHAPE_INFERENCE_LIMIT:
+            model = common.ShapeInferencePass(strict_mode=False)(model).model
+            inferred = True
+        nodes_after = _count_nodes(model.graph)
+        self.report = {
+            "nodes_before": nodes_before,
+            "nodes_after": nodes_after,
+            "initializers_removed": inits_before - len(model.graph.initializers),
+            "shape_inference": inferred,
+        }
+        return ir.passes.PassResult(model, modified=nodes_after != nodes_before or inferred)
+
+
+def _count_nodes(graph: ir.Graph) -> int:
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(graph))
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
