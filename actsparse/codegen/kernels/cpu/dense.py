@@ -1,0 +1,94 @@
+"""Dense fp32 matmul y = x @ W for CPUs (GEMV at M=1, small batches, encoder-size M).
+
+Layout: W [K, N] (ONNX MatMul) is packed once at compile time into column panels
+``Wp[NB, K, block]`` (``pack_dense``): panel b holds columns b*block .. b*block+block-1
+of every row, contiguously, zero-padded past N. A thread then reads one contiguous
+stream per panel, which is what reached full memory bandwidth (shared/NOTES.md),
+and keeps a ``rows x block`` tile of y in registers for the whole K loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm.script import tirx as T
+
+DEFAULT_LANES = 16
+
+
+def vector_lanes(target) -> int:
+    """fp32 lanes of the widest vector register the target has (16, 8 or 4)."""
+    from tvm.target import codegen
+
+    if target.kind.name != "llvm":
+        return DEFAULT_LANES
+    features = codegen.llvm_get_cpu_features(target)
+    if "avx512f" in features:
+        return 16
+    if "avx" in features or "avx2" in features:
+        return 8
+    return 4
+
+
+def panel_count(n: int, block: int) -> int:
+    return (n + block - 1) // block
+
+
+def pack_dense(w: np.ndarray, block: int = 2 * DEFAULT_LANES) -> np.ndarray:
+    """W [K, N] -> Wp [ceil(N/block), K, block], columns past N zero."""
+    k, n = w.shape
+    nb = panel_count(n, block)
+    padded = np.zeros((k, nb * block), dtype=np.float32)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, nb, block).transpose(1, 0, 2))
+
+
+def default_row_tile(m: int, lanes: int = DEFAULT_LANES) -> int:
+    """Rows of y held in registers at once: two vectors per row, within the register file."""
+    accumulator_vectors = 16 if lanes >= 16 else 12
+    return max(1, min(m, accumulator_vectors // 2))
+
+
+def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: int | None = None):
+    """y[m, n] = x[m, k] @ W[k, n] with W packed by ``pack_dense(w, block=2*lanes)``.
+
+    Signature: ``(x: f32[m, k], wp: f32[ceil(n/block), k, block], y: f32[m, n])``.
+    Parallel over (column panel, row tile); row tiles of a panel run on the same
+    thread one after another, so the panel is read from DRAM once.
+    """
+    block = 2 * lanes
+    rows = row_tile or default_row_tile(m, lanes)
+    nb = panel_count(n, block)
+    mt = (m + rows - 1) // rows
+    last_row = m - 1
+
+    @T.prim_func
+    def dense_matmul_kernel(
+        x: T.Buffer((m, k), "float32"),
+        wp: T.Buffer((nb, k, block), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for task in T.parallel(nb * mt):
+            b = T.bind(task // mt)
+            m0 = T.bind((task % mt) * rows)
+            acc = T.alloc_buffer((rows, block), "float32")
+            for i in T.unroll(rows):
+                for j in T.vectorized(block):
+                    acc[i, j] = T.float32(0)
+            for kk in range(k):
+                for i in T.unroll(rows):
+                    # Rows past m (last tile) recompute row m-1; their results are not stored.
+                    xv = T.bind(x[T.min(m0 + i, last_row), kk])
+                    for j in T.vectorized(block):
+                        acc[i, j] = acc[i, j] + xv * wp[b, kk, j]
+            for i in range(rows):
+                if m0 + i < m:
+                    if b * block + block <= n:
+                        for j in T.vectorized(block):
+                            y[m0 + i, b * block + j] = acc[i, j]
+                    else:
+                        for j in range(block):
+                            if b * block + j < n:
+                                y[m0 + i, b * block + j] = acc[i, j]
+
+    return dense_matmul_kernel

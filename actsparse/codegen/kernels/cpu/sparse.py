@@ -1,0 +1,179 @@
+"""Sparse-input matmul y = x @ W that reads only the rows W[k, :] of active inputs.
+
+W stays in the ONNX layout [K, N] (row k is contiguous: exactly the data an active
+input channel k needs). The kernel, in one call:
+
+1. compacts the active channels serially (branch-free): ``idx`` lists them and
+   ``xa[m, j]`` holds x[m, idx[j]] (0 for a row m where that channel is inactive;
+   a channel is read when it is active in any of the M rows);
+2. pads the list to a multiple of ``rows_per_step`` with copies of the last active
+   row and zero coefficients (those rows are already in cache, so padding is free);
+3. splits the output columns into chunks over threads; per step of
+   ``rows_per_step`` active rows it loads a register block of y, FMAs all those rows
+   into it and stores it once (shared/NOTES.md: one row per step fell to half the
+   bandwidth). Columns past the last full vector block are done serially at the end.
+
+Activity tests: ``threshold`` |x| > t; ``scaled`` |x| * scale[k] > t (WINA);
+``nonzero`` x != 0 (input already sparse, e.g. after ReLU).
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES
+
+MODES = ("threshold", "scaled", "nonzero")
+
+
+def column_block(m: int, lanes: int) -> int:
+    """Width of the register block of y: two vectors for up to 4 rows, one beyond."""
+    return lanes * 2 if m <= 4 else lanes
+
+
+def default_chunks(m: int, n: int, block: int) -> int:
+    """Column chunks (parallel tasks): about 8 KB of y each, a multiple of 4 for even splits."""
+    full_blocks = n // block
+    if full_blocks == 0:
+        return 1
+    cols_per_chunk = max(block, 2048 // m)
+    chunks = -(-full_blocks * block // cols_per_chunk)
+    chunks = 4 * -(-chunks // 4)
+    return max(1, min(full_blocks, chunks))
+
+
+def _sparse_matmul(mode: str, m: int, k: int, n: int, rows_per_step: int, lanes: int, chunks: int | None):
+    R = rows_per_step
+    cb = column_block(m, lanes)
+    full_blocks = n // cb
+    tail_start = full_blocks * cb
+    P = chunks or default_chunks(m, n, cb)
+    capacity = k + R
+
+    @T.macro
+    def compact(x, threshold, scale, idx, xa, count):
+        count[0] = 0
+        for kk in range(k):
+            hit = T.alloc_buffer((1,), "int32")
+            hit[0] = 0
+            for i in T.unroll(m):
+                if mode == "nonzero":
+                    active = T.bind(x[i, kk] != T.float32(0))
+                elif mode == "threshold":
+                    active = T.bind(T.abs(x[i, kk]) > threshold[0])
+                else:
+                    active = T.bind(T.abs(x[i, kk]) * scale[kk] > threshold[0])
+                xa[i, count[0]] = T.Select(active, x[i, kk], T.float32(0))
+                hit[0] = T.max(hit[0], T.Select(active, 1, 0))
+            idx[count[0]] = kk
+            count[0] = count[0] + hit[0]
+        # Pad to whole steps with the last active row (already in cache) times 0.
+        nnz = T.bind(count[0])
+        for p in range((nnz + R - 1) // R * R - nnz):
+            idx[nnz + p] = idx[nnz - 1]
+            for i in T.unroll(m):
+                xa[i, nnz + p] = T.float32(0)
+
+    @T.macro
+    def accumulate(w, y, idx, xa, count):
+        steps = T.bind((count[0] + R - 1) // R)
+        for c in T.parallel(P):
+            lo = T.bind(c * full_blocks // P)
+            hi = T.bind((c + 1) * full_blocks // P)
+            for b in range(lo, hi):
+                for i in T.unroll(m):
+                    for j in T.vectorized(cb):
+                        y[i, b * cb + j] = T.float32(0)
+            for s in range(steps):
+                for b in range(lo, hi):
+                    acc = T.alloc_buffer((m, cb), "float32")
+                    for i in T.unroll(m):
+                        for j in T.vectorized(cb):
+                            acc[i, j] = y[i, b * cb + j]
+                    for r in T.unroll(R):
+                        row = T.bind(idx[s * R + r])
+                        for i in T.unroll(m):
+                            coef = T.bind(xa[i, s * R + r])
+                            for j in T.vectorized(cb):
+                                acc[i, j] = acc[i, j] + coef * w[row, b * cb + j]
+                    for i in T.unroll(m):
+                        for j in T.vectorized(cb):
+                            y[i, b * cb + j] = acc[i, j]
+        for i in range(m):
+            for j in range(n - tail_start):
+                y[i, tail_start + j] = T.float32(0)
+                for a in range(count[0]):
+                    y[i, tail_start + j] = y[i, tail_start + j] + xa[i, a] * w[idx[a], tail_start + j]
+
+    if mode == "nonzero":
+
+        @T.prim_func
+        def sparse_matmul_nonzero(
+            x: T.Buffer((m, k), "float32"),
+            w: T.Buffer((k, n), "float32"),
+            y: T.Buffer((m, n), "float32"),
+        ):
+            T.func_attr({"tir.noalias": True})
+            idx = T.alloc_buffer((capacity,), "int32")
+            xa = T.alloc_buffer((m, capacity), "float32")
+            count = T.alloc_buffer((1,), "int32")
+            compact(x, x, x, idx, xa, count)
+            accumulate(w, y, idx, xa, count)
+
+        return sparse_matmul_nonzero
+
+    if mode == "threshold":
+
+        @T.prim_func
+        def sparse_matmul_threshold(
+            x: T.Buffer((m, k), "float32"),
+            threshold: T.Buffer((1,), "float32"),
+            w: T.Buffer((k, n), "float32"),
+            y: T.Buffer((m, n), "float32"),
+        ):
+            T.func_attr({"tir.noalias": True})
+            idx = T.alloc_buffer((capacity,), "int32")
+            xa = T.alloc_buffer((m, capacity), "float32")
+            count = T.alloc_buffer((1,), "int32")
+            compact(x, threshold, x, idx, xa, count)
+            accumulate(w, y, idx, xa, count)
+
+        return sparse_matmul_threshold
+
+    @T.prim_func
+    def sparse_matmul_scaled(
+        x: T.Buffer((m, k), "float32"),
+        threshold: T.Buffer((1,), "float32"),
+        scale: T.Buffer((k,), "float32"),
+        w: T.Buffer((k, n), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        idx = T.alloc_buffer((capacity,), "int32")
+        xa = T.alloc_buffer((m, capacity), "float32")
+        count = T.alloc_buffer((1,), "int32")
+        compact(x, threshold, scale, idx, xa, count)
+        accumulate(w, y, idx, xa, count)
+
+    return sparse_matmul_scaled
+
+
+def sparse_matmul(
+    m: int,
+    k: int,
+    n: int,
+    mode: str = "threshold",
+    rows_per_step: int = 8,
+    lanes: int = DEFAULT_LANES,
+    chunks: int | None = None,
+):
+    """Sparse-input y[m, n] = sum over active k of x[m, k] * W[k, :].
+
+    Signatures (W is the plain ONNX [K, N] weight, no packing):
+      mode="threshold": ``(x: f32[m, k], threshold: f32[1], w: f32[k, n], y: f32[m, n])``
+      mode="scaled":    ``(x: f32[m, k], threshold: f32[1], scale: f32[k], w: f32[k, n], y: f32[m, n])``
+      mode="nonzero":   ``(x: f32[m, k], w: f32[k, n], y: f32[m, n])``
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return _sparse_matmul(mode, m, k, n, rows_per_step, lanes, chunks)
