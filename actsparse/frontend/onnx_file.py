@@ -30,15 +30,17 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ActsparseError(f"{path}: not an ONNX model (no graph or no opset)")
     _check_external_data_paths(proto, path.parent)
     try:
-        onnx.checker.check_model(proto)
+        # Checking by path lets the checker find external-data files next to the model.
+        onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ActsparseError(f"{path}: invalid ONNX model ({_short(exc)})") from None
     try:
         model = ir.serde.deserialize_model(proto)
-        # Tensors stored in side files are resolved relative to the model's folder.
-        for init in model.graph.initializers.values():
-            if isinstance(init.const_value, ir.ExternalTensor):
-                init.const_value = _resolve_external(init.const_value, path.parent)
+        # Tensors stored in side files are resolved relative to the model's folder, and read
+        # into memory while they fit a protobuf, so onnxruntime can take the model as bytes.
+        ir.external_data.set_base_dir(model.graph, path.parent)
+        if _external_bytes(proto) < EXTERNAL_DATA_THRESHOLD:
+            ir.external_data.load_to_model(model)
     except ActsparseError:
         raise
     except Exception as exc:
@@ -88,11 +90,12 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def _resolve_external(tensor: ir.ExternalTensor, base_dir: Path) -> ir.ExternalTensor:
-    return ir.ExternalTensor(
-        tensor.location, tensor.offset, tensor.length, tensor.dtype,
-        shape=tensor.shape, name=tensor.name, base_dir=str(base_dir),
-    )
+def _external_bytes(proto: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next((e.value for e in tensor.external_data if e.key == "length"), 0) or 0)
+    return total
 
 
 def _check_external_data_paths(proto: onnx.ModelProto, base_dir: Path) -> None:
