@@ -1,0 +1,223 @@
+"""Fused gated FFN at batch 1: y = (act(x @ Wg) * (x @ Wu)) @ Wd, act in {silu, relu}.
+
+x: [1, D], Wg/Wu: [D, F], Wd: [F, D] (ONNX layouts). Three sparse forms, each one
+PrimFunc reading only the weight rows its active set needs:
+
+(a) ``ffn_input_sparse``: thresholds on the FFN input (|x_d| > t_in: only rows d of
+    Wg and Wu) and on the down input (|h_f| > t_down: only rows f of Wd)  - TEAL style.
+(b) ``ffn_gate_sparse``: gate computed densely; up and down only for neurons with
+    |act(gate_f)| > t (for relu with t = 0: relu(gate) > 0; for silu: CATS).
+(c) ``ffn_indexed``: a predictor gives the active neurons (idx[0:nnz]); gate, up and
+    down are computed only for them.
+
+Rows of W needed together are stored contiguously by the ``pack_*`` functions
+(run once at compile time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm.script import tirx as T
+
+from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, pack_dense, panel_count
+from actsparse.codegen.kernels.cpu.sparse import accumulate_macro, compact_macro, pad_macro
+
+ACTIVATIONS = ("silu", "relu")
+ROWS_PER_STEP = 16
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def _act(act: str, g):
+    return g * T.sigmoid(g) if act == "silu" else T.max(g, T.float32(0))
+
+
+def pack_ffn_input_sparse(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray):
+    """-> (wgu [D, 2F] = [Wg | Wu] so an input channel's gate and up rows are one row, wd [F, D])."""
+    return np.ascontiguousarray(np.concatenate([wg, wu], axis=1), dtype=np.float32), np.ascontiguousarray(wd)
+
+
+def pack_ffn_gate_sparse(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray, lanes: int = DEFAULT_LANES):
+    """-> (wg packed by ``pack_dense`` [ceil(F/2L), D, 2L], wu_t = Wu^T [F, D], wd [F, D])."""
+    return pack_dense(wg, 2 * lanes), np.ascontiguousarray(wu.T), np.ascontiguousarray(wd)
+
+
+def pack_ffn_indexed(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray):
+    """-> (wgu_t [F, 2, D]: neuron f's gate column then its up column, contiguous; wd [F, D])."""
+    return np.ascontiguousarray(np.stack([wg.T, wu.T], axis=1)), np.ascontiguousarray(wd)
+
+
+def _dot_macro(d: int, lanes: int, parts: bool):
+    """T.macro(x, w, row, part, out, slot): out[slot] = x[0, :] . w[row, part, :] (``parts``)
+    or x[0, :] . w[row, :]; two vector accumulators, then a horizontal sum."""
+    vec = 2 * lanes
+    full = d // vec * vec
+
+    @T.macro
+    def dot(x, w, row, part, out, slot):
+        acc = T.alloc_buffer((vec,), "float32")
+        for j in T.vectorized(vec):
+            acc[j] = T.float32(0)
+        for c in range(full // vec):
+            for j in T.vectorized(vec):
+                if parts:
+                    acc[j] = acc[j] + x[0, c * vec + j] * w[row, part, c * vec + j]
+                else:
+                    acc[j] = acc[j] + x[0, c * vec + j] * w[row, c * vec + j]
+        total = T.alloc_buffer((1,), "float32")
+        total[0] = T.float32(0)
+        for j in range(vec):
+            total[0] = total[0] + acc[j]
+        for c in range(d - full):
+            if parts:
+                total[0] = total[0] + x[0, full + c] * w[row, part, full + c]
+            else:
+                total[0] = total[0] + x[0, full + c] * w[row, full + c]
+        out[slot] = total[0]
+
+    return dot
+
+
+def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None):
+    """(a) Signature: ``(x: f32[1, d], t_in: f32[1], t_down: f32[1], wgu: f32[d, 2f], wd: f32[f, d], y: f32[1, d])``.
+
+    Gate/up only over input channels with |x| > t_in; down only over neurons with |h| > t_down.
+    Weights from ``pack_ffn_input_sparse``.
+    """
+    _check_act(act)
+    R = ROWS_PER_STEP
+    compact_x = compact_macro("threshold", 1, d, R)
+    compact_h = compact_macro("threshold", 1, f, R)
+    up_gate = accumulate_macro(1, 2 * f, R, lanes, chunks)
+    down = accumulate_macro(1, d, R, lanes, chunks)
+
+    @T.prim_func
+    def ffn_input_sparse_kernel(
+        x: T.Buffer((1, d), "float32"),
+        t_in: T.Buffer((1,), "float32"),
+        t_down: T.Buffer((1,), "float32"),
+        wgu: T.Buffer((d, 2 * f), "float32"),
+        wd: T.Buffer((f, d), "float32"),
+        y: T.Buffer((1, d), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        idx = T.alloc_buffer((d + R,), "int32")
+        xa = T.alloc_buffer((1, d + R), "float32")
+        count = T.alloc_buffer((1,), "int32")
+        gu = T.alloc_buffer((1, 2 * f), "float32")
+        h = T.alloc_buffer((1, f), "float32")
+        idx_h = T.alloc_buffer((f + R,), "int32")
+        ha = T.alloc_buffer((1, f + R), "float32")
+        count_h = T.alloc_buffer((1,), "int32")
+        compact_x(x, t_in, x, idx, xa, count)
+        up_gate(wgu, gu, idx, xa, count)
+        for j in range(f):
+            h[0, j] = _act(act, gu[0, j]) * gu[0, f + j]
+        compact_h(h, t_down, h, idx_h, ha, count_h)
+        down(wd, y, idx_h, ha, count_h)
+
+    return ffn_input_sparse_kernel
+
+
+def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANES, chunks: int | None = None):
+    """(b) Signature: ``(x: f32[1, d], threshold: f32[1], wg_packed: f32[ceil(f/2L), d, 2L],
+    wu_t: f32[f, d], wd: f32[f, d], y: f32[1, d])`` with L = ``lanes``.
+
+    Gate dense; up (a dot product with the contiguous row wu_t[f]) and down (row wd[f])
+    only for neurons with |act(gate_f)| > threshold. Weights from ``pack_ffn_gate_sparse``.
+    """
+    _check_act(act)
+    R = ROWS_PER_STEP
+    block = 2 * lanes
+    nb = panel_count(f, block)
+    P = chunks or 2 * 8
+    dot = _dot_macro(d, lanes, parts=False)
+    pad = pad_macro(1, R)
+    down = accumulate_macro(1, d, R, lanes, chunks)
+
+    @T.prim_func
+    def ffn_gate_sparse_kernel(
+        x: T.Buffer((1, d), "float32"),
+        threshold: T.Buffer((1,), "float32"),
+        wg: T.Buffer((nb, d, block), "float32"),
+        wu_t: T.Buffer((f, d), "float32"),
+        wd: T.Buffer((f, d), "float32"),
+        y: T.Buffer((1, d), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        gate = T.alloc_buffer((nb * block,), "float32")
+        idx = T.alloc_buffer((f + R,), "int32")
+        coef = T.alloc_buffer((1, f + R), "float32")
+        up = T.alloc_buffer((f + R,), "float32")
+        count = T.alloc_buffer((1,), "int32")
+        for b in T.parallel(nb):
+            acc = T.alloc_buffer((block,), "float32")
+            for j in T.vectorized(block):
+                acc[j] = T.float32(0)
+            for kk in range(d):
+                xv = T.bind(x[0, kk])
+                for j in T.vectorized(block):
+                    acc[j] = acc[j] + xv * wg[b, kk, j]
+            for j in T.vectorized(block):
+                gate[b * block + j] = acc[j]
+        count[0] = 0
+        for j in range(f):
+            a = T.bind(_act(act, gate[j]))
+            coef[0, count[0]] = a
+            idx[count[0]] = j
+            count[0] = count[0] + T.Select(T.abs(a) > threshold[0], 1, 0)
+        pad(idx, coef, count)
+        nnz = T.bind(count[0])
+        for c in T.parallel(P):
+            for a in range(c * nnz // P, (c + 1) * nnz // P):
+                dot(x, wu_t, idx[a], 0, up, a)
+                coef[0, a] = coef[0, a] * up[a]
+        down(wd, y, idx, coef, count)
+
+    return ffn_gate_sparse_kernel
+
+
+def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None):
+    """(c) Signature: ``(x: f32[1, d], idx: i32[f], nnz: i32[1], wgu_t: f32[f, 2, d], wd: f32[f, d], y: f32[1, d])``.
+
+    idx[0:nnz] are the active neurons (any order, no repeats; entries past nnz ignored).
+    Weights from ``pack_ffn_indexed``.
+    """
+    _check_act(act)
+    R = ROWS_PER_STEP
+    P = chunks or 2 * 8
+    dot = _dot_macro(d, lanes, parts=True)
+    pad = pad_macro(1, R)
+    down = accumulate_macro(1, d, R, lanes, chunks)
+
+    @T.prim_func
+    def ffn_indexed_kernel(
+        x: T.Buffer((1, d), "float32"),
+        idx: T.Buffer((f,), "int32"),
+        nnz: T.Buffer((1,), "int32"),
+        wgu_t: T.Buffer((f, 2, d), "float32"),
+        wd: T.Buffer((f, d), "float32"),
+        y: T.Buffer((1, d), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        rows = T.alloc_buffer((f + R,), "int32")
+        coef = T.alloc_buffer((1, f + R), "float32")
+        gate = T.alloc_buffer((f + R,), "float32")
+        up = T.alloc_buffer((f + R,), "float32")
+        count = T.alloc_buffer((1,), "int32")
+        count[0] = T.max(0, T.min(nnz[0], f))
+        active = T.bind(count[0])
+        for a in range(active):
+            rows[a] = idx[a]
+        for c in T.parallel(P):
+            for a in range(c * active // P, (c + 1) * active // P):
+                dot(x, wgu_t, rows[a], 0, gate, a)
+                dot(x, wgu_t, rows[a], 1, up, a)
+                coef[0, a] = _act(act, gate[a]) * up[a]
+        pad(rows, coef, count)
+        down(wd, y, rows, coef, count)
+
+    return ffn_indexed_kernel
