@@ -1,0 +1,198 @@
+"""Every CPU TIR kernel against its numpy reference: odd sizes, sparsity 0 %, partial, 100 %.
+
+Kernels are built once per module (compiling dominates the run time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from actsparse.codegen.kernels import reference as ref  # noqa: E402
+from actsparse.codegen.kernels.cpu import (  # noqa: E402
+    aligned_array,
+    build_kernel,
+    dense_matmul,
+    ffn_gate_sparse,
+    ffn_indexed,
+    ffn_input_sparse,
+    pack_dense,
+    pack_ffn_gate_sparse,
+    pack_ffn_indexed,
+    pack_ffn_input_sparse,
+    sparse_matmul,
+)
+from actsparse.codegen.targets import resolve_target  # noqa: E402
+from actsparse.errors import ActsparseError  # noqa: E402
+
+ATOL = 2e-4
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def target():
+    return resolve_target("host")
+
+
+def _rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _threshold_for(values: np.ndarray, sparsity: float) -> np.float32:
+    """A threshold on |values| leaving about ``1 - sparsity`` of them active (all at 0, none at 1)."""
+    if sparsity <= 0:
+        return np.float32(-1.0)
+    if sparsity >= 1:
+        return np.float32(np.abs(values).max() + 1)
+    # Midway between two magnitudes, so float32 rounding cannot flip a channel at the edge.
+    ordered = np.sort(np.abs(values).ravel())
+    cut = min(int(sparsity * ordered.size), ordered.size - 1)
+    return np.float32((ordered[cut - 1] + ordered[cut]) / 2) if cut > 0 else np.float32(ordered[0] / 2)
+
+
+# (m, k, n): M=1 GEMV, small batches, an M>=16 tiled case; n not a multiple of the vector block.
+DENSE_SHAPES = [(1, 37, 45), (1, 64, 96), (3, 33, 70), (8, 20, 100), (19, 50, 33)]
+
+
+@pytest.fixture(scope="module")
+def dense_kernels(target):
+    return {shape: build_kernel(dense_matmul(*shape), target) for shape in DENSE_SHAPES}
+
+
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+def test_dense_matmul_matches_numpy(dense_kernels, shape):
+    m, k, n = shape
+    rng = np.random.default_rng(sum(shape))
+    x, w = _rand(rng, m, k), _rand(rng, k, n)
+    y = dense_kernels[shape](x, pack_dense(w))
+    np.testing.assert_allclose(y, ref.dense_matmul_reference(x, w), atol=ATOL, rtol=RTOL)
+
+
+def test_pack_dense_zero_pads_columns():
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    packed = pack_dense(w, block=4)
+    assert packed.shape == (1, 2, 4)
+    np.testing.assert_array_equal(packed[0, :, :3], w)
+    np.testing.assert_array_equal(packed[0, :, 3], 0)
+
+
+SPARSE_SHAPES = [(1, 45, 77), (1, 64, 130), (4, 33, 50), (7, 40, 36)]
+SPARSITIES = [0.0, 0.5, 0.9, 1.0]
+
+
+@pytest.fixture(scope="module")
+def sparse_kernels(target):
+    return {
+        (mode, shape): build_kernel(sparse_matmul(*shape, mode=mode), target)
+        for mode in ("threshold", "scaled", "nonzero")
+        for shape in SPARSE_SHAPES
+    }
+
+
+@pytest.mark.parametrize("shape", SPARSE_SHAPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("mode", ["threshold", "scaled"])
+def test_sparse_matmul_threshold_matches_numpy(sparse_kernels, mode, shape, sparsity):
+    m, k, n = shape
+    rng = np.random.default_rng(k * n)
+    x, w = _rand(rng, m, k), _rand(rng, k, n)
+    scale = rng.uniform(0.2, 3.0, k).astype(np.float32)
+    magnitude = np.abs(x) * (scale if mode == "scaled" else 1)
+    t = _threshold_for(magnitude, sparsity)
+    args = (x, np.array([t], np.float32)) + ((scale,) if mode == "scaled" else ()) + (w,)
+    y = sparse_kernels[(mode, shape)](*args)
+    expected = ref.sparse_matmul_reference(x, w, mode, t, scale)
+    np.testing.assert_allclose(y, expected, atol=ATOL, rtol=RTOL)
+    if sparsity >= 1:
+        assert not y.any()
+
+
+@pytest.mark.parametrize("shape", SPARSE_SHAPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_sparse_matmul_nonzero_matches_numpy(sparse_kernels, shape, sparsity):
+    m, k, n = shape
+    rng = np.random.default_rng(k + n)
+    x, w = _rand(rng, m, k), _rand(rng, k, n)
+    x[rng.random((m, k)) < sparsity] = 0
+    y = sparse_kernels[("nonzero", shape)](x, w)
+    np.testing.assert_allclose(y, ref.sparse_matmul_reference(x, w, "nonzero"), atol=ATOL, rtol=RTOL)
+
+
+def test_sparse_matmul_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        sparse_matmul(1, 8, 8, mode="topk")
+
+
+FFN_SHAPES = [(37, 53), (64, 100)]
+
+
+def _ffn_weights(d, f, seed):
+    rng = np.random.default_rng(seed)
+    return _rand(rng, 1, d), _rand(rng, d, f, scale=d**-0.5), _rand(rng, d, f, scale=d**-0.5), _rand(rng, f, d, scale=f**-0.5)
+
+
+@pytest.fixture(scope="module")
+def ffn_kernels(target):
+    kernels = {}
+    for d, f in FFN_SHAPES:
+        for act in ("silu", "relu"):
+            kernels[("input", d, f, act)] = build_kernel(ffn_input_sparse(d, f, act), target)
+            kernels[("gate", d, f, act)] = build_kernel(ffn_gate_sparse(d, f, act), target)
+            kernels[("indexed", d, f, act)] = build_kernel(ffn_indexed(d, f, act), target)
+    return kernels
+
+
+@pytest.mark.parametrize("d,f", FFN_SHAPES)
+@pytest.mark.parametrize("act", ["silu", "relu"])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_ffn_input_sparse_matches_numpy(ffn_kernels, d, f, act, sparsity):
+    x, wg, wu, wd = _ffn_weights(d, f, d + f)
+    t_in = _threshold_for(x, sparsity)
+    xs = np.where(np.abs(x) > t_in, x, 0)
+    hidden = ref.ffn_reference(xs, wg, wu, wd, act, return_hidden=True)[1]
+    t_down = _threshold_for(hidden, sparsity)
+    y = ffn_kernels[("input", d, f, act)](x, np.array([t_in]), np.array([t_down]), *pack_ffn_input_sparse(wg, wu, wd))
+    expected = ref.ffn_input_sparse_reference(x, t_in, t_down, wg, wu, wd, act)
+    np.testing.assert_allclose(y, expected, atol=ATOL, rtol=RTOL)
+    if sparsity == 0:
+        np.testing.assert_allclose(y, ref.ffn_reference(x, wg, wu, wd, act), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("d,f", FFN_SHAPES)
+@pytest.mark.parametrize("act", ["silu", "relu"])
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.2, 1e9])
+def test_ffn_gate_sparse_matches_numpy(ffn_kernels, d, f, act, threshold):
+    x, wg, wu, wd = _ffn_weights(d, f, 2 * d + f)
+    t = np.float32(threshold)
+    y = ffn_kernels[("gate", d, f, act)](x, np.array([t]), *pack_ffn_gate_sparse(wg, wu, wd))
+    np.testing.assert_allclose(y, ref.ffn_gate_sparse_reference(x, t, wg, wu, wd, act), atol=ATOL, rtol=RTOL)
+    if act == "relu" and threshold <= 0:  # relu(gate) > 0 drops only exact zeros: the dense result
+        np.testing.assert_allclose(y, ref.ffn_reference(x, wg, wu, wd, act), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("d,f", FFN_SHAPES)
+@pytest.mark.parametrize("act", ["silu", "relu"])
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.5, 1.0])
+def test_ffn_indexed_matches_numpy(ffn_kernels, d, f, act, fraction):
+    x, wg, wu, wd = _ffn_weights(d, f, 3 * d + f)
+    rng = np.random.default_rng(f)
+    nnz = int(round(f * fraction))
+    idx = np.full(f, -7, np.int32)  # entries past nnz must be ignored
+    idx[:nnz] = rng.permutation(f)[:nnz]
+    y = ffn_kernels[("indexed", d, f, act)](x, idx, np.array([nnz], np.int32), *pack_ffn_indexed(wg, wu, wd))
+    np.testing.assert_allclose(y, ref.ffn_indexed_reference(x, idx, nnz, wg, wu, wd, act), atol=ATOL, rtol=RTOL)
+
+
+def test_build_kernel_checks_input_shapes(dense_kernels):
+    kernel = dense_kernels[DENSE_SHAPES[0]]
+    with pytest.raises(ActsparseError, match="expected float32"):
+        kernel(np.zeros((1, 5), np.float32), np.zeros((1, 5, 32), np.float32))
+
+
+def test_aligned_array_is_aligned_copy():
+    source = np.arange(10, dtype=np.float32)[1:]
+    out = aligned_array(source)
+    assert out.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(out, source)
