@@ -23,7 +23,7 @@ __all__ = ["Activation", "ACTIVATION_KINDS", "match_activation"]
 _ELEMENTWISE_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log",
     "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Gelu", "Softplus", "HardSigmoid",
-    "Max", "Min", "Clip", "Identity",
+    "Max", "Min", "Clip", "Identity", "Swish",
 })
 _MAX_SUBGRAPH_NODES = 16
 
@@ -277,6 +277,8 @@ def _apply(node: ir.Node, args: list, operand) -> np.ndarray:
         return np.where(x >= 0, x, alpha * x)
     if op == "HardSigmoid":
         return np.clip(_attribute(node, "alpha", 0.2) * x + _attribute(node, "beta", 0.5), 0.0, 1.0)
+    if op == "Swish":
+        return x * _sigmoid(_attribute(node, "alpha", 1.0) * x)
     if op == "Gelu":
         approximate = _attribute(node, "approximate", "none")
         return _gelu_tanh(x) if approximate == "tanh" else _gelu(x)

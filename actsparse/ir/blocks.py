@@ -67,6 +67,13 @@ class Linear:
         """The MatMul/Gemm node's name."""
         return self.node.name or ""
 
+    @property
+    def weight_shared(self) -> bool:
+        """Whether other nodes read the same weight tensor (tied embeddings, merged initializers):
+        a pass must then copy it before changing it."""
+        reader = self.weight_nodes[0] if self.weight_nodes else self.node
+        return any(use.node is not reader for use in self.weight.uses())
+
     def weight_array(self, layout: str = "KN") -> np.ndarray:
         """The weight as a numpy array in `layout` ("KN": [in, out], or "NK": [out, in])."""
         if layout not in ("KN", "NK"):
