@@ -11,6 +11,7 @@ initializers and tests would not see the layout a trained model has.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,10 +124,12 @@ def export_bert_torchscript(model, path: Path, *, seq_len: int = SEQ_LEN, opset:
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     ids = torch.randint(0, VOCAB, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    torch.onnx.export(
-        _bert_last_hidden(model), (ids,), str(tmp), dynamo=False, opset_version=opset,
-        input_names=["input_ids"], output_names=["last_hidden_state"],
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about transformers' Python-level branches
+        torch.onnx.export(
+            _bert_last_hidden(model), (ids,), str(tmp), dynamo=False, opset_version=opset,
+            input_names=["input_ids"], output_names=["last_hidden_state"],
+        )
     os.replace(tmp, path)
     return path
 
