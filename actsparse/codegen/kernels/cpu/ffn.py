@@ -24,6 +24,7 @@ from actsparse.codegen.kernels.cpu.sparse import accumulate_macro, compact_macro
 
 ACTIVATIONS = ("silu", "relu")
 ROWS_PER_STEP = 16
+NEURONS_PER_STEP = 4  # must divide ROWS_PER_STEP
 
 
 def _check_act(act: str) -> None:
@@ -189,7 +190,8 @@ def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, c
     _check_act(act)
     R = ROWS_PER_STEP
     P = chunks or 2 * 8
-    dot = _dot_macro(d, lanes, parts=True)
+    G = NEURONS_PER_STEP
+    vec = lanes
     pad = pad_macro(1, R)
     down = accumulate_macro(1, d, R, lanes, chunks)
 
@@ -205,19 +207,40 @@ def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, c
         T.func_attr({"tir.noalias": True})
         rows = T.alloc_buffer((f + R,), "int32")
         coef = T.alloc_buffer((1, f + R), "float32")
-        gate = T.alloc_buffer((f + R,), "float32")
-        up = T.alloc_buffer((f + R,), "float32")
         count = T.alloc_buffer((1,), "int32")
         count[0] = T.max(0, T.min(nnz[0], f))
         active = T.bind(count[0])
         for a in range(active):
             rows[a] = idx[a]
-        for c in T.parallel(P):
-            for a in range(c * active // P, (c + 1) * active // P):
-                dot(x, wgu_t, rows[a], 0, gate, a)
-                dot(x, wgu_t, rows[a], 1, up, a)
-                coef[0, a] = _act(act, gate[a]) * up[a]
         pad(rows, coef, count)
+        # Gate and up dot products, NEURONS_PER_STEP neurons at once: their 2 x that many
+        # rows stream concurrently (one neuron at a time left the short rows latency bound).
+        groups = T.bind((active + R - 1) // R * (R // G))
+        for c in T.parallel(P):
+            for q in range(c * groups // P, (c + 1) * groups // P):
+                acc = T.alloc_buffer((G, 2, vec), "float32")
+                for i in T.unroll(G):
+                    for part in T.unroll(2):
+                        for j in T.vectorized(vec):
+                            acc[i, part, j] = T.float32(0)
+                for blk in range(d // vec):
+                    for i in T.unroll(G):
+                        for part in T.unroll(2):
+                            for j in T.vectorized(vec):
+                                acc[i, part, j] = acc[i, part, j] + x[0, blk * vec + j] * wgu_t[
+                                    rows[q * G + i], part, blk * vec + j
+                                ]
+                for i in T.unroll(G):
+                    sums = T.alloc_buffer((2,), "float32")
+                    for part in T.unroll(2):
+                        sums[part] = T.float32(0)
+                        for j in range(vec):
+                            sums[part] = sums[part] + acc[i, part, j]
+                        for c2 in range(d - d // vec * vec):
+                            sums[part] = sums[part] + x[0, d // vec * vec + c2] * wgu_t[
+                                rows[q * G + i], part, d // vec * vec + c2
+                            ]
+                    coef[0, q * G + i] = T.Select(q * G + i < active, _act(act, sums[0]) * sums[1], T.float32(0))
         down(wd, y, rows, coef, count)
 
     return ffn_indexed_kernel
