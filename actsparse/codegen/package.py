@@ -169,8 +169,9 @@ def _export_library(executable, destination: Path, machine: str, cross_compiler:
     try:
         executable.export_library(str(destination), fcompile=fcompile)
     except Exception as exc:  # TVM wraps compiler failures in its own error types
-        message = str(exc).strip().splitlines()
-        raise ActsparseError(f"linking the compiled model failed: {message[0] if message else type(exc).__name__}") from None
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        raise ActsparseError(f"linking the compiled model failed: {reason}") from None
 
 
 def _default_fcompile(machine: str, cross_compiler: str | None):

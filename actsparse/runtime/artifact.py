@@ -135,7 +135,9 @@ def verify_files(root: Path, manifest: dict) -> None:
         if path.is_symlink() or not path.is_file():
             raise ActsparseError(f"artifact {root}: {rel} is not a regular file")
         if sha256_file(path) != digest:
-            raise ActsparseError(f"artifact {root}: {rel} does not match its sha256 in the manifest (modified or corrupt)")
+            raise ActsparseError(
+                f"artifact {root}: {rel} does not match its sha256 in the manifest (modified or corrupt)"
+            )
 
 
 # ---------------------------------------------------------------- manifest

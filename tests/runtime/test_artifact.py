@@ -153,7 +153,11 @@ def test_manifest_naming_outside_files_is_refused(artifact_copy):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"{not json", r"unreadable manifest"), (b"[]", r"not a JSON object"), (b'{"format_version": 1}', r"target missing")],
+    [
+        (b"{not json", r"unreadable manifest"),
+        (b"[]", r"not a JSON object"),
+        (b'{"format_version": 1}', r"target missing"),
+    ],
 )
 def test_broken_manifest_is_refused(artifact_copy, content, message):
     (artifact_copy / "manifest.json").write_bytes(content)
@@ -290,3 +294,14 @@ def test_writer_as_tar_option_overrides_suffix(write, tmp_path, inputs):
 def test_writer_records_cross_target_machine(write, tmp_path):
     with pytest.raises(ActsparseError, match=r"bundle_runtime=True bundles this machine's"):
         write(tmp_path / "arm", target={"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, bundle_runtime=True)
+
+
+def test_writer_needs_a_cross_compiler_for_another_machine(write, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compilers at all
+    arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+    with pytest.raises(ActsparseError, match=r"cross compiler 'aarch64-linux-gnu-g\+\+' not found on PATH"):
+        write(tmp_path / "arm", target=arm, lib_cross_compiler="aarch64-linux-gnu-g++")
+    if artifact.host_machine() != "aarch64":  # the default for an aarch64 target built elsewhere
+        with pytest.raises(ActsparseError, match=r"cross compiler 'aarch64-linux-gnu-g\+\+' not found"):
+            write(tmp_path / "arm", target=arm)
+    assert list(tmp_path.iterdir()) == []

@@ -98,7 +98,9 @@ def test_aligned_copies_only_when_needed():
 
 def test_eight_threads_match_sequential_results(model, params):
     rng = np.random.default_rng(3)
-    cases = [(rng.standard_normal((N, K)).astype(np.float32), rng.standard_normal(M).astype(np.float32)) for _ in range(16)]
+    cases = [
+        (rng.standard_normal((N, K)).astype(np.float32), rng.standard_normal(M).astype(np.float32)) for _ in range(16)
+    ]
     expected = [model.run(x, s) for x, s in cases]
     failures: list[str] = []
 
