@@ -35,9 +35,26 @@ def collect_values(model: ir.Model, names: list[str], samples: list[Feeds]) -> d
     return collected
 
 
-def as_rows(arrays: list[np.ndarray], channels: int) -> np.ndarray:
-    """Stack samples as rows of `channels` features (tokens x channels)."""
-    return np.concatenate([a.reshape(-1, channels) for a in arrays], axis=0)
+def as_rows(arrays: list[np.ndarray], channels: int, masks: list[np.ndarray] | None = None) -> np.ndarray:
+    """Stack samples as rows of `channels` features (tokens x channels). With `masks`
+    (one per sample, e.g. the attention mask), rows of padding tokens are left out."""
+    rows = []
+    for index, array in enumerate(arrays):
+        mask = masks[index] if masks is not None else None
+        if mask is not None and array.shape[:-1] == mask.shape and array.shape[-1] == channels:
+            rows.append(array[mask.astype(bool)])
+        else:
+            rows.append(array.reshape(-1, channels))
+    return np.concatenate(rows, axis=0)
+
+
+def token_masks(samples: list[dict[str, np.ndarray]]) -> list[np.ndarray] | None:
+    """The attention mask of each sample, if the model takes one (padding tokens are 0)."""
+    names = [name for name, array in samples[0].items()
+             if "attention_mask" in name.lower() and (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_)]
+    if len(names) != 1:
+        return None
+    return [sample[names[0]] != 0 for sample in samples]
 
 
 def _all_values(graph: ir.Graph):

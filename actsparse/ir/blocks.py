@@ -311,10 +311,14 @@ def find_blocks(model: ir.Model) -> Blocks:
 
 
 def _skip_shape_ops_back(value: ir.Value) -> ir.Value:
-    """Walk back through Reshape/Squeeze/... to the value that carries the data."""
+    """Walk back through Reshape/Squeeze/... and actsparse.Sparsify* (it only zeroes entries)
+    to the value that carries the data."""
     for _ in range(16):
         producer = value.producer()
-        if producer is None or producer.op_type not in _SHAPE_ONLY or not producer.inputs:
+        if producer is None or not producer.inputs:
+            break
+        sparsify = producer.domain == "actsparse" and producer.op_type.startswith("Sparsify")
+        if producer.op_type not in _SHAPE_ONLY and not sparsify:
             break
         value = producer.inputs[0]
     return value
@@ -357,7 +361,7 @@ def _gated_ffn(down: Linear, mul: ir.Node, by_output: dict[ir.Value, Linear]) ->
     if a is None or b is None:
         return None
     for act_side, up_side in ((a, b), (b, a)):
-        activation = match_activation(act_side)
+        activation = match_activation(_skip_shape_ops_back(act_side))
         if activation is None:
             continue
         gate = _linear_producing(activation.input, by_output)

@@ -10,9 +10,10 @@ is dropped on the calibration set. Linears that read the same value (q/k/v, gate
 one Sparsify node; other readers (residual adds) keep the dense value. A sparse kernel then
 skips the weight rows of dropped channels: time ~ (1 - sparsity) of the dense GEMV.
 
-allocate=uniform gives every layer the target sparsity; allocate=greedy (TEAL) hands out
-sparsity in steps to the layer whose output error grows least per weight byte skipped, until
-the byte-weighted average reaches the target. Approximate: the pipeline reports the cost.
+allocate=uniform gives every layer the target sparsity; allocate=greedy (TEAL) measures, for
+each layer alone, the model's output error at each sparsity level on calibration samples, then
+hands out sparsity in 5 % steps to the layer whose error grows least per weight byte skipped,
+until the byte-weighted average reaches the target. Approximate: the pipeline reports the cost.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
-from actsparse.calibrate.stats import as_rows, collect_values
+from actsparse.calibrate.stats import as_rows, collect_values, token_masks
 from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import Linear, find_blocks
-from actsparse.ir.custom_ops import add_initializer, insert_sparsify
+from actsparse.ir.custom_ops import add_initializer, insert_sparsify, unique_name
 from actsparse.passes.base import ActsparsePass, option, register
 
-GREEDY_STEP = 0.05
-MAX_ERROR_ROWS = 1024  # rows of calibration activations used for the greedy error curves
+LEVELS = np.round(np.arange(0.0, 1.0, 0.05), 2)  # sparsity levels greedy allocation moves through
+GREEDY_SAMPLES = 4  # calibration samples used to measure output error per level
 
 
 @dataclass
@@ -80,19 +82,22 @@ class SparsifyPass(ActsparsePass):
         rows = {g.name: as_rows(activations[g.value.name], _channels(g)) for g in groups}
         scales = {g.name: _channel_scale(g) if self.options.method == "wina" else None for g in groups}
         scores = {g.name: _scores(rows[g.name], scales[g.name]) for g in groups}
-        targets = self._allocate(groups, rows, scores)
+        # Thresholds start as graph inputs so that greedy allocation can try levels in one session.
+        thresholds = {g.name: self._insert(model, g, scales[g.name]) for g in groups}
+        targets = self._allocate(model, groups, scores, thresholds, samples)
         layers = []
         for group in groups:
             target = targets[group.name]
             threshold = _threshold(scores[group.name], target)
             dropped = float(np.mean(scores[group.name] <= threshold)) if target > 0 else 0.0
-            if target > 0:
-                self._insert(model, group, threshold, scales[group.name])
+            _freeze_threshold(model, group, thresholds[group.name], threshold, keep=target > 0)
             layers.append({
                 "name": group.name, "linears": [l.name for l in group.linears], "target": round(target, 4),
                 "calibrated_sparsity": round(dropped, 4), "threshold": float(threshold), "weight_bytes": group.weight_bytes,
             })
-        self.report = _summary(model, layers) | {"method": self.options.method, "allocate": self.options.allocate, "layers": layers}
+        model = common.RemoveUnusedNodesPass()(model).model
+        self.report = _summary(model, layers) | {"method": self.options.method, "allocate": self.options.allocate,
+                                                 "layers": layers}
         return ir.passes.PassResult(model, modified=any(l["target"] > 0 for l in layers))
 
     # --- which values ------------------------------------------------------------------
@@ -100,7 +105,7 @@ class SparsifyPass(ActsparsePass):
     def _groups(self, model: ir.Model) -> list[_Group]:
         blocks = find_blocks(model)
         if self.options.method == "cats":
-            return [self._cats_group(block) for block in blocks.ffn if block.kind == "gated" or block.activation is not None]
+            return [self._cats_group(block) for block in blocks.ffn]
         scope = self.options.scope
         linears: list[Linear] = []
         if scope in ("down", "ffn", "all"):
@@ -112,7 +117,7 @@ class SparsifyPass(ActsparsePass):
         if scope == "linears":
             linears = list(blocks.linears)
         groups: dict[int, _Group] = {}
-        for linear in dict.fromkeys(linears):  # fused qkv appears three times
+        for linear in dict.fromkeys(linears):  # a fused qkv linear appears three times
             group = groups.setdefault(id(linear.input), _Group("", linear.input))
             group.linears.append(linear)
             group.readers.append((linear.node, _input_index(linear)))
@@ -122,15 +127,17 @@ class SparsifyPass(ActsparsePass):
 
     def _cats_group(self, block) -> _Group:
         act = block.activation
-        readers = [(node, index) for node, index in act.output.uses()]
-        return _Group(f"{block.name}.act", act.output, [block.down] if block.kind == "mlp" else [block.up, block.down], readers)
+        readers = list(act.output.uses())
+        return _Group(f"{block.name}.act", act.output, [block.down] if block.kind == "mlp" else [block.up, block.down],
+                      readers)
 
     # --- how much -------------------------------------------------------------------
 
-    def _allocate(self, groups, rows, scores) -> dict[str, float]:
+    def _allocate(self, model, groups, scores, thresholds, samples) -> dict[str, float]:
         target = self.options.sparsity
         if self.options.allocate == "greedy" and 0 < target < 1 and len(groups) > 1:
-            allocation = greedy_allocation(groups, rows, scores, target)
+            curves = output_error_curves(model, groups, scores, thresholds, samples[:GREEDY_SAMPLES])
+            allocation = greedy_allocation(groups, curves, target)
         else:
             allocation = {g.name: target for g in groups}
         for key, value in self.options.overrides.items():
@@ -144,56 +151,89 @@ class SparsifyPass(ActsparsePass):
 
     # --- rewrite ---------------------------------------------------------------------
 
-    def _insert(self, model: ir.Model, group: _Group, threshold: float, scale: np.ndarray | None) -> None:
-        dtype = group.value.dtype.numpy() if group.value.dtype is not None else np.float32
+    def _insert(self, model: ir.Model, group: _Group, scale: np.ndarray | None) -> ir.Value:
+        """Sparsify the group's value for its linear readers; the threshold is a new graph input
+        until `_freeze_threshold` turns it into an initializer."""
+        dtype = group.value.dtype if group.value.dtype is not None else ir.DataType.FLOAT
         base = group.linears[0].name if self.options.method != "cats" else group.name
-        t = add_initializer(model, f"{base}.sparsify_threshold", np.array(threshold, dtype=dtype))
-        s = add_initializer(model, f"{base}.sparsify_scale", scale.astype(dtype)) if scale is not None else None
+        t = ir.Value(name=unique_name(model, f"{base}.sparsify_threshold"), shape=ir.Shape([]), type=ir.TensorType(dtype))
+        model.graph.inputs.append(t)
+        s = add_initializer(model, f"{base}.sparsify_scale", scale.astype(dtype.numpy())) if scale is not None else None
         sparse = insert_sparsify(model, group.value, t, s, name=f"{base}.sparsify")
         for node, index in group.readers:
             node.replace_input_with(index, sparse)
+        return t
 
 
-def greedy_allocation(groups: list[_Group], rows: dict, scores: dict, target: float) -> dict[str, float]:
-    """TEAL-style greedy: raise sparsity in steps where relative output error grows least per
-    byte skipped, until the byte-weighted mean sparsity reaches `target`."""
-    levels = np.arange(0.0, 1.0 + 1e-9, GREEDY_STEP)
-    curves = {g.name: _error_curve(g, rows[g.name], scores[g.name], levels) for g in groups}
+def _freeze_threshold(model: ir.Model, group: _Group, t: ir.Value, threshold: float, *, keep: bool) -> None:
+    model.graph.inputs.remove(t)
+    t.const_value = ir.tensor(np.array(threshold, dtype=t.dtype.numpy()), name=t.name)
+    model.graph.register_initializer(t)
+    if not keep:  # nothing to drop: readers go back to the dense value
+        for node, index in group.readers:
+            node.replace_input_with(index, group.value)
+
+
+def output_error_curves(model, groups, scores, thresholds, samples) -> dict[str, np.ndarray]:
+    """For each group alone at each level: squared error of the model's float outputs,
+    relative to their squared norm, over the samples."""
+    from actsparse.passes.verify import ort_session
+
+    session = ort_session(model)
+    float_outputs = [i for i, o in enumerate(session.get_outputs()) if "float" in o.type]
+    names = {g.name: thresholds[g.name].name for g in groups}
+    off = {g.name: np.array(-1.0, dtype=thresholds[g.name].dtype.numpy()) for g in groups}
+
+    def run(level_of: dict[str, np.ndarray]):
+        feeds = {names[g]: v for g, v in level_of.items()}
+        return [[out[i].astype(np.float64) for i in float_outputs] for out in
+                (session.run(None, sample | feeds) for sample in samples)]
+
+    masks = token_masks(samples)  # padding tokens' outputs do not count
+
+    def squared(outputs_per_sample):  # summed over real tokens only, where a mask says which
+        total = 0.0
+        for index, outputs in enumerate(outputs_per_sample):
+            for out in outputs:
+                mask = masks[index] if masks is not None else None
+                total += float(np.sum(out[mask] ** 2 if mask is not None and out.shape[:-1] == mask.shape else out ** 2))
+        return total
+
+    reference = run(off)
+    norm = squared(reference) or 1.0
+    curves = {}
+    for group in groups:
+        curve = [0.0]
+        for level in LEVELS[1:]:
+            t = np.array(_threshold(scores[group.name], level), dtype=off[group.name].dtype)
+            outputs = run(off | {group.name: t})
+            curve.append(squared([[a - b for a, b in zip(outs, refs)] for outs, refs in zip(outputs, reference)]) / norm)
+        curves[group.name] = np.maximum.accumulate(np.array(curve))  # more sparsity never helps
+    return curves
+
+
+def greedy_allocation(groups: list[_Group], curves: dict[str, np.ndarray], target: float) -> dict[str, float]:
+    """TEAL-style greedy: raise sparsity one level at a time where the model's output error
+    grows least per weight byte skipped, until the byte-weighted mean reaches `target`."""
     weight = {g.name: g.weight_bytes for g in groups}
     total = sum(weight.values())
     step = {name: 0 for name in curves}
-    reached = 0.0
+    reached, last = 0.0, None
+
+    def cost(name):
+        i = step[name]
+        return np.inf if i + 1 >= len(LEVELS) else (curves[name][i + 1] - curves[name][i]) / weight[name]
+
     while reached < target - 1e-9:
-        def cost(name):
-            i = step[name]
-            return np.inf if i + 1 >= len(levels) else (curves[name][i + 1] - curves[name][i]) / weight[name]
-
-        best = min(curves, key=cost)
-        if not np.isfinite(cost(best)):
+        last = min(curves, key=cost)
+        if not np.isfinite(cost(last)):
             break
-        step[best] += 1
-        reached += GREEDY_STEP * weight[best] / total
-    allocation = {name: float(levels[i]) for name, i in step.items()}
-    # The last step may overshoot; give the excess back on the layer that took it.
-    if reached > target:
-        allocation[best] = max(0.0, allocation[best] - (reached - target) * total / weight[best])
+        step[last] += 1
+        reached += (LEVELS[1] - LEVELS[0]) * weight[last] / total
+    allocation = {name: float(LEVELS[i]) for name, i in step.items()}
+    if last is not None and reached > target:  # give back the last step's overshoot
+        allocation[last] = max(0.0, allocation[last] - (reached - target) * total / weight[last])
     return allocation
-
-
-def _error_curve(group: _Group, x: np.ndarray, scores: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Relative output error ||(x - sparse(x)) W||^2 / ||x W||^2 of the group's linears per level."""
-    if len(x) > MAX_ERROR_ROWS:
-        pick = np.random.default_rng(0).choice(len(x), MAX_ERROR_ROWS, replace=False)
-        x, scores = x[pick], scores[pick]
-    weights = [_weight_kn(l) for l in group.linears if l.in_features == x.shape[1]]
-    w = np.concatenate(weights, axis=1) if weights else np.eye(x.shape[1], dtype=np.float32)
-    reference = float(np.sum((x @ w) ** 2)) or 1.0
-    curve = []
-    for level in levels:
-        t = _threshold(scores, level)
-        dropped = np.where(scores <= t, x, 0.0) if level > 0 else np.zeros_like(x)
-        curve.append(float(np.sum((dropped @ w) ** 2)) / reference)
-    return np.array(curve)
 
 
 def _threshold(scores: np.ndarray, sparsity: float) -> float:
@@ -210,6 +250,7 @@ def _scores(x: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
 def _channel_scale(group: _Group) -> np.ndarray:
     """WINA's per-input-channel weight norm; linears sharing the input are treated as one."""
     squared = sum(np.sum(_weight_kn(l).astype(np.float64) ** 2, axis=1) for l in group.linears)
+    # An all-zero weight row gives scale 0: that channel never matters and is always dropped.
     return np.sqrt(squared).astype(np.float32)
 
 
@@ -220,7 +261,7 @@ def _weight_kn(linear: Linear) -> np.ndarray:
 
 def _channels(group: _Group) -> int:
     shape = group.value.shape
-    if shape is not None and isinstance(shape[-1], int):
+    if shape is not None and len(shape) and isinstance(shape[-1], int):
         return shape[-1]
     return group.linears[0].in_features
 
