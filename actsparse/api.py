@@ -43,8 +43,8 @@ def to_ir_model(model: Any, example_inputs: Any = None) -> ir.Model:
     """Accept an ONNX path, onnx.ModelProto, ir.Model, or torch.nn.Module (+ example inputs)."""
     from actsparse.frontend.onnx_file import load_model
 
-    if isinstance(model, ir.Model):
-        return model
+    if isinstance(model, ir.Model):  # passes work in place: never change the caller's model
+        return ir.serde.deserialize_model(ir.serde.serialize_model(model))
     if isinstance(model, onnx.ModelProto):
         return ir.serde.deserialize_model(model)
     if isinstance(model, (str, os.PathLike)):
@@ -105,6 +105,95 @@ def optimize(model: Any, example_inputs: Any = None, passes: PassesArg = None, *
     context = PassContext(calibration=calibration_for(ir_model, calib, seed=seed), seed=seed)
     ir_model, records = run_pipeline(ir_model, specs, context, verify=verify, on_pass=on_pass)
     return OptimizeResult(ir_model, records)
+
+
+@dataclass
+class CompiledArtifact:
+    """A compiled artifact on disk. `run()` loads it (once) with the thin runtime."""
+
+    path: Path
+    target: dict
+    kernels: list[dict]
+    records: list[PassRecord]
+    seconds: dict[str, float]
+
+    def load(self, device: str | None = None):
+        from actsparse.runtime import load
+
+        return load(self.path, device)
+
+    def run(self, *args, **named) -> dict[str, np.ndarray]:
+        if getattr(self, "_loaded", None) is None:
+            self._loaded = self.load()
+        return self._loaded.run(*args, **named)
+
+
+def compile(model: Any, target: str = "host", passes: PassesArg = None, *, example_inputs: Any = None,
+            output: str | os.PathLike | None = None, recipe=None, calib=None, verify: bool = True, seed: int = 0,
+            bundle_runtime: bool = False, on_pass=None, on_step=None) -> CompiledArtifact:
+    """Optimize (optional passes) and compile a model for `target` into an artifact.
+
+    >>> art = actsparse.compile("model.onnx", target="host", passes="sparsify{method=teal,sparsity=0.5}",
+    ...                         example_inputs={"x": np.zeros((1, 1024), np.float32)}, output="m.actsparse")
+    >>> y = art.run(x=...)   # or actsparse.load("m.actsparse").run(...)
+    """
+    import tempfile
+
+    from actsparse.codegen.compile import compile_model
+
+    ir_model = to_ir_model(model, example_inputs)
+    shapes = input_shapes_of(ir_model, example_inputs)
+    records: list[PassRecord] = []
+    specs = resolve_passes(passes, recipe) if (passes or recipe) else []
+    if specs:
+        examples = [feeds_of(ir_model, example_inputs)] if example_inputs is not None and calib is None else None
+        feeds = calibration_for(ir_model, calib if calib is not None else examples, seed=seed)
+        ir_model, records = run_pipeline(ir_model, specs, PassContext(calibration=feeds, seed=seed),
+                                         verify=verify, on_pass=on_pass)
+        if not shapes:
+            shapes = {name: array.shape for name, array in feeds[0].items()}
+    if output is None:
+        output = Path(tempfile.mkdtemp(prefix="actsparse-")) / "model.actsparse"
+    result = compile_model(ir_model, target, output, input_shapes=shapes, passes=[r.to_json() for r in records],
+                           report=_accuracy_report(records), bundle_runtime=bundle_runtime, on_step=on_step)
+    return CompiledArtifact(result.path, result.target, result.kernels, records, result.seconds)
+
+
+def feeds_of(model: ir.Model, example_inputs: Any) -> dict[str, np.ndarray]:
+    """Example inputs (tuple in input order, or dict by name; numpy or torch) as named arrays."""
+    from actsparse.calibrate.data import model_inputs
+
+    names = [v.name for v in model_inputs(model)]
+    if isinstance(example_inputs, dict):
+        items = example_inputs.items()
+    else:
+        values = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        if len(values) != len(names):
+            raise ActsparseError(f"{len(values)} example inputs for a model with inputs {names}")
+        items = zip(names, values)
+    feeds = {}
+    for name, value in items:
+        if name not in names:
+            raise ActsparseError(f"example input {name!r} is not a model input {names}")
+        feeds[name] = _to_numpy(value)
+    return feeds
+
+
+def input_shapes_of(model: ir.Model, example_inputs: Any) -> dict[str, tuple[int, ...]]:
+    if example_inputs is None:
+        return {}
+    return {name: array.shape for name, array in feeds_of(model, example_inputs).items()}
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _accuracy_report(records: list[PassRecord]) -> dict[str, Any]:
+    last = next((r for r in reversed(records) if r.vs_original is not None), None)
+    return {"accuracy_vs_original": last.vs_original.to_json()} if last else {}
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -39,6 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the passes, options and results as JSON (replays with --recipe)")
     p.set_defaults(func=cmd_optimize)
 
+    p = sub.add_parser("compile", help="optimize and compile a model for a target into an artifact")
+    p.add_argument("model", help="input ONNX file")
+    p.add_argument("-o", "--output", required=True, help="artifact path (a directory, or a .tar file)")
+    p.add_argument("--target", default="host", help="host (default), x86, rpi4, aarch64, or a JSON target")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0xD1x...",
+                   help="static shape for a dynamic input, e.g. input_ids=1x128 (repeatable)")
+    p.add_argument("--bundle-runtime", action="store_true", help="put libtvm_runtime.so inside the artifact")
+    p.add_argument("--report", help="write the pass and compile report as JSON")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run a compiled artifact (needs only numpy + apache-tvm-ffi)")
+    p.add_argument("artifact", help="artifact directory or .tar")
+    p.add_argument("--inputs", help=".npz with one array per input name (default: random inputs)")
+    p.add_argument("-o", "--output", help="write the outputs to this .npz (default: print a summary)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="time a compiled artifact against onnxruntime on the same inputs")
+    p.add_argument("artifact", help="artifact directory or .tar")
+    p.add_argument("--against", default="onnxruntime", help="baselines: onnxruntime (default), none")
+    p.add_argument("--onnx", help="ONNX model onnxruntime runs (default: the model the artifact was compiled from)")
+    p.add_argument("--iters", type=int, default=50, help="runs per timing block (default 50)")
+    p.add_argument("--json", dest="json_out", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("passes", help="list the passes with their options")
     p.add_argument("name", nargs="?", help="show one pass in full")
     p.set_defaults(func=cmd_passes)
@@ -234,6 +260,153 @@ class _progress:
 
     def __exit__(self, *exc):
         self.progress.stop()
+        return False
+
+
+# --- compile / run / bench ------------------------------------------------------------
+
+def cmd_compile(args) -> int:
+    from actsparse.api import calibration_for, resolve_passes, write_json_atomic
+    from actsparse.codegen.compile import compile_model
+    from actsparse.frontend.onnx_file import _same_file, load_model
+    from actsparse.passes.base import PassContext
+    from actsparse.passes.pipeline import run_pipeline
+
+    if _same_file(Path(args.output), Path(args.model)):
+        raise ActsparseError(f"{args.output}: refusing to overwrite the input model; choose another -o")
+    shapes = dict(_parse_shape(text) for text in args.input_shape)
+    model = load_model(args.model)
+    records = []
+    if args.passes or args.recipe:
+        specs = resolve_passes(args.passes, args.recipe)
+        calibration = calibration_for(model, args.calib, samples=args.samples, seed=args.seed,
+                                      sequence_length=args.seq_len)
+        with _progress("optimizing") as on_pass:
+            model, records = run_pipeline(model, specs, PassContext(calibration=calibration, seed=args.seed),
+                                          verify=not args.no_verify, on_pass=on_pass)
+        print_records(records)
+    report = {"source": str(Path(args.model).resolve())}
+    last = next((r for r in reversed(records) if r.vs_original is not None), None)
+    if last is not None:
+        report["accuracy_vs_original"] = last.vs_original.to_json()
+    with _status() as step:
+        result = compile_model(model, args.target, args.output, input_shapes=shapes,
+                               passes=[r.to_json() for r in records], report=report,
+                               bundle_runtime=args.bundle_runtime, on_step=step)
+    kernels = Counter(layer["kernel"] for layer in result.kernels)
+    print(f"compiled for {args.target} in {result.seconds['total']:.1f}s; linear kernels: "
+          + (", ".join(f"{k} x{v}" for k, v in kernels.items()) or "none"), file=sys.stderr)
+    if args.report:
+        write_json_atomic(args.report, {"passes": [r.to_json() for r in records], "target": result.target,
+                                        "kernels": result.kernels, "seconds": result.seconds})
+    print(f"wrote {result.path}", file=sys.stderr)
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, eq, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x")) if eq and name else None
+    except ValueError:
+        shape = None
+    if not shape or any(d <= 0 for d in shape):
+        raise ActsparseError(f"--input-shape {text!r}: expected NAME=D0xD1x..., e.g. input_ids=1x128")
+    return name, shape
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from actsparse.runtime import load
+
+    model = load(args.artifact)
+    feeds = _artifact_inputs(model, args.inputs, args.seed)
+    outputs = model.run(feeds)
+    if args.output:
+        _save_npz_atomic(args.output, outputs)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        for name, value in outputs.items():
+            print(f"{name}: {value.dtype}{list(value.shape)} mean={float(np.mean(value)):.6g} "
+                  f"std={float(np.std(value)):.6g}")
+    return 0
+
+
+def _artifact_inputs(model, path: str | None, seed: int) -> dict:
+    import numpy as np
+
+    if path is None:
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for spec in model.inputs:
+            shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+            dtype = np.dtype(spec["dtype"])
+            feeds[spec["name"]] = (rng.integers(0, 100, shape).astype(dtype) if np.issubdtype(dtype, np.integer)
+                                   else rng.standard_normal(shape).astype(dtype))
+        return feeds
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise ActsparseError(f"{path}: no such inputs file") from None
+    except Exception as exc:
+        raise ActsparseError(f"{path}: not a readable .npz ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _save_npz_atomic(path: str, arrays: dict) -> None:
+    import tempfile
+
+    import numpy as np
+
+    target = Path(path)
+    if target.suffix != ".npz":
+        raise ActsparseError(f"{path}: the outputs file must end in .npz")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent if str(target.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_bench(args) -> int:
+    from actsparse.runtime import load
+
+    model = load(args.artifact)
+    baselines = [b.strip() for b in args.against.split(",") if b.strip() and b.strip() != "none"]
+    unknown = [b for b in baselines if b != "onnxruntime"]
+    if unknown:
+        raise ActsparseError(f"--against {','.join(unknown)}: only onnxruntime can run an ONNX file; "
+                             "torch baselines live in benchmarks/ (they need the torch model)")
+    onnx_path = args.onnx or model.manifest.get("report", {}).get("source")
+    if baselines and (not onnx_path or not Path(onnx_path).exists()):
+        raise ActsparseError("no ONNX model for the onnxruntime baseline: give --onnx model.onnx")
+    from actsparse.benchmark_artifact import bench_artifact, print_bench
+
+    results = bench_artifact(model, onnx_path if baselines else None, iters=args.iters)
+    print_bench(results)
+    if args.json_out:
+        from actsparse.api import write_json_atomic
+
+        write_json_atomic(args.json_out, results)
+    return 0
+
+
+class _status:
+    """A spinner with the current step on stderr (silent when not a terminal)."""
+
+    def __enter__(self):
+        from rich.console import Console
+
+        self.status = Console(stderr=True).status("compiling")
+        self.status.start()
+        return lambda message: self.status.update(message)
+
+    def __exit__(self, *exc):
+        self.status.stop()
         return False
 
 

@@ -7,74 +7,10 @@ anything. Weights must rotate over several times the last-level cache.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
-
-def l3_cache_bytes(default: int = 32 << 20) -> int:
-    """Size of the last-level cache from `lscpu` (falls back to ``default``)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return default
-    match = re.search(r"L3 cache:\s*([\d.]+)\s*([KMG])i?B", text)
-    if not match:
-        return default
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2)]
-    return int(float(match.group(1)) * scale)
-
-
-def copy_bandwidth_gbs(nbytes: int = 256 << 20, threads: int | None = None, repeats: int = 5) -> float:
-    """Best memory bandwidth (GB/s, bytes read + bytes written) of a numpy copy split over threads.
-
-    numpy releases the GIL while copying, so one slice per core runs in parallel.
-    """
-    threads = threads or os.cpu_count() or 1
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    bounds = np.linspace(0, src.size, threads + 1).astype(int)
-    slices = [slice(bounds[i], bounds[i + 1]) for i in range(threads)]
-
-    def copy_slice(sl: slice) -> None:
-        np.copyto(dst[sl], src[sl])
-
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(copy_slice, slices))  # first touch
-        for _ in range(repeats):
-            start = time.perf_counter()
-            list(pool.map(copy_slice, slices))
-            best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best / 1e9
-
-
-def time_per_call(call: Callable[[int], None], iters: int, blocks: int = 5, warmup: int = 3) -> float:
-    """Seconds per call: the best of ``blocks`` blocks, each the mean of ``iters`` calls.
-
-    ``call(i)`` receives the iteration number so it can rotate weights and inputs.
-    The best block is the one least disturbed by other processes on the machine.
-    """
-    for i in range(warmup):
-        call(i)
-    best = float("inf")
-    counter = 0
-    for _ in range(blocks):
-        start = time.perf_counter()
-        for _ in range(iters):
-            call(counter)
-            counter += 1
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best
-
-
-def copies_to_exceed_cache(bytes_per_copy: int, factor: float = 4.0, minimum: int = 2) -> int:
-    """How many rotating copies of a weight set make the working set ``factor`` x the L3."""
-    return max(minimum, int(np.ceil(factor * l3_cache_bytes() / bytes_per_copy)))
+from actsparse.bench import copies_to_exceed_cache, copy_bandwidth_gbs, l3_cache_bytes, time_per_call  # noqa: F401
 
 
 def ort_matmul_session(weights: list[np.ndarray], threads: int | None = None):

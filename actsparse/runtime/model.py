@@ -102,6 +102,11 @@ class CompiledModel:
         """[{name, shape, dtype}] in the order the model returns them."""
         return copy.deepcopy(self._manifest["outputs"])
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all weights: what one run must read from memory at least once."""
+        return sum(int(np.prod(tuple(t.shape))) * np.dtype(str(t.dtype)).itemsize for t in self._params)
+
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in self._input_specs)
         return f"<CompiledModel {self._source} ({ins}) for {self._manifest['target'].get('kind', '?')}>"

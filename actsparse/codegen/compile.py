@@ -1,0 +1,91 @@
+"""Compile an (optimized) ONNX model for a target and pack it as an artifact.
+
+    ir.Model --specialize shapes--> --select kernels--> --from_onnx + call_tir--> Relax
+             --tvm.compile(target)--> executable --write_artifact--> model.actsparse/
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from actsparse.errors import ActsparseError
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CompileResult:
+    path: Path
+    target: dict
+    kernels: list[dict]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, *,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None, passes: list[dict] | None = None,
+                  report: dict | None = None, bundle_runtime: bool = False,
+                  on_step: Progress | None = None) -> CompileResult:
+    """Lower `model` (not modified) for `target_name` and write the artifact at `output`."""
+    from actsparse.codegen.lower import select_kernels, specialize_shapes, to_relax
+    from actsparse.codegen.package import write_artifact
+    from actsparse.codegen.targets import resolve_target, target_summary
+
+    step = on_step or (lambda message: None)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    target = resolve_target(target_name)
+    if target.kind.name != "llvm":
+        raise ActsparseError(f"target {target_name!r}: only CPU targets (host, x86, rpi4, aarch64) compile models so far")
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # work on a copy
+    step("specializing shapes")
+    model = specialize_shapes(model, input_shapes or {})
+    step("selecting kernels")
+    plan = select_kernels(model)
+    timings["prepare"] = time.perf_counter() - start
+    step("importing into TVM Relax")
+    mark = time.perf_counter()
+    mod, params = to_relax(model, target)
+    timings["import"] = time.perf_counter() - mark
+    step(f"compiling for {target_name}")
+    mark = time.perf_counter()
+    import tvm
+
+    try:
+        executable = tvm.compile(mod, target=target)
+    except Exception as exc:
+        lines = [l for l in str(exc).strip().splitlines() if l.strip()]
+        raise ActsparseError(f"TVM failed to compile the model: {lines[-1][:300] if lines else type(exc).__name__}") from None
+    timings["compile"] = time.perf_counter() - mark
+    step("writing the artifact")
+    mark = time.perf_counter()
+    names = [str(p.name) for p in mod["main"].params[int(mod["main"].attrs["num_input"]):]]
+    values = params.get("main", [])
+    if len(names) != len(values):
+        raise ActsparseError(f"internal: {len(names)} parameters but {len(values)} values after import")
+    path = write_artifact(
+        output, executable, dict(zip(names, values)), _signature(model.graph.inputs, model),
+        _signature(model.graph.outputs, model), target_summary(target), passes or [],
+        (report or {}) | {"kernels": plan.layers}, bundle_runtime=bundle_runtime,
+    )
+    timings["write"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - start
+    return CompileResult(Path(path), target_summary(target), plan.layers, timings)
+
+
+def _signature(values, model: ir.Model) -> list[dict[str, Any]]:
+    out = []
+    for value in values:
+        if value.name in model.graph.initializers:
+            continue
+        if value.shape is None or value.dtype is None:
+            raise ActsparseError(f"value {value.name!r} has no static shape/dtype after specialization")
+        out.append({"name": value.name, "shape": [d if isinstance(d, int) else str(d) for d in value.shape],
+                    "dtype": str(np.dtype(value.dtype.numpy()))})
+    return out
