@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("example", help="write a built-in example model (ONNX) to try the tool on")
+    p.add_argument("name", choices=["swiglu", "gelu_mlp"], help="swiglu: Llama-style FFN stack; gelu_mlp: BERT-style")
+    p.add_argument("-o", "--output", required=True, help="output ONNX file")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d", type=int, default=1024, help="model width (default 1024)")
+    p.add_argument("--f", type=int, default=2816, help="FFN width (default 2816)")
+    p.add_argument("--tokens", type=int, default=1, help="rows of the input (default 1: batch-1 decode)")
+    p.set_defaults(func=cmd_example)
+
     p = sub.add_parser("passes", help="list the passes with their options")
     p.add_argument("name", nargs="?", help="show one pass in full")
     p.set_defaults(func=cmd_passes)
@@ -216,7 +225,7 @@ def print_records(records) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("pass", "options", "changed", "cosine", "max abs err", "details", title="passes")
+    table = Table("pass", "options", "changed", "cosine", "max abs err", "details", title="passes (accuracy vs the input model)")
     for r in records:
         acc = r.vs_original
         table.add_row(
@@ -225,7 +234,10 @@ def print_records(records) -> None:
             f"{acc.cosine:.5f}" if acc else "-", f"{acc.max_abs_error:.2e}" if acc else "-",
             _short_report(r.report),
         )
-    Console(stderr=True).print(table)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = 160
+    console.print(table)
 
 
 def _short_report(report: dict) -> str:
@@ -233,7 +245,7 @@ def _short_report(report: dict) -> str:
     for key, value in report.items():
         if isinstance(value, (int, float, str, bool)):
             parts.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
-    return " ".join(parts)[:120]
+    return " ".join(parts)[:160]
 
 
 class _progress:
@@ -408,6 +420,20 @@ class _status:
     def __exit__(self, *exc):
         self.status.stop()
         return False
+
+
+def cmd_example(args) -> int:
+    import onnx_ir as ir
+
+    from actsparse.frontend.onnx_file import save_model
+    from actsparse.zoo import EXAMPLES
+
+    if min(args.layers, args.d, args.f, args.tokens) <= 0:
+        raise ActsparseError("--layers, --d, --f and --tokens must be positive")
+    proto = EXAMPLES[args.name](layers=args.layers, d=args.d, f=args.f, tokens=args.tokens)
+    save_model(ir.serde.deserialize_model(proto), args.output)
+    print(f"wrote {args.output} ({args.name}, {args.layers} layers, d={args.d}, f={args.f})", file=sys.stderr)
+    return 0
 
 
 # --- passes ----------------------------------------------------------------------------

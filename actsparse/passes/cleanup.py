@@ -10,6 +10,7 @@ dynamic shapes and external-data tensors are kept; actsparse custom ops are not 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -41,7 +42,14 @@ class CleanupPass(ActsparsePass):
         inits_before = len(model.graph.initializers)
         if self.options.fold_constants:
             # inline=False keeps actsparse.* ops (and any other model-local functions) intact.
-            onnxscript.optimizer.optimize_ir(model, inline=False, onnx_shape_inference=False)
+            # The folder logs a warning for every value it tries and cannot fold: not our user's concern.
+            folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+            level = folding_log.level
+            folding_log.setLevel(logging.ERROR)
+            try:
+                onnxscript.optimizer.optimize_ir(model, inline=False, onnx_shape_inference=False)
+            finally:
+                folding_log.setLevel(level)
         passes = [
             common.IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
