@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from actsparse import zoo
 from tests import models
 
 
@@ -30,7 +31,8 @@ def _versions() -> str:
 @pytest.fixture(scope="session")
 def model_dir(request) -> Path:
     """The folder holding the cached model files of this version of tests/models.py."""
-    key = hashlib.sha256(Path(models.__file__).read_bytes() + _versions().encode()).hexdigest()[:16]
+    sources = Path(models.__file__).read_bytes() + Path(zoo.__file__).read_bytes()
+    key = hashlib.sha256(sources + _versions().encode()).hexdigest()[:16]
     return Path(request.config.cache.mkdir("actsparse-models")) / key
 
 
