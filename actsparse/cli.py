@@ -84,6 +84,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", help='pipeline, e.g. "relufy,sparsify{method=teal,sparsity=0.5}" (default: cleanup)')
     p.add_argument("--recipe", help="YAML/JSON recipe (or an optimize --report file)")
     p.add_argument("--calib", help=".npz of named inputs (default: generated from the input signature)")
+    p.add_argument("--calib-text", help="text file: one calibration sample per line (needs --tokenizer)")
+    p.add_argument("--tokenizer", help="Hugging Face tokenizer folder for --calib-text")
     p.add_argument("--samples", type=int, default=8, help="generated calibration samples (default 8)")
     p.add_argument("--seq-len", type=int, default=16, help="sequence length for generated inputs (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated calibration data")
@@ -207,7 +209,7 @@ def cmd_optimize(args) -> int:
         raise ActsparseError(f"{args.output}: refusing to overwrite the input model; choose another -o")
     specs = resolve_passes(args.passes, args.recipe)
     model = load_model(args.model)
-    calibration = calibration_for(model, args.calib, samples=args.samples, seed=args.seed, sequence_length=args.seq_len)
+    calibration = _calibration(model, args)
     context = PassContext(calibration=calibration, seed=args.seed)
     with _progress("optimizing") as on_pass:
         model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=on_pass)
@@ -219,6 +221,19 @@ def cmd_optimize(args) -> int:
     print_records(records)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def _calibration(model, args):
+    from actsparse.api import calibration_for
+
+    if args.calib_text or args.tokenizer:
+        if not (args.calib_text and args.tokenizer) or args.calib:
+            raise ActsparseError("--calib-text needs --tokenizer, and neither goes with --calib")
+        from actsparse.calibrate.text import text_calibration
+
+        return text_calibration(model, args.calib_text, args.tokenizer, num_samples=max(args.samples, 1),
+                                sequence_length=args.seq_len)
+    return calibration_for(model, args.calib, samples=args.samples, seed=args.seed, sequence_length=args.seq_len)
 
 
 def print_records(records) -> None:
@@ -291,8 +306,7 @@ def cmd_compile(args) -> int:
     records = []
     if args.passes or args.recipe:
         specs = resolve_passes(args.passes, args.recipe)
-        calibration = calibration_for(model, args.calib, samples=args.samples, seed=args.seed,
-                                      sequence_length=args.seq_len)
+        calibration = _calibration(model, args)
         with _progress("optimizing") as on_pass:
             model, records = run_pipeline(model, specs, PassContext(calibration=calibration, seed=args.seed),
                                           verify=not args.no_verify, on_pass=on_pass)
