@@ -1,0 +1,284 @@
+"""Deploy an artifact to a device over TVM RPC and run it there.
+
+    with connect("127.0.0.1", 9090) as board:          # a server from actsparse.deploy.server
+        name = board.upload_artifact("model.actsparse")  # checks the architecture and the sha256
+        outputs = board.run(name, {"x": x})              # {output name: np.ndarray}
+
+or in one call: ``deploy_and_run(path, inputs, host, port, reference=expected)``.
+
+The client needs only the thin runtime (``tvm_ffi`` + ``libtvm_runtime.so``), not ``import
+tvm``. Inputs and outputs cross as ``.npz`` files (uploaded / downloaded with TVM's RPC file
+functions), so any numpy dtype works and nothing is pickled. Every failure a user can cause
+(nothing listening, a timeout, a wrong key, the wrong architecture, a checksum mismatch, a
+model error on the device) raises one ActsparseError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import struct
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from actsparse.errors import ActsparseError
+from actsparse.runtime import artifact
+from actsparse.runtime.ffi import ensure_tvm_runtime, import_tvm_ffi
+
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # TVM prefixes remote errors with a traceback; the last line holds the message.
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def probe(host: str, port: int, key: str = "", timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+    """Check within `timeout` that host:port is a TVM RPC server that accepts `key`.
+
+    TVM's own connect waits without limit for a server that accepted the TCP connection but
+    never answers; this probe does TVM's handshake itself, with a timeout, so that nothing
+    listening, a silent peer, a non-RPC service and a wrong key each give one clear error.
+    An actsparse server starts no session for it; TVM's own serves an empty one that ends at once.
+    """
+    from actsparse.deploy.server import PROBE_OPTION, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS, RPC_MAGIC
+
+    where = f"RPC server {host}:{port}"
+    hello = f"client:{key} {PROBE_OPTION}".encode()
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(struct.pack("<ii", RPC_MAGIC, len(hello)) + hello)
+            answer = conn.recv(4)
+    except ConnectionRefusedError:
+        raise ActsparseError(
+            f"{where} refused the connection: is `python -m actsparse.deploy.server` running there?"
+        ) from None
+    except (TimeoutError, socket.timeout):
+        raise ActsparseError(f"{where} did not answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise ActsparseError(f"cannot reach {where}: {exc.strerror or exc}") from None
+    code = struct.unpack("<i", answer)[0] if len(answer) == 4 else None
+    if code == RPC_CODE_MISMATCH:
+        raise ActsparseError(f"{where} refused the RPC key {key!r}")
+    if code != RPC_CODE_SUCCESS:
+        raise ActsparseError(f"{host}:{port} is not a TVM RPC server (unexpected handshake answer)")
+
+
+@dataclass
+class RemoteBoard:
+    """An open RPC session with a device running ``actsparse.deploy.server``."""
+
+    host: str
+    port: int
+    _session: object
+    _functions: dict = field(default_factory=dict)
+
+    def _function(self, name: str):
+        if name not in self._functions:
+            try:
+                self._functions[name] = self._session.get_function(name)
+            except Exception as exc:
+                raise ActsparseError(f"{self.host}:{self.port}: remote function {name} missing: {_first_line(exc)}") from None
+            if self._functions[name] is None:
+                raise ActsparseError(
+                    f"{self.host}:{self.port} has no function {name}: is it an actsparse.deploy.server?"
+                )
+        return self._functions[name]
+
+    def _call(self, name: str, *args):
+        function = self._function(name)
+        try:
+            return function(*args)
+        except Exception as exc:  # RPC errors carry the remote traceback; keep its message
+            raise ActsparseError(f"on {self.host}:{self.port}, {name} failed: {_first_line(exc)}") from None
+
+    # ------------------------------------------------------------ files
+
+    def upload_bytes(self, data: bytes, name: str) -> None:
+        """Write `data` as file `name` in the session's work directory."""
+        self._call("tvm.rpc.server.upload", name, bytearray(data))
+
+    def download_bytes(self, name: str) -> bytes:
+        return bytes(self._call("tvm.rpc.server.download", name))
+
+    def remote_sha256(self, name: str) -> str:
+        return str(self._call("actsparse.rpc.sha256", name))
+
+    def info(self) -> dict:
+        """{machine, system, python, actsparse, format_version} of the device."""
+        return json.loads(str(self._call("actsparse.rpc.info")))
+
+    # ------------------------------------------------------------ artifacts
+
+    def upload_artifact(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Upload an artifact (directory or .tar) as one .tar file; returns its remote name.
+
+        Refuses an artifact built for another CPU architecture than the device's, and checks
+        the sha256 of the file the device received against the one sent.
+        """
+        path = Path(path)
+        manifest = _local_manifest(path)
+        wanted = artifact.normalize_machine(str(manifest["target"].get("machine", "")))
+        device = artifact.normalize_machine(self.info()["machine"])
+        if wanted != device:
+            raise ActsparseError(
+                f"{path} is compiled for {wanted}, but the device {self.host}:{self.port} is {device}: "
+                "compile it for the device's target (e.g. --target rpi4)"
+            )
+        data = _artifact_tar_bytes(path)
+        name = name or f"artifact-{uuid.uuid4().hex[:12]}.tar"
+        self.upload_bytes(data, name)
+        sent, received = hashlib.sha256(data).hexdigest(), self.remote_sha256(name)
+        if sent != received:
+            raise ActsparseError(
+                f"checksum mismatch after upload to {self.host}:{self.port}: sent sha256 {sent}, the device has {received}"
+            )
+        return name
+
+    def run(self, name: str, inputs: Mapping[str, np.ndarray], repeat: int = 1) -> dict[str, np.ndarray]:
+        """Run an uploaded artifact on the device; returns {output name: array}.
+
+        The device loads it with `actsparse.runtime.load` (which checks every file's sha256
+        and the architecture again) once per session. `last_seconds` holds the device-side
+        time of each of the `repeat` runs.
+        """
+        stem = uuid.uuid4().hex[:12]
+        buffer = io.BytesIO()
+        np.savez(buffer, **{key: np.asarray(value) for key, value in inputs.items()})
+        self.upload_bytes(buffer.getvalue(), f"inputs-{stem}.npz")
+        timing = json.loads(str(self._call("actsparse.rpc.run_artifact", name, f"inputs-{stem}.npz", f"outputs-{stem}.npz", int(repeat))))
+        self.last_seconds = list(timing["seconds"])
+        with np.load(io.BytesIO(self.download_bytes(f"outputs-{stem}.npz")), allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+    def close(self) -> None:
+        """End the session (the device's server then serves the next client)."""
+        self._functions.clear()
+        self._session = None
+
+    def __enter__(self) -> RemoteBoard:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def connect(
+    host: str,
+    port: int,
+    *,
+    key: str = "",
+    timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    session_timeout: float | None = None,
+) -> RemoteBoard:
+    """Open an RPC session with the device at host:port.
+
+    `timeout` bounds reaching the server; `session_timeout` asks the server to end the
+    session after that many seconds. Raises ActsparseError when nothing listens, the server
+    does not answer, or it refuses the key.
+    """
+    probe(host, port, key, timeout)
+    tvm_ffi = import_tvm_ffi()
+    ensure_tvm_runtime()
+    rpc_connect = tvm_ffi.get_global_func("rpc.Connect", allow_missing=True)
+    if rpc_connect is None:
+        raise ActsparseError("this TVM runtime was built without RPC support (rpc.Connect missing)")
+    client_key = key + (f" -timeout={session_timeout:g}" if session_timeout else "")
+    try:
+        session = rpc_connect(host, int(port), client_key, False)
+    except Exception as exc:
+        raise ActsparseError(f"RPC handshake with {host}:{port} failed: {_first_line(exc)}") from None
+    return RemoteBoard(host, int(port), session)
+
+
+@dataclass
+class DeployResult:
+    """What `deploy_and_run` did: the outputs, the device, and the error against a reference."""
+
+    outputs: dict[str, np.ndarray]
+    device: dict
+    remote_name: str
+    seconds: list[float]
+    max_abs_error: dict[str, float] | None = None
+
+
+def deploy_and_run(
+    path: str | os.PathLike,
+    inputs: Mapping[str, np.ndarray],
+    host: str,
+    port: int,
+    *,
+    key: str = "",
+    timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    repeat: int = 1,
+    reference: Mapping[str, np.ndarray] | None = None,
+    atol: float = 1e-4,
+) -> DeployResult:
+    """Upload the artifact at `path`, verify it on the device, run it, fetch the outputs.
+
+    With `reference` (e.g. the host-compiled model's outputs), each output must match it
+    within `atol` (max absolute difference) or an ActsparseError says which one differs.
+    """
+    with connect(host, port, key=key, timeout=timeout) as board:
+        device = board.info()
+        name = board.upload_artifact(path)
+        outputs = board.run(name, inputs, repeat=repeat)
+        seconds = board.last_seconds
+    errors = None
+    if reference is not None:
+        errors = compare_outputs(outputs, reference, atol)
+    return DeployResult(outputs, device, name, seconds, errors)
+
+
+def compare_outputs(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], atol: float) -> dict[str, float]:
+    """Max absolute error per output; ActsparseError when one is missing, misshaped or off by more than atol."""
+    errors = {}
+    for name, expected in reference.items():
+        if name not in outputs:
+            raise ActsparseError(f"the device returned no output {name!r} (it returned {', '.join(outputs)})")
+        got, expected = np.asarray(outputs[name]), np.asarray(expected)
+        if got.shape != expected.shape:
+            raise ActsparseError(f"output {name!r}: device shape {got.shape}, reference {expected.shape}")
+        errors[name] = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.size else 0.0
+        if errors[name] > atol:
+            raise ActsparseError(f"output {name!r} differs from the reference by {errors[name]:.3g} (> {atol:g})")
+    return errors
+
+
+def _local_manifest(path: Path) -> dict:
+    """The artifact's manifest, read without extracting a .tar."""
+    if not path.exists():
+        raise ActsparseError(f"{path}: no such artifact")
+    if path.is_dir():
+        return artifact.read_manifest(path)
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            member = archive.getmember(artifact.MANIFEST_NAME)
+            manifest = json.loads(archive.extractfile(member).read(member.size).decode("utf-8"))
+    except (KeyError, AttributeError):
+        raise ActsparseError(f"{path}: not an actsparse artifact (no {artifact.MANIFEST_NAME})") from None
+    except (OSError, tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ActsparseError(f"{path}: not a readable artifact ({exc})") from None
+    artifact.validate_manifest(manifest)
+    return manifest
+
+
+def _artifact_tar_bytes(path: Path) -> bytes:
+    if path.is_file():
+        return path.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="actsparse-deploy-") as workdir:
+        tar_path = Path(workdir) / "artifact.tar"
+        artifact.write_tar(path, tar_path)
+        return tar_path.read_bytes()

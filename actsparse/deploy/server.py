@@ -1,0 +1,262 @@
+"""A TVM RPC server for a device, without the TVM compiler: ``python -m actsparse.deploy.server``.
+
+TVM's own server (``python -m tvm.exec.rpc_server``) needs ``import tvm``, i.e. the whole
+compiler package (~95 MB on aarch64, ~24 s to import under emulation). Everything the RPC
+protocol needs on the device side is in ``libtvm_runtime.so`` (``rpc.ServerLoop`` and the
+``tvm.rpc.server.upload/download/remove`` functions); the compiler package adds only the
+handshake and a few helper functions in Python. This module does those with ``tvm_ffi``,
+so a device needs only the thin runtime's packages (numpy, apache-tvm-ffi, safetensors and
+``libtvm_runtime.so``). Any TVM RPC client (``tvm.rpc.connect``, or
+``actsparse.deploy.rpc.connect``) talks to it.
+
+Protocol (TVM's): the client sends ``[RPC_MAGIC, len, "client:<key> [-timeout=N]"]``; the server
+answers ``[RPC_CODE_SUCCESS, len, "server:<key>"]`` (or ``RPC_CODE_MISMATCH`` for a wrong key),
+then ``rpc.ServerLoop`` serves the session on the socket. Each session runs in a forked
+child process with its own empty work directory, so a crashing model ends only its session;
+one session runs at a time. A session that outlives ``-timeout`` (client) or
+``--session-timeout`` (server) is killed.
+
+Functions the server adds for actsparse clients (all paths are names inside the session's
+work directory; ``..`` and absolute paths are refused):
+  actsparse.rpc.info() -> JSON {machine, system, python, actsparse, format_version}
+  actsparse.rpc.sha256(name) -> hex digest of an uploaded file
+  actsparse.rpc.run_artifact(artifact, inputs_npz, outputs_npz, repeat) -> JSON {seconds: [...]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from actsparse.errors import ActsparseError
+
+RPC_MAGIC = 0xFF271
+RPC_CODE_SUCCESS = RPC_MAGIC + 0
+RPC_CODE_MISMATCH = RPC_MAGIC + 2
+# A client that only checks the handshake (actsparse.deploy.rpc.probe) adds this option: no
+# session is started for it. TVM's own server ignores options it does not know.
+PROBE_OPTION = "-actsparse-probe"
+READY_LINE = "actsparse-rpc-server listening on"
+_HANDSHAKE_TIMEOUT_S = 10.0
+_MAX_KEY_BYTES = 4096
+
+
+# ---------------------------------------------------------------- session functions
+
+
+def _session_path(workdir: Path, name: str) -> Path:
+    """`name` inside the session's work directory; refuses anything that would leave it."""
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ValueError(f"invalid remote file name {name!r}: give a plain name inside the work directory")
+    return workdir / name
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as out:
+        np.savez(out, **arrays)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def register_session_functions(workdir: Path) -> None:
+    """Register the global functions TVM's RPC server code and actsparse clients call."""
+    import tvm_ffi
+
+    from actsparse import __version__
+    from actsparse.runtime import FORMAT_VERSION, load
+
+    loaded: dict[str, object] = {}
+
+    def workpath(name: str) -> str:
+        return str(_session_path(workdir, name))
+
+    def load_module(name: str):
+        return tvm_ffi.load_module(workpath(name))
+
+    def info() -> str:
+        return json.dumps(
+            {
+                "machine": platform.machine(),
+                "system": platform.system(),
+                "python": platform.python_version(),
+                "actsparse": __version__,
+                "format_version": FORMAT_VERSION,
+            }
+        )
+
+    def sha256(name: str) -> str:
+        digest = hashlib.sha256()
+        with open(workpath(name), "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def run_artifact(artifact: str, inputs_npz: str, outputs_npz: str, repeat: int) -> str:
+        if artifact not in loaded:
+            loaded[artifact] = load(workpath(artifact))
+        model = loaded[artifact]
+        inputs = _read_npz(Path(workpath(inputs_npz)))
+        seconds = []
+        for _ in range(max(1, int(repeat))):
+            start = time.perf_counter()
+            outputs = model.run(inputs)
+            seconds.append(time.perf_counter() - start)
+        _write_npz(Path(workpath(outputs_npz)), outputs)
+        return json.dumps({"seconds": seconds})
+
+    for name, func in (
+        ("tvm.rpc.server.workpath", workpath),
+        ("tvm.rpc.server.load_module", load_module),
+        ("actsparse.rpc.info", info),
+        ("actsparse.rpc.sha256", sha256),
+        ("actsparse.rpc.run_artifact", run_artifact),
+    ):
+        tvm_ffi.register_global_func(name, func, override=True)
+
+
+# ---------------------------------------------------------------- handshake and serving
+
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("peer closed the connection during the handshake")
+        data += chunk
+    return data
+
+
+def handshake(conn: socket.socket, key: str) -> dict | None:
+    """TVM's RPC handshake. Returns the client's options ({"timeout": s}) or None to drop it."""
+    conn.settimeout(_HANDSHAKE_TIMEOUT_S)
+    try:
+        (magic,) = struct.unpack("<i", _recv_exact(conn, 4))
+        if magic != RPC_MAGIC:
+            return None
+        (length,) = struct.unpack("<i", _recv_exact(conn, 4))
+        if not 0 < length <= _MAX_KEY_BYTES:
+            return None
+        words = _recv_exact(conn, length).decode("utf-8", "replace").split()
+        if not words or words[0] != f"client:{key}":
+            conn.sendall(struct.pack("<i", RPC_CODE_MISMATCH))
+            return None
+        reply = f"server:{key}".encode()
+        conn.sendall(struct.pack("<i", RPC_CODE_SUCCESS) + struct.pack("<i", len(reply)) + reply)
+    except (OSError, ConnectionError, struct.error):
+        return None
+    conn.settimeout(None)
+    options = {}
+    for word in words[1:]:
+        if word == PROBE_OPTION:
+            options["probe"] = True
+        elif word.startswith("-timeout="):
+            try:
+                options["timeout"] = float(word[len("-timeout=") :])
+            except ValueError:
+                pass
+    return options
+
+
+def _serve_session(conn: socket.socket, workdir: Path) -> None:
+    """Child process: serve one RPC session in its work directory, then exit."""
+    import tvm_ffi
+
+    os.chdir(workdir)
+    register_session_functions(workdir)
+    tvm_ffi.get_global_func("rpc.ServerLoop")(conn.fileno())
+
+
+def _wait_session(pid: int, timeout: float | None) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        done, _status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"session {pid} passed its {timeout:g} s limit: killed", file=sys.stderr, flush=True)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.05)
+
+
+def serve(host: str, port: int, key: str = "", workroot: Path | None = None, session_timeout: float | None = None):
+    """Listen on host:port and serve TVM RPC sessions one at a time, forever.
+
+    Port 0 picks a free port. Prints ``READY_LINE host:port`` once listening (what
+    `actsparse.deploy.qemu.EmulatedBoard.start_rpc_server` waits for).
+    """
+    from actsparse.runtime.ffi import ensure_tvm_runtime
+
+    ensure_tvm_runtime()  # load tvm_ffi and libtvm_runtime.so once, before forking sessions
+    workroot = Path(workroot or tempfile.mkdtemp(prefix="actsparse-rpc-"))
+    workroot.mkdir(parents=True, exist_ok=True)
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(1)
+    print(f"{READY_LINE} {host}:{listener.getsockname()[1]}", flush=True)
+    while True:
+        conn, peer = listener.accept()
+        options = handshake(conn, key)
+        if options is None or options.get("probe"):
+            conn.close()
+            continue
+        timeout = options.get("timeout", session_timeout)
+        workdir = Path(tempfile.mkdtemp(prefix="session-", dir=workroot))
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            status = 0
+            try:
+                _serve_session(conn, workdir)
+            except BaseException as exc:  # noqa: BLE001 - report, then end only this session
+                print(f"session from {peer[0]} failed: {exc}", file=sys.stderr, flush=True)
+                status = 1
+            finally:
+                os._exit(status)
+        conn.close()
+        _wait_session(pid, timeout)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m actsparse.deploy.server",
+        description="TVM RPC server for an actsparse device (needs no TVM compiler)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=9090, help="port (0 picks a free one; default 9090)")
+    parser.add_argument("--key", default="", help="RPC key clients must present (default: none)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where sessions keep uploaded files")
+    parser.add_argument("--session-timeout", type=float, default=None, help="kill a session after this many seconds")
+    args = parser.parse_args(argv)
+    try:
+        serve(args.host, args.port, args.key, args.workdir, args.session_timeout)
+    except ActsparseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
