@@ -273,12 +273,15 @@ class _progress:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+        console = Console(stderr=True)
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                 TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                                 TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
         self.progress.start()
         self.task = None
 
         def on_pass(index: int, total: int, name: str):
+            if self.progress.disable:  # rich still writes a newline when a disabled bar stops
+                return
             if self.task is None:
                 self.task = self.progress.add_task(self.what, total=total)
             self.progress.update(self.task, completed=index, description=f"{self.what}: {name}" if name else self.what)
@@ -286,7 +289,8 @@ class _progress:
         return on_pass
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if not self.progress.disable:
+            self.progress.stop()
         return False
 
 
@@ -427,12 +431,17 @@ class _status:
     def __enter__(self):
         from rich.console import Console
 
-        self.status = Console(stderr=True).status("compiling")
+        console = Console(stderr=True)
+        # Off a terminal, rich's spinner still writes a newline when it stops: stay silent.
+        self.status = console.status("compiling") if console.is_terminal else None
+        if self.status is None:
+            return lambda message: None
         self.status.start()
         return lambda message: self.status.update(message)
 
     def __exit__(self, *exc):
-        self.status.stop()
+        if self.status is not None:
+            self.status.stop()
         return False
 
 
