@@ -7,7 +7,6 @@ import onnx_ir as ir
 
 from actsparse.calibrate.data import Feeds
 from actsparse.errors import ActsparseError
-from actsparse.passes.verify import ort_session
 
 
 def collect_values(model: ir.Model, names: list[str], samples: list[Feeds]) -> dict[str, list[np.ndarray]]:
@@ -25,6 +24,8 @@ def collect_values(model: ir.Model, names: list[str], samples: list[Feeds]) -> d
         if name not in existing:
             probe.graph.outputs.append(values[name])
         wanted.append(name)
+    from actsparse.passes.verify import ort_session  # here: passes import this module
+
     session = ort_session(probe)
     output_names = [o.name for o in session.get_outputs()]
     collected: dict[str, list[np.ndarray]] = {name: [] for name in wanted}

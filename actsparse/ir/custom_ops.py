@@ -29,16 +29,13 @@ def _function_proto(name: str, onnx_opset: int) -> onnx.FunctionProto:
         score = "score"
     nodes += [
         helper.make_node("Greater", [score, "threshold"], ["keep"]),
-        # threshold * 0 is a zero of x's dtype in every opset (CastLike needs opset 15).
-        helper.make_node("Mul", ["threshold", "zero_factor"], ["zero"]),
+        # threshold - threshold is a zero of x's dtype in every opset (CastLike needs opset 15).
+        helper.make_node("Sub", ["threshold", "threshold"], ["zero"]),
         helper.make_node("Where", ["keep", "x", "zero"], ["y"]),
     ]
-    zero_factor = helper.make_node(
-        "Constant", [], ["zero_factor"], value=helper.make_tensor("zero_factor", onnx.TensorProto.FLOAT, [], [0.0])
-    )
     inputs = ["x", "threshold"] + (["channel_scale"] if weighted else [])
     return helper.make_function(
-        DOMAIN, name, inputs, ["y"], [zero_factor, *nodes],
+        DOMAIN, name, inputs, ["y"], nodes,
         opset_imports=[helper.make_opsetid("", onnx_opset), helper.make_opsetid(DOMAIN, VERSION)],
     )
 

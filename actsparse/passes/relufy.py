@@ -18,12 +18,11 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
 from actsparse.errors import ActsparseError
 from actsparse.ir.activations import match_activation
 from actsparse.ir.blocks import find_blocks
-from actsparse.ir.custom_ops import add_initializer, unique_node_name
+from actsparse.ir.custom_ops import add_initializer, unique_name, unique_node_name
 from actsparse.passes.base import ActsparsePass, option, register
 
 SMOOTH_KINDS = ("gelu", "gelu_tanh", "silu")
@@ -53,9 +52,17 @@ class RelufyPass(ActsparsePass):
         replaced: dict[str, int] = {}
         for act in activations:
             new_output = self._replacement(model, act)
+            if act.output.is_graph_output():  # the graph's output keeps its name
+                name = act.output.name
+                act.output.name = unique_name(model, f"{name}_before_relufy")
+                new_output.name = name
             ir.convenience.replace_all_uses_with(act.output, new_output, replace_graph_outputs=True)
+            constants = {v.name: v for node in act.nodes for v in node.inputs if v is not None and v.is_initializer()}
+            model.graph.remove(act.nodes, safe=True)
+            for name, value in constants.items():  # GELU's sqrt(2), 0.5, 1 when nothing else reads them
+                if not value.uses() and not value.is_graph_output():
+                    del model.graph.initializers[name]
             replaced[act.kind] = replaced.get(act.kind, 0) + 1
-        model = common.RemoveUnusedNodesPass()(model).model
         self.report = {"replaced": sum(replaced.values()), "by_kind": replaced, "act": self.options.act}
         return ir.passes.PassResult(model, modified=bool(replaced))
 

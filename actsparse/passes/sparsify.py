@@ -56,6 +56,7 @@ class _Group:
 
     name: str
     value: ir.Value
+    channels: int
     linears: list[Linear] = field(default_factory=list)
     readers: list[tuple[ir.Node, int]] = field(default_factory=list)
 
@@ -79,7 +80,7 @@ class SparsifyPass(ActsparsePass):
             raise ActsparseError(f"pass 'sparsify': no {self.options.scope!r} layers found to sparsify")
         samples = self.context.require_calibration(self.name)
         activations = collect_values(model, [g.value.name for g in groups], samples)
-        rows = {g.name: as_rows(activations[g.value.name], _channels(g)) for g in groups}
+        rows = {g.name: as_rows(activations[g.value.name], g.channels) for g in groups}
         scales = {g.name: _channel_scale(g) if self.options.method == "wina" else None for g in groups}
         scores = {g.name: _scores(rows[g.name], scales[g.name]) for g in groups}
         # Thresholds start as graph inputs so that greedy allocation can try levels in one session.
@@ -95,7 +96,9 @@ class SparsifyPass(ActsparsePass):
                 "name": group.name, "linears": [l.name for l in group.linears], "target": round(target, 4),
                 "calibrated_sparsity": round(dropped, 4), "threshold": float(threshold), "weight_bytes": group.weight_bytes,
             })
-        model = common.RemoveUnusedNodesPass()(model).model
+        for cleanup in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
+                        common.RemoveUnusedOpsetsPass()):
+            model = cleanup(model).model
         self.report = _summary(model, layers) | {"method": self.options.method, "allocate": self.options.allocate,
                                                  "layers": layers}
         return ir.passes.PassResult(model, modified=any(l["target"] > 0 for l in layers))
@@ -118,7 +121,7 @@ class SparsifyPass(ActsparsePass):
             linears = list(blocks.linears)
         groups: dict[int, _Group] = {}
         for linear in dict.fromkeys(linears):  # a fused qkv linear appears three times
-            group = groups.setdefault(id(linear.input), _Group("", linear.input))
+            group = groups.setdefault(id(linear.input), _Group("", linear.input, linear.in_features))
             group.linears.append(linear)
             group.readers.append((linear.node, _input_index(linear)))
         for group in groups.values():
@@ -128,8 +131,8 @@ class SparsifyPass(ActsparsePass):
     def _cats_group(self, block) -> _Group:
         act = block.activation
         readers = list(act.output.uses())
-        return _Group(f"{block.name}.act", act.output, [block.down] if block.kind == "mlp" else [block.up, block.down],
-                      readers)
+        linears = [block.down] if block.kind == "mlp" else [block.up, block.down]
+        return _Group(f"{block.name}.act", act.output, block.down.in_features, linears, readers)
 
     # --- how much -------------------------------------------------------------------
 
@@ -255,15 +258,7 @@ def _channel_scale(group: _Group) -> np.ndarray:
 
 
 def _weight_kn(linear: Linear) -> np.ndarray:
-    w = linear.weight.const_value.numpy().astype(np.float32)
-    return w.T if linear.weight_layout == "NK" else w
-
-
-def _channels(group: _Group) -> int:
-    shape = group.value.shape
-    if shape is not None and len(shape) and isinstance(shape[-1], int):
-        return shape[-1]
-    return group.linears[0].in_features
+    return linear.weight_array("KN").astype(np.float32)
 
 
 def _input_index(linear: Linear) -> int:

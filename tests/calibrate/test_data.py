@@ -83,8 +83,6 @@ def test_bad_contents(tmp_path, arrays, message):
     assert str(path) in str(error.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: data.py feeds_from_arrays() calls _check_dims(array[0]) before its "
-                   "'no samples' check, so an empty stacked array raises IndexError (an internal error)")
 def test_zero_stacked_samples(tmp_path):
     path = _save(tmp_path, input_ids=_ids(0, 1, 4), x=np.ones((0, 2, 3), np.float32))
     with pytest.raises(ActsparseError, match="no samples"):
@@ -120,8 +118,6 @@ def test_missing_file(tmp_path):
         load_calibration(tmp_path, _ids_and_x())  # a folder
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: data.py load_calibration() uses `with np.load(...)`, which on an "
-                   ".npy file returns an ndarray (no context manager): TypeError escapes as an internal error")
 def test_npy_file_is_a_clear_error(tmp_path):
     path = tmp_path / "calib.npy"
     np.save(path, np.ones((2, 3), np.float32))

@@ -85,7 +85,7 @@ def test_function_bodies_are_declared_once_with_the_models_opset():
     assert model.opset_imports[DOMAIN] == VERSION
     for function in model.functions.values():
         assert function.opset_imports[""] == 21
-        assert [n.op_type for n in function][-2:] == ["Mul", "Where"]
+        assert [n.op_type for n in function][-2:] == ["Sub", "Where"]
     inputs = {f.name: [v.name for v in f.inputs] for f in model.functions.values()}
     assert inputs == {SPARSIFY: ["x", "threshold"], SPARSIFY_WEIGHTED: ["x", "threshold", "channel_scale"]}
 
@@ -141,9 +141,6 @@ def test_saved_model_with_custom_ops_passes_the_full_checker(tmp_path):
     assert [f.name for f in proto.functions] == [SPARSIFY_WEIGHTED]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the function bodies build their zero from a FLOAT Constant "
-                   "(custom_ops.py _function_proto), so Mul(threshold, zero_factor) has mixed types for "
-                   "float16 models and onnxruntime refuses them")
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sparsify_body_runs_on_float16(weighted):
     scale = np.ones(6, np.float32) if weighted else None

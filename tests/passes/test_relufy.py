@@ -143,8 +143,6 @@ def test_no_smooth_activation_leaves_the_model_alone():
     assert ir.serde.serialize_model(after).SerializeToString() == expected
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: relufy.py call() passes replace_graph_outputs=True but the new "
-                   "Relu output has no name, so a graph output that is an activation is renamed (y -> val_0)")
 def test_activation_that_is_a_graph_output_keeps_the_output_name():
     graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
@@ -215,8 +213,6 @@ def test_tiny_llama_scope_all_replaces_only_the_ffn_silus(llama_onnx):
     assert not any(n.op_type == "Sigmoid" for n in after.graph)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: relufy.py call() always runs RemoveUnusedNodesPass, so with no "
-                   "activation to replace it still deletes dead nodes while reporting modified=False")
 def test_nothing_to_replace_means_nothing_removed():
     from tests.onnx_models import mlp_with_foldable_constants
 

@@ -185,9 +185,6 @@ def test_before_expected_cats_on_a_gelu_mlp():
     assert report["layers"][0]["linears"] == ["layers.0.mlp.fc2"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sparsify.py _channels() falls back to linears[0].in_features when "
-                   "the value has no static shape; for CATS on a gated FFN that is up_proj's input width (64), "
-                   "not the activation's (176): ValueError on reshape (tests' swiglu_stack fixture, 1 token)")
 def test_cats_on_a_gated_ffn_without_value_shapes():
     model = ir.serde.deserialize_model(swiglu_stack(layers=1, tokens=1))
     after, report, _ = _sparsify(model, _samples(shape=(1, D)), method="cats")
@@ -269,9 +266,6 @@ def test_sparsity_zero_inserts_nothing():
         np.testing.assert_array_equal(run_onnxruntime(after, sample)[0], reference[0])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sparsify.py _insert() calls ensure_function before the level is "
-                   "known; with sparsity 0 the unused Sparsify function and the actsparse opset import stay in "
-                   "the model (run RemoveUnusedFunctionsPass + RemoveUnusedOpsetsPass at the end of call())")
 def test_sparsity_zero_leaves_the_model_byte_identical():
     before = _swiglu()
     expected = ir.serde.serialize_model(before).SerializeToString()
@@ -333,9 +327,6 @@ def test_no_layers_in_scope_is_a_clear_error():
         _sparsify(model, [{"cond": np.array(True), "x": np.ones(3, np.float32)}])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sparsify.py _weight_kn() reads linear.weight.const_value, which is "
-                   "None when the weight is a Constant node (find_linears accepts those): AttributeError; use "
-                   "linear.weight_array('KN')")
 def test_wina_with_a_constant_node_weight():
     w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
     nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
