@@ -194,6 +194,18 @@ def test_report_replays_to_an_identical_model(work):
     assert (work.path / "a.onnx").read_bytes() == (work.path / "b.onnx").read_bytes()
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: the optimize --report file records the passes but not the "
+                   "calibration settings (--samples, --seed, --seq-len, --calib; cli.py cmd_optimize), so replaying "
+                   "a report made with non-default ones gives a different model; record them and reuse them")
+def test_report_replay_keeps_the_calibration_settings(work):
+    pipeline = "sparsify{scope=ffn}"
+    first = work.run("optimize", "m.onnx", "-o", "a.onnx", "--passes", pipeline, "--samples", "3", "--seed", "7",
+                     "--report", "report.json")
+    assert first.code == 0, first.err
+    assert work.run("optimize", "m.onnx", "-o", "b.onnx", "--recipe", "report.json").code == 0
+    assert (work.path / "a.onnx").read_bytes() == (work.path / "b.onnx").read_bytes()
+
+
 def test_calibration_file_and_no_verify(work):
     rng = np.random.default_rng(3)
     np.savez(work.path / "calib.npz", x=rng.standard_normal((6, 1, 64)).astype(np.float32))
