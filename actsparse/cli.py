@@ -159,12 +159,12 @@ def model_summary(model) -> dict:
         ops[f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
     params = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
     blocks = find_blocks(model)
-    activations = Counter()
-    seen = set()
-    for node in model.graph:
-        act = match_activation(node)
-        if act is not None and id(act.output) not in seen:
-            seen.add(id(act.output))
+    # The Sigmoid inside x*Sigmoid(x) is an activation too: count the largest match only.
+    matches = [act for act in map(match_activation, model.graph) if act is not None]
+    activations, covered = Counter(), set()
+    for act in sorted(matches, key=lambda a: -len(a.nodes)):
+        if not covered.intersection(map(id, act.nodes)):
+            covered.update(map(id, act.nodes))
             activations[act.kind] += 1
 
     def describe(linear):

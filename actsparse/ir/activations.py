@@ -302,6 +302,7 @@ def _classify(values: np.ndarray) -> tuple[str | None, dict[str, float]]:
     positive, negative = _SAMPLES > 0, _SAMPLES < -0.1
     if _close(values[positive], _SAMPLES[positive]):
         alpha = float(np.median(values[negative] / _SAMPLES[negative]))
-        if 0.0 < alpha < 1.0 and _close(values, np.where(_SAMPLES >= 0, _SAMPLES, alpha * _SAMPLES)):
+        # alpha near 1 is a near-identity (RMSNorm's x + eps), not an activation.
+        if 0.0 < alpha <= 0.5 and _close(values, np.where(_SAMPLES >= 0, _SAMPLES, alpha * _SAMPLES)):
             return "leaky_relu", {"alpha": float(np.float32(alpha))}
     return None, {}
