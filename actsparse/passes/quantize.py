@@ -1,0 +1,638 @@
+"""quantize: int8 and int4 quantization of the linear layers, as ONNX that onnxruntime runs.
+
+mode=static (bits=8): per-output-channel symmetric int8 weights, per-tensor activations with a
+range calibrated on the calibration set (minmax, percentile or entropy), as standard QDQ:
+    Before: y = x @ W
+    After:  y = DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x) @ DequantizeLinear(W_q, s_w[N], axis)
+onnxruntime fuses the DQ pair with the MatMul into an integer matmul (MatMulIntegerToFloat).
+
+mode=dynamic (bits=8): weights as above; the activation range is measured per call (per tensor),
+in the form onnxruntime's own quantize_dynamic writes (ORT fuses it to DynamicQuantizeMatMul):
+    After:  (x_q, s_x, z_x) = DynamicQuantizeLinear(x)
+            y = Cast(MatMulInteger(x_q, W_q, z_x, 0), float) * (s_x * s_w[N])
+
+mode=weight_only (bits=4, or bits=8): group-wise weights along K (group 32/64/128), symmetric or
+asymmetric, rounded to nearest (rtn) or error-minimizing on the layer's calibration inputs (gptq,
+with H = XᵀX); activations stay float:
+    format=matmulnbits: y = com.microsoft.MatMulNBits(x, B_packed[N, K/g, g*bits/8], scales[N, K/g] (, zp))
+    format=qdq:         y = x @ DequantizeLinear(W_q (u)int4 [K, N], scales[K/g, N] (, zp), axis=0, block_size=g)
+                        (opset 21; the model's opset is raised when it is lower)
+
+Linears stay float (and the report says why) when the weight is shared with other nodes, the
+input is not float32, or the weight is not float. MatMuls with a non-constant or non-2-D second
+operand are listed as float too. Approximate: the pipeline reports cosine / max error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from actsparse.calibrate.stats import as_rows, collect_values, token_masks
+from actsparse.errors import ActsparseError
+from actsparse.ir.blocks import Linear, find_linears
+from actsparse.ir.custom_ops import add_initializer, unique_name, unique_node_name
+from actsparse.passes.base import ActsparsePass, option, register
+
+GROUPS = (32, 64, 128)
+MS_DOMAIN = "com.microsoft"
+QDQ_BLOCKED_OPSET = 21
+# Ops whose meaning changed between opsets 18 and 21: raising the opset under them is not safe.
+_CHANGED_BEFORE_21 = frozenset({"GridSample", "DFT", "GroupNormalization"})
+
+
+@dataclass
+class QuantizeOptions:
+    bits: int = option(8, "weight bits: 8 (static/dynamic int8, or weight-only) or 4 (weight-only)")
+    mode: Literal["auto", "static", "dynamic", "weight_only"] = option(
+        "auto", "auto: static for bits=8, weight_only for bits=4")
+    act: Literal["uint8", "int8"] = option("uint8", "static activations: uint8 asymmetric or int8 symmetric")
+    calib: Literal["minmax", "percentile", "entropy"] = option("minmax", "how the static activation range is chosen")
+    percentile: float = option(99.99, "calib=percentile: the percentile of |x| (or of x per side) kept in range")
+    group: int = option(128, "weight-only: weights per scale along K (32, 64 or 128)")
+    symmetric: bool = option(True, "weight-only: no zero points (zero at the middle code)")
+    rounding: Literal["rtn", "gptq"] = option("rtn", "weight-only: round to nearest, or GPTQ on calibration inputs")
+    damp: float = option(0.1, "rounding=gptq: dampening, as a fraction of the mean Hessian diagonal")
+    act_order: bool = option(True, "rounding=gptq: input channels with the largest Hessian diagonal first")
+    accuracy_level: int = option(4, "format=matmulnbits: ORT's compute type (0 default/fp32 .. 4 int8 "
+                                    "activations per block: the fast CPU path)")
+    format: Literal["matmulnbits", "qdq"] = option("matmulnbits", "weight-only: com.microsoft.MatMulNBits or "
+                                                                  "blocked DequantizeLinear (opset 21)")
+
+    def validate(self) -> None:
+        where = "pass 'quantize'"
+        if self.bits not in (4, 8):
+            raise ActsparseError(f"{where}: bits must be 8 or 4, got {self.bits}")
+        if self.bits == 4 and self.resolved_mode != "weight_only":
+            raise ActsparseError(f"{where}: bits=4 is weight-only (mode=weight_only), not mode={self.mode}")
+        if self.group not in GROUPS:
+            raise ActsparseError(f"{where}: group must be one of {', '.join(map(str, GROUPS))}, got {self.group}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ActsparseError(f"{where}: percentile must be in (50, 100], got {self.percentile}")
+        if not 0.0 < self.damp <= 10.0:
+            raise ActsparseError(f"{where}: damp must be in (0, 10], got {self.damp}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ActsparseError(f"{where}: accuracy_level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
+        if self.format == "qdq" and self.bits != 4 and self.resolved_mode == "weight_only":
+            raise ActsparseError(f"{where}: format=qdq weight-only needs bits=4")
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode == "auto":
+            return "static" if self.bits == 8 else "weight_only"
+        return self.mode
+
+
+@dataclass
+class _Input:
+    """One activation value and the quantized linears that read it (q/k/v share one)."""
+
+    value: ir.Value
+    linears: list[Linear] = field(default_factory=list)
+
+
+@register
+class QuantizePass(ActsparsePass):
+    """Quantize linear layers: int8 static/dynamic (QDQ) or int4/int8 weight-only (MatMulNBits)."""
+
+    name = "quantize"
+    exact = False
+    needs_calibration = True
+    Options = QuantizeOptions
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts = self.options
+        mode = opts.resolved_mode
+        linears, skipped = select_linears(model)
+        if not linears:
+            raise ActsparseError("pass 'quantize': no linear layer with a constant float32 weight to quantize")
+        inputs = _group_by_input(linears)
+        bytes_before = _initializer_bytes(model)
+        weight_bytes_before = sum(l.in_features * l.out_features * int(l.weight.dtype.itemsize) for l in linears)
+        if mode == "weight_only" and opts.format == "qdq":
+            _raise_opset(model, QDQ_BLOCKED_OPSET)
+        rows = self._calibration_rows(model, inputs) if self._needs_rows(mode) else {}
+        layers = []
+        for group in inputs:
+            if mode == "static":
+                layers += self._static(model, group, rows[group.value.name])
+            elif mode == "dynamic":
+                layers += self._dynamic(model, group)
+            else:
+                hessian = _hessian(rows[group.value.name]) if opts.rounding == "gptq" else None
+                layers += [self._weight_only(model, linear, hessian) for linear in group.linears]
+        model = common.RemoveUnusedNodesPass()(model).model
+        bytes_after = _initializer_bytes(model)
+        self.report = {
+            "mode": mode, "bits": opts.bits,
+            "quantized": len(layers), "float": len(skipped),
+            "weight_bytes_before": weight_bytes_before,
+            "weight_bytes_after": sum(l["bytes"] for l in layers),
+            "model_bytes_before": bytes_before, "model_bytes_after": bytes_after,
+            "layers": layers, "stayed_float": skipped,
+        }
+        return ir.passes.PassResult(model, modified=True)
+
+    # --- calibration -------------------------------------------------------------------
+
+    def _needs_rows(self, mode: str) -> bool:
+        return mode == "static" or (mode == "weight_only" and self.options.rounding == "gptq")
+
+    def _calibration_rows(self, model: ir.Model, inputs: list[_Input]) -> dict[str, np.ndarray]:
+        samples = self.context.require_calibration(self.name)
+        names = [group.value.name for group in inputs]
+        values = collect_values(model, names, samples)
+        masks = token_masks(samples)  # padding tokens do not count
+        return {g.value.name: as_rows(values[g.value.name], g.linears[0].in_features, masks) for g in inputs}
+
+    # --- int8 static (QDQ) ---------------------------------------------------------------
+
+    def _static(self, model: ir.Model, group: _Input, rows: np.ndarray) -> list[dict]:
+        opts = self.options
+        scale, zero_point = activation_qparams(rows, opts.act, opts.calib, opts.percentile)
+        base = group.linears[0].name or group.value.name
+        s = add_initializer(model, f"{base}.input_scale", np.array(scale, np.float32))
+        z = add_initializer(model, f"{base}.input_zero_point", np.array(zero_point, _act_dtype(opts.act)))
+        q = _node(model, "", "QuantizeLinear", [group.value, s, z], f"{base}.input_quantize", ir.TensorType(
+            ir.DataType.from_numpy(np.dtype(_act_dtype(opts.act)))), group.value.shape)
+        dq = _node(model, "", "DequantizeLinear", [q.outputs[0], s, z], f"{base}.input_dequantize",
+                   group.value.type, group.value.shape)
+        _insert_after_producer(model, group.value, [q, dq])
+        layers = []
+        for linear in group.linears:
+            w_q, w_scale = quantize_per_channel(linear.weight_array("KN").astype(np.float32))
+            wq = add_initializer(model, f"{linear.name}.weight_quantized", w_q)
+            ws = add_initializer(model, f"{linear.name}.weight_scale", w_scale)
+            wz = add_initializer(model, f"{linear.name}.weight_zero_point", np.zeros_like(w_q[0]))
+            weight_dq = _node(model, "", "DequantizeLinear", [wq, ws, wz], f"{linear.name}.weight_dequantize",
+                              ir.TensorType(ir.DataType.FLOAT), ir.Shape(w_q.shape), attributes={"axis": 1})
+            model.graph.insert_before(linear.node, weight_dq)
+            _static_matmul(model, linear, dq.outputs[0], weight_dq.outputs[0])
+            layers.append(_layer_entry(linear, "int8 static", w_q.nbytes + w_scale.nbytes + w_q.shape[1],
+                                       input_scale=float(scale), input_zero_point=int(zero_point)))
+        return layers
+
+    # --- int8 dynamic ----------------------------------------------------------------------
+
+    def _dynamic(self, model: ir.Model, group: _Input) -> list[dict]:
+        base = group.linears[0].name or group.value.name
+        dql = ir.Node("", "DynamicQuantizeLinear", [group.value], num_outputs=3,
+                      name=unique_node_name(model, f"{base}.input_quantize"))
+        for out, suffix, dtype, shape in zip(dql.outputs, ("quantized", "scale", "zero_point"),
+                                             (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8),
+                                             (group.value.shape, ir.Shape([]), ir.Shape([]))):
+            out.name = unique_name(model, f"{group.value.name}_{suffix}")
+            out.type, out.shape = ir.TensorType(dtype), shape
+        _insert_after_producer(model, group.value, [dql])
+        x_q, x_scale, x_zero = dql.outputs
+        layers = []
+        for linear in group.linears:
+            w_q, w_scale = quantize_per_channel(linear.weight_array("KN").astype(np.float32))
+            wq = add_initializer(model, f"{linear.name}.weight_quantized", w_q)
+            ws = add_initializer(model, f"{linear.name}.weight_scale", w_scale)
+            wz = add_initializer(model, f"{linear.name}.weight_zero_point", np.zeros_like(w_q[0]))
+            out = linear.node.outputs[0]
+            int_shape = out.shape
+            scale = _node(model, "", "Mul", [x_scale, ws], f"{linear.name}.scale", ir.TensorType(ir.DataType.FLOAT),
+                          ir.Shape(w_scale.shape))
+            mm = _node(model, "", "MatMulInteger", [x_q, wq, x_zero, wz], f"{linear.name}.matmul_integer",
+                       ir.TensorType(ir.DataType.INT32), int_shape)
+            cast = _node(model, "", "Cast", [mm.outputs[0]], f"{linear.name}.cast", ir.TensorType(ir.DataType.FLOAT),
+                         int_shape, attributes={"to": ir.DataType.FLOAT})
+            mul = _node(model, "", "Mul", [cast.outputs[0], scale.outputs[0]], f"{linear.name}.dequantize",
+                        out.type, int_shape)
+            new_nodes = [scale, mm, cast, mul]
+            if linear.node.op_type == "Gemm" and linear.bias is not None:
+                new_nodes.append(_node(model, "", "Add", [mul.outputs[0], linear.node.inputs[2]], f"{linear.name}.bias",
+                                       out.type, int_shape))
+            _replace_node(model, linear.node, new_nodes)
+            layers.append(_layer_entry(linear, "int8 dynamic", w_q.nbytes + w_scale.nbytes + w_q.shape[1]))
+        return layers
+
+    # --- weight-only ----------------------------------------------------------------------
+
+    def _weight_only(self, model: ir.Model, linear: Linear, hessian: np.ndarray | None) -> dict:
+        opts = self.options
+        w_kn = linear.weight_array("KN").astype(np.float32)
+        if hessian is not None:
+            codes, scales, zeros = gptq_quantize(w_kn, hessian, opts.bits, opts.group, opts.symmetric,
+                                                 damp=opts.damp, act_order=opts.act_order)
+        else:
+            codes, scales, zeros = quantize_blockwise(w_kn, opts.bits, opts.group, opts.symmetric)
+        if opts.format == "matmulnbits":
+            new_nodes, nbytes = self._matmulnbits(model, linear, codes, scales, zeros)
+        else:
+            new_nodes, nbytes = self._blocked_qdq(model, linear, codes, scales, zeros)
+        _replace_node(model, linear.node, new_nodes)
+        kind = f"int{opts.bits} g{opts.group} {'sym' if opts.symmetric else 'asym'} {opts.rounding} {opts.format}"
+        return _layer_entry(linear, kind, nbytes)
+
+    def _matmulnbits(self, model, linear, codes, scales, zeros) -> tuple[list[ir.Node], int]:
+        opts = self.options
+        packed = pack_matmulnbits(codes, opts.bits, opts.group)
+        b = add_initializer(model, f"{linear.name}.weight_q{opts.bits}", packed)
+        s = add_initializer(model, f"{linear.name}.weight_scales", scales.astype(np.float32))
+        inputs = [linear.input, b, s]
+        nbytes = packed.nbytes + scales.size * 4
+        if not opts.symmetric:
+            zp = pack_zero_points(zeros, opts.bits)
+            inputs.append(add_initializer(model, f"{linear.name}.weight_zero_points", zp))
+            nbytes += zp.nbytes
+        out = linear.node.outputs[0]
+        node = _node(model, MS_DOMAIN, "MatMulNBits", inputs, f"{linear.name}.matmul_nbits", out.type, out.shape,
+                     attributes={"K": linear.in_features, "N": linear.out_features, "bits": opts.bits,
+                                 "block_size": opts.group, "accuracy_level": opts.accuracy_level})
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        nodes = [node]
+        if linear.node.op_type == "Gemm" and linear.bias is not None:
+            nodes.append(_node(model, "", "Add", [node.outputs[0], linear.node.inputs[2]], f"{linear.name}.bias",
+                               out.type, out.shape))
+        return nodes, nbytes
+
+    def _blocked_qdq(self, model, linear, codes, scales, zeros) -> tuple[list[ir.Node], int]:
+        opts = self.options
+        import ml_dtypes
+
+        k = linear.in_features
+        codes_kn = codes[:, :k].T  # [K, N]
+        middle = 1 << (opts.bits - 1)
+        if opts.symmetric:
+            weight = (codes_kn.astype(np.int8) - middle).astype(ml_dtypes.int4)
+        else:
+            weight = codes_kn.astype(ml_dtypes.uint4)
+        w = add_initializer(model, f"{linear.name}.weight_q4", weight)
+        s = add_initializer(model, f"{linear.name}.weight_scales", np.ascontiguousarray(scales.T.astype(np.float32)))
+        inputs = [w, s]
+        nbytes = (weight.size + 1) // 2 + scales.size * 4
+        if not opts.symmetric:
+            zp = np.ascontiguousarray(zeros.T).astype(ml_dtypes.uint4)
+            inputs.append(add_initializer(model, f"{linear.name}.weight_zero_points", zp))
+            nbytes += (zp.size + 1) // 2
+        dq = _node(model, "", "DequantizeLinear", inputs, f"{linear.name}.weight_dequantize",
+                   ir.TensorType(ir.DataType.FLOAT), ir.Shape([k, linear.out_features]),
+                   attributes={"axis": 0, "block_size": opts.group})
+        out = linear.node.outputs[0]
+        matmul = _node(model, "", "MatMul", [linear.input, dq.outputs[0]], f"{linear.name}", out.type, out.shape)
+        nodes = [dq, matmul]
+        if linear.node.op_type == "Gemm" and linear.bias is not None:
+            nodes.append(_node(model, "", "Add", [matmul.outputs[0], linear.node.inputs[2]], f"{linear.name}.bias",
+                               out.type, out.shape))
+        return nodes, nbytes
+
+
+# ------------------------------------------------------------------------- selection
+
+def select_linears(model: ir.Model) -> tuple[list[Linear], list[dict]]:
+    """The linears this pass quantizes, and every other MatMul/Gemm with the reason it stays float."""
+    chosen, skipped = [], []
+    linears = find_linears(model)
+    by_node = {l.node: l for l in linears}
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        linear = by_node.get(node)
+        reason = _why_float(node) if linear is None else _why_linear_float(linear)
+        if reason is None:
+            chosen.append(linear)
+        else:
+            skipped.append({"name": node.name or node.outputs[0].name, "op": node.op_type, "reason": reason})
+    return chosen, skipped
+
+
+def _why_linear_float(linear: Linear) -> str | None:
+    if linear.weight_shared:
+        return "weight shared with other nodes"
+    if linear.weight.dtype != ir.DataType.FLOAT:
+        return f"weight dtype {linear.weight.dtype.name.lower()} (only float32 weights are quantized)"
+    if linear.input.dtype not in (None, ir.DataType.FLOAT):
+        return f"input dtype {linear.input.dtype.name.lower()} (only float32 inputs are quantized)"
+    return None
+
+
+def _why_float(node: ir.Node) -> str:
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    tensor = None
+    if weight is not None and not weight.is_graph_input():
+        try:
+            tensor = ir.convenience.get_const_tensor(weight)
+        except ValueError:
+            tensor = None
+    if tensor is None:
+        return "weight not constant"
+    if len(tensor.shape) != 2:
+        return f"weight is {len(tensor.shape)}-D, not 2-D"
+    return "not a plain linear (Gemm transA/alpha/beta, constant left operand, or computed bias)"
+
+
+def _group_by_input(linears: list[Linear]) -> list[_Input]:
+    groups: dict[int, _Input] = {}
+    for linear in linears:
+        groups.setdefault(id(linear.input), _Input(linear.input)).linears.append(linear)
+    return list(groups.values())
+
+
+# -------------------------------------------------------------------- int8 numerics
+
+def quantize_per_channel(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output channel: w ≈ q * scale[n], q in [-127, 127]. w_kn: [K, N]."""
+    amax = np.max(np.abs(w_kn), axis=0)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.round(w_kn / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def activation_range(rows: np.ndarray, method: str, percentile: float = 99.99) -> tuple[float, float]:
+    """The calibrated [lo, hi] range of an activation (always containing 0)."""
+    x = np.asarray(rows, dtype=np.float32).ravel()
+    lo, hi = float(x.min()), float(x.max())
+    if method == "percentile":
+        lo, hi = float(np.percentile(x, 100.0 - percentile)), float(np.percentile(x, percentile))
+    elif method == "entropy":
+        t = entropy_threshold(np.abs(x))
+        lo, hi = max(lo, -t), min(hi, t)
+    elif method != "minmax":
+        raise ActsparseError(f"unknown calibration method {method!r}")
+    return min(lo, 0.0), max(hi, 0.0)
+
+
+def activation_qparams(rows: np.ndarray, act: str, method: str, percentile: float = 99.99) -> tuple[float, int]:
+    """(scale, zero point) for a per-tensor activation: uint8 asymmetric or int8 symmetric."""
+    if act == "int8":
+        magnitude = np.abs(np.asarray(rows, dtype=np.float32).ravel())
+        if method == "minmax":
+            t = float(magnitude.max())
+        elif method == "percentile":
+            t = float(np.percentile(magnitude, percentile))
+        else:
+            t = entropy_threshold(magnitude)
+        return (t / 127.0 if t > 0 else 1.0), 0
+    lo, hi = activation_range(rows, method, percentile)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    return scale, int(np.clip(np.round(-lo / scale), 0, 255))
+
+
+def entropy_threshold(magnitude: np.ndarray, bins: int = 2048, levels: int = 128) -> float:
+    """The clipping threshold of |x| that minimizes KL(P || Q) between the histogram P of |x|
+    (outliers folded into the last bin) and its `levels`-level quantization Q (TensorRT's method)."""
+    magnitude = np.asarray(magnitude, dtype=np.float32).ravel()
+    amax = float(magnitude.max()) if magnitude.size else 0.0
+    if amax == 0.0:
+        return 0.0
+    hist, edges = np.histogram(magnitude, bins=bins, range=(0.0, amax))
+    hist = hist.astype(np.float64)
+    best_kl, best_i = np.inf, bins
+    tail = np.cumsum(hist[::-1])[::-1]  # tail[i] = sum(hist[i:])
+    for i in range(levels, bins + 1):
+        p = hist[:i].copy()
+        if i < bins:
+            p[-1] += tail[i]
+        nonzero = hist[:i] > 0
+        group = np.arange(i) * levels // i
+        total = np.bincount(group, weights=hist[:i], minlength=levels)
+        count = np.bincount(group, weights=nonzero, minlength=levels)
+        q = np.where(nonzero, total[group] / np.maximum(count[group], 1), 0.0)
+        kl = _kl_divergence(p, q)
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return float(edges[best_i])
+
+
+def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    p = p / p.sum()
+    if q.sum() == 0:
+        return np.inf
+    q = q / q.sum()
+    mask = p > 0
+    q = np.maximum(q, 1e-12)  # Q empty where P is not: a large but finite cost
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+# --------------------------------------------------------------- weight-only numerics
+
+def quantize_blockwise(w_kn: np.ndarray, bits: int, group: int, symmetric: bool
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest group-wise quantization along K. Returns codes [N, K_padded] (uint8,
+    0..2^bits-1), scales [N, K_padded/group] and zero points [N, K_padded/group] (uint8), with
+    w[k, n] ≈ (codes[n, k] - zero[n, k // group]) * scale[n, k // group]."""
+    w = _pad_k(np.asarray(w_kn, dtype=np.float32).T, group)  # [N, Kp]
+    n, kp = w.shape
+    blocks = w.reshape(n, kp // group, group)
+    scale, zero = _block_params(blocks, bits, symmetric)
+    codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1)
+    return codes.reshape(n, kp).astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def dequantize_blockwise(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, k: int) -> np.ndarray:
+    """The float weight [K, N] that group-wise codes stand for (inverse of quantize_blockwise)."""
+    n, kp = codes.shape
+    blocks = codes.reshape(n, kp // group, group).astype(np.float32) - zeros[..., None].astype(np.float32)
+    return (blocks * scales[..., None]).reshape(n, kp)[:, :k].T
+
+
+def _block_params(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per block (last axis). Symmetric: zero = 2^(bits-1), the 2^bits levels
+    span [-amax, amax]; asymmetric: [min(w, 0), max(w, 0)] spans 0..2^bits-1."""
+    maxq = (1 << bits) - 1
+    if symmetric:
+        amax = np.max(np.abs(blocks), axis=-1)
+        scale = np.where(amax > 0, 2.0 * amax / maxq, 1.0)
+        return scale, np.full(scale.shape, 1 << (bits - 1), dtype=np.float64)
+    lo = np.minimum(blocks.min(axis=-1), 0.0)
+    hi = np.maximum(blocks.max(axis=-1), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / maxq, 1.0)
+    zero = np.clip(np.round(-lo / scale), 0, maxq)
+    return scale, zero
+
+
+def gptq_quantize(w_kn: np.ndarray, hessian: np.ndarray, bits: int, group: int, symmetric: bool,
+                  *, damp: float = 0.1, act_order: bool = True, block: int = 128
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al. 2022): quantize one input channel at a time and spread its rounding
+    error over the channels not yet quantized, weighted by the inverse Hessian H = XᵀX of the
+    layer's calibration inputs. act_order: channels with the largest H diagonal first, with each
+    group's scale and zero point fixed beforehand from the original weights ("static groups"), so
+    that groups stay contiguous along K. damp: fraction of mean(diag H) added to the diagonal (small
+    calibration sets need more). Same outputs as quantize_blockwise."""
+    w = _pad_k(np.asarray(w_kn, dtype=np.float64).T, group)  # [N, Kp]: GPTQ works on rows of W [out, in]
+    n, kp = w.shape
+    h = np.zeros((kp, kp))
+    k = hessian.shape[0]
+    h[:k, :k] = hessian
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(kp)] += damp * np.mean(np.diag(h))
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(kp)
+    w, h = w[:, order], h[order][:, order]
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
+    maxq = (1 << bits) - 1
+    codes = np.zeros((n, kp), dtype=np.uint8)
+    if act_order:
+        scales, zeros = _block_params(_pad_k(np.asarray(w_kn, np.float64).T, group).reshape(n, kp // group, group),
+                                      bits, symmetric)
+    else:
+        scales, zeros = np.zeros((n, kp // group)), np.zeros((n, kp // group))
+    block = max(group, block // group * group)  # without act_order, groups never straddle a block
+    for start in range(0, kp, block):
+        stop = min(start + block, kp)
+        w1 = w[:, start:stop].copy()
+        err = np.zeros_like(w1)
+        h1 = hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            col = order[start + i]
+            g = col // group
+            if not act_order and col % group == 0:
+                s, z = _block_params(w1[:, i:i + group][:, None, :], bits, symmetric)
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            q = np.clip(np.round(w1[:, i] / scales[:, g]) + zeros[:, g], 0, maxq)
+            codes[:, col] = q
+            e = (w1[:, i] - (q - zeros[:, g]) * scales[:, g]) / h1[i, i]
+            w1[:, i:] -= np.outer(e, h1[i, i:])
+            err[:, i] = e
+        w[:, stop:] -= err @ hinv[start:stop, stop:]
+    return codes, scales.astype(np.float32), zeros.astype(np.uint8)
+
+
+def _hessian(rows: np.ndarray) -> np.ndarray:
+    x = np.asarray(rows, dtype=np.float64)
+    return 2.0 * x.T @ x / max(len(x), 1)
+
+
+def _pad_k(w_nk: np.ndarray, group: int) -> np.ndarray:
+    pad = (-w_nk.shape[1]) % group
+    return np.pad(w_nk, ((0, 0), (0, pad))) if pad else w_nk
+
+
+def pack_matmulnbits(codes: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """MatMulNBits' B: uint8 [N, K/group, group*bits/8], codes packed low bits first along K."""
+    n, kp = codes.shape
+    per_byte = 8 // bits
+    c = codes.reshape(n, kp // per_byte, per_byte).astype(np.uint8)
+    packed = np.zeros(c.shape[:2], dtype=np.uint8)
+    for j in range(per_byte):
+        packed |= c[..., j] << (bits * j)
+    return packed.reshape(n, kp // group, group * bits // 8)
+
+
+def pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' zero_points: uint8 [N, ceil(K/group * bits / 8)], packed low bits first."""
+    per_byte = 8 // bits
+    n, blocks = zeros.shape
+    pad = (-blocks) % per_byte
+    z = np.pad(zeros.astype(np.uint8), ((0, 0), (0, pad))).reshape(n, -1, per_byte)
+    packed = np.zeros(z.shape[:2], dtype=np.uint8)
+    for j in range(per_byte):
+        packed |= z[..., j] << (bits * j)
+    return packed
+
+
+# ------------------------------------------------------------------------ graph helpers
+
+def _node(model: ir.Model, domain: str, op: str, inputs, name: str, out_type, out_shape, *,
+          attributes: dict | None = None) -> ir.Node:
+    node = ir.Node(domain, op, inputs, attributes=ir.convenience.convert_attributes(attributes or {}),
+                   name=unique_node_name(model, name))
+    out = node.outputs[0]
+    out.name = unique_name(model, f"{name}_out")
+    out.type, out.shape = out_type, out_shape
+    return node
+
+
+def _insert_after_producer(model: ir.Model, value: ir.Value, nodes: list[ir.Node]) -> None:
+    producer = value.producer()
+    if producer is not None and producer.graph is model.graph:
+        model.graph.insert_after(producer, nodes)
+    else:
+        model.graph.insert_before(next(iter(model.graph)), nodes)
+
+
+def _replace_node(model: ir.Model, old: ir.Node, new_nodes: list[ir.Node]) -> None:
+    """Put `new_nodes` where `old` was; the last new node's output takes over old's output (and name)."""
+    model.graph.insert_before(old, new_nodes)
+    old_out, new_out = old.outputs[0], new_nodes[-1].outputs[0]
+    name = old_out.name
+    ir.convenience.replace_all_uses_with(old_out, new_out, replace_graph_outputs=True)
+    model.graph.remove(old, safe=True)
+    new_out.name = name
+
+
+def _static_matmul(model: ir.Model, linear: Linear, x: ir.Value, weight: ir.Value) -> None:
+    """Make the linear `MatMul(x, weight) (+ Add(bias[1, N]))`. onnxruntime fuses MatMul + Add with a
+    1-D bias into Gemm before it looks for QDQ patterns, and Gemm between DequantizeLinears stays a
+    float Gemm; a MatMul with a [1, N] bias Add becomes an integer MatMulIntegerToFloat."""
+    if linear.node.op_type == "MatMul":
+        linear.node.replace_input_with(_input_index(linear), x)
+        linear.node.replace_input_with(1, weight)
+        if linear.bias_node is not None and _rank(linear.output) != 1:
+            _bias_as_row(model, linear, linear.bias_node, linear.bias)
+        return
+    out = linear.node.outputs[0]
+    matmul = _node(model, "", "MatMul", [x, weight], f"{linear.name}.matmul", out.type, out.shape)
+    nodes = [matmul]
+    if linear.bias is not None:
+        add = _node(model, "", "Add", [matmul.outputs[0], linear.bias], f"{linear.name}.bias", out.type, out.shape)
+        nodes.append(add)
+    _replace_node(model, linear.node, nodes)
+    if linear.bias is not None:
+        _bias_as_row(model, linear, nodes[-1], linear.bias)
+
+
+def _bias_as_row(model: ir.Model, linear: Linear, add: ir.Node, bias: ir.Value) -> None:
+    array = linear.bias_array()
+    if array is None or array.size != linear.out_features:
+        return  # a full [M, N] bias: leave it
+    row = add_initializer(model, f"{linear.name}.bias_row", array.reshape(1, -1).astype(np.float32))
+    for index, value in enumerate(add.inputs):
+        if value is bias:
+            add.replace_input_with(index, row)
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+def _input_index(linear: Linear) -> int:
+    for index, value in enumerate(linear.node.inputs):
+        if value is linear.input:
+            return index
+    raise ActsparseError(f"linear {linear.name!r}: its input is not an input of its node")
+
+
+def _act_dtype(act: str):
+    return np.uint8 if act == "uint8" else np.int8
+
+
+def _layer_entry(linear: Linear, kind: str, nbytes: int, **extra) -> dict:
+    return {"name": linear.name, "kind": kind, "in_features": linear.in_features,
+            "out_features": linear.out_features,
+            "bytes_before": linear.in_features * linear.out_features * int(linear.weight.dtype.itemsize),
+            "bytes": int(nbytes), **extra}
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def _raise_opset(model: ir.Model, version: int) -> None:
+    """Raise the default-domain opset to `version` (blocked DequantizeLinear, int4 types), where no
+    op in the model changed meaning between its opset and `version`."""
+    current = model.opset_imports.get("", 1)
+    if current >= version:
+        return
+    changed = sorted({node.op_type for node in model.graph.all_nodes()
+                      if node.domain in ("", "ai.onnx") and node.op_type in _CHANGED_BEFORE_21})
+    if changed or current < 13:
+        why = f"ops {', '.join(changed)} changed meaning" if changed else f"opset {current} is older than 13"
+        raise ActsparseError(f"pass 'quantize': format=qdq needs opset {version} and {why}; use format=matmulnbits")
+    model.opset_imports[""] = version
+    for function in model.functions.values():
+        if "" in function.opset_imports:
+            function.opset_imports[""] = version
