@@ -51,37 +51,6 @@ def pack_ffn_indexed(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray):
     return np.ascontiguousarray(np.stack([wg.T, wu.T], axis=1)), np.ascontiguousarray(wd)
 
 
-def _dot_macro(d: int, lanes: int, parts: bool):
-    """T.macro(x, w, row, part, out, slot): out[slot] = x[0, :] . w[row, part, :] (``parts``)
-    or x[0, :] . w[row, :]; two vector accumulators, then a horizontal sum."""
-    vec = 2 * lanes
-    full = d // vec * vec
-
-    @T.macro
-    def dot(x, w, row, part, out, slot):
-        acc = T.alloc_buffer((vec,), "float32")
-        for j in T.vectorized(vec):
-            acc[j] = T.float32(0)
-        for c in range(full // vec):
-            for j in T.vectorized(vec):
-                if parts:
-                    acc[j] = acc[j] + x[0, c * vec + j] * w[row, part, c * vec + j]
-                else:
-                    acc[j] = acc[j] + x[0, c * vec + j] * w[row, c * vec + j]
-        total = T.alloc_buffer((1,), "float32")
-        total[0] = T.float32(0)
-        for j in range(vec):
-            total[0] = total[0] + acc[j]
-        for c in range(d - full):
-            if parts:
-                total[0] = total[0] + x[0, full + c] * w[row, part, full + c]
-            else:
-                total[0] = total[0] + x[0, full + c] * w[row, full + c]
-        out[slot] = total[0]
-
-    return dot
-
-
 def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None):
     """(a) Signature: ``(x: f32[1, d], t_in: f32[1], t_down: f32[1], wgu: f32[d, 2f], wd: f32[f, d], y: f32[1, d])``.
 
@@ -123,36 +92,31 @@ def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LAN
     return ffn_input_sparse_kernel
 
 
-def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANES, chunks: int | None = None):
+def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
+                    shifted: bool = False):
     """(b) Signature: ``(x: f32[1, d], threshold: f32[1], wg_packed: f32[ceil(f/2L), d, 2L],
     wu_t: f32[f, d], wd: f32[f, d], y: f32[1, d])`` with L = ``lanes``.
 
     Gate dense; up (a dot product with the contiguous row wu_t[f]) and down (row wd[f])
     only for neurons with |act(gate_f)| > threshold. Weights from ``pack_ffn_gate_sparse``.
+    ``shifted``: a ``shift: f32[1]`` parameter follows ``threshold`` and the activation is
+    act(gate_f - shift) (ProSparse-style shifted ReLU: relu(g - b) is nonzero only for g > b).
     """
     _check_act(act)
     R = ROWS_PER_STEP
     block = 2 * lanes
     nb = panel_count(f, block)
     P = chunks or 2 * 8
-    dot = _dot_macro(d, lanes, parts=False)
+    G = NEURONS_PER_STEP
+    vec = lanes
     pad = pad_macro(1, R)
     down = accumulate_macro(1, d, R, lanes, chunks)
 
-    @T.prim_func
-    def ffn_gate_sparse_kernel(
-        x: T.Buffer((1, d), "float32"),
-        threshold: T.Buffer((1,), "float32"),
-        wg: T.Buffer((nb, d, block), "float32"),
-        wu_t: T.Buffer((f, d), "float32"),
-        wd: T.Buffer((f, d), "float32"),
-        y: T.Buffer((1, d), "float32"),
-    ):
-        T.func_attr({"tir.noalias": True})
+    @T.macro
+    def gate_sparse(x, threshold, shift, wg, wu_t, wd, y):
         gate = T.alloc_buffer((nb * block,), "float32")
         idx = T.alloc_buffer((f + R,), "int32")
         coef = T.alloc_buffer((1, f + R), "float32")
-        up = T.alloc_buffer((f + R,), "float32")
         count = T.alloc_buffer((1,), "int32")
         for b in T.parallel(nb):
             acc = T.alloc_buffer((block,), "float32")
@@ -166,17 +130,65 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
                 gate[b * block + j] = acc[j]
         count[0] = 0
         for j in range(f):
-            a = T.bind(_act(act, gate[j]))
+            if shifted:
+                a = T.bind(_act(act, gate[j] - shift[0]))
+            else:
+                a = T.bind(_act(act, gate[j]))
             coef[0, count[0]] = a
             idx[count[0]] = j
             count[0] = count[0] + T.Select(T.abs(a) > threshold[0], 1, 0)
         pad(idx, coef, count)
-        nnz = T.bind(count[0])
+        # Up dot products, NEURONS_PER_STEP neurons at once so that several rows stream
+        # concurrently (one row at a time is latency bound); padded entries have coef 0.
+        groups = T.bind((count[0] + R - 1) // R * (R // G))
         for c in T.parallel(P):
-            for a in range(c * nnz // P, (c + 1) * nnz // P):
-                dot(x, wu_t, idx[a], 0, up, a)
-                coef[0, a] = coef[0, a] * up[a]
+            for q in range(c * groups // P, (c + 1) * groups // P):
+                acc = T.alloc_buffer((G, vec), "float32")
+                for i in T.unroll(G):
+                    for j in T.vectorized(vec):
+                        acc[i, j] = T.float32(0)
+                for blk in range(d // vec):
+                    for i in T.unroll(G):
+                        for j in T.vectorized(vec):
+                            acc[i, j] = acc[i, j] + x[0, blk * vec + j] * wu_t[idx[q * G + i], blk * vec + j]
+                for i in T.unroll(G):
+                    total = T.alloc_buffer((1,), "float32")
+                    total[0] = T.float32(0)
+                    for j in range(vec):
+                        total[0] = total[0] + acc[i, j]
+                    for c2 in range(d - d // vec * vec):
+                        total[0] = total[0] + x[0, d // vec * vec + c2] * wu_t[idx[q * G + i], d // vec * vec + c2]
+                    coef[0, q * G + i] = coef[0, q * G + i] * total[0]
         down(wd, y, idx, coef, count)
+
+    if shifted:
+
+        @T.prim_func
+        def ffn_gate_sparse_shifted_kernel(
+            x: T.Buffer((1, d), "float32"),
+            threshold: T.Buffer((1,), "float32"),
+            shift: T.Buffer((1,), "float32"),
+            wg: T.Buffer((nb, d, block), "float32"),
+            wu_t: T.Buffer((f, d), "float32"),
+            wd: T.Buffer((f, d), "float32"),
+            y: T.Buffer((1, d), "float32"),
+        ):
+            T.func_attr({"tir.noalias": True})
+            gate_sparse(x, threshold, shift, wg, wu_t, wd, y)
+
+        return ffn_gate_sparse_shifted_kernel
+
+    @T.prim_func
+    def ffn_gate_sparse_kernel(
+        x: T.Buffer((1, d), "float32"),
+        threshold: T.Buffer((1,), "float32"),
+        wg: T.Buffer((nb, d, block), "float32"),
+        wu_t: T.Buffer((f, d), "float32"),
+        wd: T.Buffer((f, d), "float32"),
+        y: T.Buffer((1, d), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        gate_sparse(x, threshold, threshold, wg, wu_t, wd, y)
 
     return ffn_gate_sparse_kernel
 

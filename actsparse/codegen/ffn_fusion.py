@@ -1,0 +1,333 @@
+"""Fuse a gated FFN block (SwiGLU and its sparse forms) into ONE kernel node at batch-1 decode.
+
+A gated FFN is three linears and a few elementwise ops,
+
+    y = down(act(gate(x)) * up(x))
+
+At M == 1 (one token) one fused kernel can decide which weight rows it needs before it reads
+them, so up and down skip the rows of inactive neurons. The patterns (after `specialize_shapes`):
+
+    relufy (act=relu / shifted_relu), no sparsify:
+        Relu(gate(x) [- b]) * up(x) -> down        => ffn_gate_sparse(act=relu[, shift=b], threshold=0)
+    CATS (sparsify method=cats):
+        Sparsify(silu(gate(x)), t) * up(x) -> down => ffn_gate_sparse(act=silu, threshold=t)
+    TEAL (sparsify method=teal, scope=ffn):
+        xs = Sparsify(x, t_in); Sparsify(silu(gate(xs)) * up(xs), t_down) -> down
+                                                   => ffn_input_sparse(t_in, t_down) when enabled
+
+TEAL's fused form is off by default (DEFAULT_FORMS): benchmarks/bench_ffn.py times it against
+the per-linear sparse kernels (`enabled_forms` switches it on). WINA (SparsifyWeighted) keeps
+the per-linear kernels.
+
+The block is replaced by one node `actsparse.lowering.ActsparseFusedFFN` (attributes: kernel,
+act, d, f); its weights are packed here, once, by the kernels' ``pack_*`` functions. The
+converter (`fused_ffn_converters`) turns the node into a `call_tir` of the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from actsparse.ir.blocks import Linear, find_blocks, find_linears
+from actsparse.ir.activations import match_activation
+from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, add_initializer, unique_node_name
+
+FUSED_FFN = "ActsparseFusedFFN"
+LOWERING_DOMAIN = "actsparse.lowering"
+GATE_SPARSE = "ffn_gate_sparse"
+INPUT_SPARSE = "ffn_input_sparse"
+FORMS = (GATE_SPARSE, INPUT_SPARSE)
+DEFAULT_FORMS = frozenset({GATE_SPARSE})
+
+_enabled_forms: frozenset[str] = DEFAULT_FORMS
+
+
+@contextlib.contextmanager
+def enabled_forms(forms):
+    """Within the block, fuse only these forms (benchmarks compare fused with per-linear kernels)."""
+    global _enabled_forms
+    unknown = set(forms) - set(FORMS)
+    if unknown:
+        raise ValueError(f"unknown fused FFN forms {sorted(unknown)}; known: {FORMS}")
+    previous, _enabled_forms = _enabled_forms, frozenset(forms)
+    try:
+        yield
+    finally:
+        _enabled_forms = previous
+
+
+@dataclass(eq=False)
+class GatedFFN:
+    """A matched gated FFN: y = down(act(gate(xs) [- shift]) [sparsified at cats_t] * up(xs)) with
+    xs = x or Sparsify(x, t_in), the down input sparsified at t_down when given."""
+
+    gate: Linear
+    up: Linear
+    down: Linear
+    x: ir.Value
+    act: str
+    shift: float | None = None
+    cats_threshold: float | None = None
+    input_threshold: float | None = None
+    down_threshold: float | None = None
+    weighted: bool = False  # a SparsifyWeighted (WINA) sits in the block
+    nodes: set[ir.Node] = field(default_factory=set)  # every node the fused kernel replaces
+
+    def form(self) -> str | None:
+        """The fused kernel this block fits, or None (it keeps per-linear kernels)."""
+        if self.weighted:
+            return None
+        thresholds = (self.input_threshold, self.down_threshold)
+        if self.act == "relu" and self.cats_threshold is None and thresholds == (None, None):
+            return GATE_SPARSE
+        if self.act == "silu" and self.shift is None and self.cats_threshold is not None and thresholds == (None, None):
+            return GATE_SPARSE
+        if self.act == "silu" and self.shift is None and self.cats_threshold is None and None not in thresholds:
+            return INPUT_SPARSE
+        return None
+
+
+def fuse_ffn_blocks(model: ir.Model) -> list[dict]:
+    """Replace every gated FFN block that fits an enabled fused kernel (at M == 1) by one
+    ActsparseFusedFFN node, in place. Returns the kernel-plan entries of the fused blocks."""
+    import onnx_ir.passes.common as common
+
+    names = _block_names(model)
+    linears = find_linears(model)
+    by_output = {lin.output: lin for lin in linears}
+    plan = []
+    for down in linears:
+        block = match_gated_ffn(down, by_output)
+        if block is None:
+            continue
+        form = block.form()
+        if form is None or form not in _enabled_forms or not _single_token(block.x) or not _self_contained(block):
+            continue
+        name = names.get(down.node) or _common_prefix([block.gate.name, block.up.name, down.name])
+        plan.append(_replace(model, block, form, name))
+    if plan:
+        common.RemoveUnusedNodesPass()(model)
+        model.opset_imports.setdefault(LOWERING_DOMAIN, 1)
+    return plan
+
+
+# ------------------------------------------------------------------------------ matching
+
+def match_gated_ffn(down: Linear, by_output: dict[ir.Value, Linear]) -> GatedFFN | None:
+    """The gated FFN ending in `down`, in one of the forms of the module docstring, else None."""
+    if not _plain(down):
+        return None
+    nodes = {down.node}
+    hidden, down_threshold, weighted = _through_sparsify(down.input, nodes)
+    mul = hidden.producer()
+    if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.inputs) != 2:
+        return None
+    nodes.add(mul)
+    for act_side, up_side in (mul.inputs, reversed(mul.inputs)):
+        up = by_output.get(up_side)
+        gated = _gate_side(act_side, by_output) if up is not None and _plain(up) else None
+        if gated is None:
+            continue
+        gate, act, shift, cats, act_nodes, cats_weighted = gated
+        if gate is up or gate.input is not up.input or not _plain(gate):
+            continue
+        x, input_threshold, input_weighted = _through_sparsify(up.input, set())
+        d, f = up.in_features, up.out_features
+        if (gate.in_features, gate.out_features, down.in_features, down.out_features) != (d, f, f, d):
+            continue
+        return GatedFFN(gate, up, down, x, act, shift, cats, input_threshold, down_threshold,
+                        weighted or cats_weighted or input_weighted,
+                        nodes | act_nodes | {gate.node, up.node})
+    return None
+
+
+def _gate_side(value: ir.Value, by_output):
+    """act(gate(x)) in the forms we fuse: (gate, act, shift, cats threshold, nodes, weighted) or None."""
+    nodes: set[ir.Node] = set()
+    value, cats, weighted = _through_sparsify(value, nodes)
+    producer = value.producer()
+    if producer is None:
+        return None
+    if producer.op_type == "Relu" and producer.domain in ("", "ai.onnx"):
+        nodes.add(producer)
+        pre = producer.inputs[0]
+        shift = None
+        sub = pre.producer()
+        if pre not in by_output and sub is not None and sub.op_type == "Sub" and sub.domain in ("", "ai.onnx"):
+            shift = _scalar(sub.inputs[1])
+            if shift is None:
+                return None
+            nodes.add(sub)
+            pre = sub.inputs[0]
+        gate = by_output.get(pre)
+        return None if gate is None else (gate, "relu", shift, cats, nodes, weighted)
+    activation = match_activation(value)
+    if activation is None or activation.kind != "silu":
+        return None
+    gate = by_output.get(activation.input)
+    return None if gate is None else (gate, "silu", None, cats, nodes | set(activation.nodes), weighted)
+
+
+def _through_sparsify(value: ir.Value, nodes: set[ir.Node]) -> tuple[ir.Value, float | None, bool]:
+    """(dense value, threshold of a plain Sparsify on it or None, whether a SparsifyWeighted is there)."""
+    producer = value.producer()
+    if producer is None or producer.domain != DOMAIN or not producer.op_type.startswith("Sparsify"):
+        return value, None, False
+    nodes.add(producer)
+    if producer.op_type != SPARSIFY:
+        return producer.inputs[0], None, True
+    threshold = _scalar(producer.inputs[1])
+    if threshold is None:  # a threshold given at run time: not a constant we can fold
+        return producer.inputs[0], None, True
+    return producer.inputs[0], threshold, False
+
+
+def _plain(linear: Linear) -> bool:
+    """A bias-free float32 MatMul with the constant 2-D weight on the right."""
+    w = linear.weight.const_value
+    return (linear.node.op_type == "MatMul" and linear.bias is None and w is not None
+            and w.dtype == ir.DataType.FLOAT and len(w.shape) == 2 and linear.node.inputs[0] is linear.input)
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    if value is None or value.is_graph_input():
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError:
+        return None
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(tensor.numpy().reshape(()))
+
+
+def _single_token(x: ir.Value) -> bool:
+    """The fused kernels take x: [1, D] (batch-1 decode); [1, 1, D] reshapes to that."""
+    shape = x.shape
+    return (shape is not None and len(shape) >= 1 and all(isinstance(dim, int) for dim in shape)
+            and int(np.prod(shape[:-1], dtype=np.int64)) == 1)
+
+
+def _self_contained(block: GatedFFN) -> bool:
+    """No value inside the block (gate, up, hidden, ...) is read outside it or is a graph output,
+    so replacing the block drops all of them."""
+    for node in block.nodes:
+        if node is block.down.node:
+            continue
+        for out in node.outputs:
+            if out.is_graph_output() or any(use.node not in block.nodes for use in out.uses()):
+                return False
+    return True
+
+
+def _block_names(model: ir.Model) -> dict[ir.Node, str]:
+    return {block.down.node: block.name for block in find_blocks(model).ffn}
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [name.split(".") for name in names]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common) or names[-1]
+
+
+# ------------------------------------------------------------------------------ rewriting
+
+def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> dict:
+    from actsparse.codegen.kernels.cpu.ffn import pack_ffn_gate_sparse, pack_ffn_input_sparse
+
+    wg, wu, wd = (np.ascontiguousarray(lin.weight_array("KN"), dtype=np.float32)
+                  for lin in (block.gate, block.up, block.down))
+    d, f = wg.shape
+
+    def scalar(suffix: str, value: float) -> ir.Value:
+        return add_initializer(model, f"{name}.{suffix}", np.array([value], dtype=np.float32))
+
+    entry = {"name": name, "kernel": form, "act": block.act, "shape": [d, f],
+             "linears": [block.gate.name, block.up.name, block.down.name]}
+    if form == GATE_SPARSE:
+        threshold = block.cats_threshold if block.cats_threshold is not None else 0.0
+        packed = pack_ffn_gate_sparse(wg, wu, wd)
+        inputs = [block.x, scalar("threshold", threshold)]
+        if block.shift is not None:
+            inputs.append(scalar("shift", block.shift))
+            entry["shift"] = block.shift
+        entry["threshold"] = threshold
+        weight_names = ("gate_packed", "up_t", "down")
+    else:
+        packed = pack_ffn_input_sparse(wg, wu, wd)
+        inputs = [block.x, scalar("input_threshold", block.input_threshold),
+                  scalar("down_threshold", block.down_threshold)]
+        entry |= {"input_threshold": block.input_threshold, "down_threshold": block.down_threshold}
+        weight_names = ("gate_up", "down")
+    inputs += [add_initializer(model, f"{name}.{suffix}", array) for suffix, array in zip(weight_names, packed)]
+    attributes = {"kernel": ir.AttrString("kernel", form), "act": ir.AttrString("act", block.act),
+                  "d": ir.AttrInt64("d", d), "f": ir.AttrInt64("f", f),
+                  "shifted": ir.AttrInt64("shifted", int(block.shift is not None))}
+    node = ir.Node(LOWERING_DOMAIN, FUSED_FFN, inputs, attributes=attributes,
+                   name=unique_node_name(model, f"{name}.fused_ffn"))
+    out = block.down.output
+    node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
+    model.graph.insert_before(block.down.node, node)
+    ir.convenience.replace_all_uses_with(out, node.outputs[0], replace_graph_outputs=True)
+    return entry
+
+
+# ------------------------------------------------------------------------------ TVM import
+
+def fused_ffn_converters(target) -> dict:
+    """from_onnx converters for ActsparseFusedFFN (one PrimFunc per kernel variant and shape)."""
+    return {FUSED_FFN: _converter(target)}
+
+
+def _converter(target):
+    from tvm import relax
+
+    from actsparse.codegen.kernels.cpu.ffn import ffn_gate_sparse, ffn_input_sparse
+
+    functions: dict[tuple, object] = {}
+
+    def kernel(bb, form: str, act: str, d: int, f: int, shifted: bool, lanes: int):
+        key = (form, act, d, f, shifted, lanes)
+        if key not in functions:
+            if form == GATE_SPARSE:
+                func = ffn_gate_sparse(d, f, act, lanes=lanes, shifted=shifted)
+            else:
+                func = ffn_input_sparse(d, f, act, lanes=lanes)
+            symbol = f"actsparse_{form}_{act}{'_shifted' if shifted else ''}_d{d}_f{f}"
+            functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
+        return functions[key]
+
+    def text(value) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    class Converter:
+        @classmethod
+        def get_converter(cls, opset):
+            return cls.convert
+
+        @staticmethod
+        def convert(bb, inputs, attrs, params):
+            from actsparse.codegen.kernels.cpu.dense import vector_lanes
+
+            form, act = text(attrs["kernel"]), text(attrs["act"])
+            d, f, shifted = int(attrs["d"]), int(attrs["f"]), bool(attrs.get("shifted", 0))
+            x = inputs[0]
+            shape = [int(dim) for dim in x.ty.shape]
+            x2 = bb.emit(relax.op.reshape(x, (1, d))) if shape != [1, d] else x
+            scalars = 1 + int(shifted) if form == GATE_SPARSE else 2
+            rest = [bb.emit(relax.op.reshape(v, (1,))) for v in inputs[1:1 + scalars]] + list(inputs[1 + scalars:])
+            # The gate panels were packed with a fixed width (2 x lanes): the kernel follows it.
+            lanes = int(rest[scalars].ty.shape[2]) // 2 if form == GATE_SPARSE else vector_lanes(target)
+            func = kernel(bb, form, act, d, f, shifted, lanes)
+            y = bb.emit(relax.call_tir(func, [x2, *rest], relax.TensorType((1, d), "float32")))
+            return relax.op.reshape(y, shape) if shape != [1, d] else y
+
+    return Converter
