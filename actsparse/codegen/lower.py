@@ -59,9 +59,10 @@ def specialize_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]])
 
 def select_kernels(model: ir.Model) -> KernelPlan:
     """Rewrite linears into kernel nodes in place (see the module docstring)."""
+    from actsparse.codegen.ffn_fusion import fuse_ffn_blocks
     from actsparse.codegen.kernels.cpu.dense import pack_dense
 
-    plan = KernelPlan()
+    plan = KernelPlan(fuse_ffn_blocks(model))  # gated FFN blocks that fit one fused kernel, first
     for linear in find_linears(model):
         if not _lowerable(linear):
             plan.layers.append({"name": linear.name, "kernel": "tvm", "reason": "not a 2-D float32 weight on the right"})
@@ -150,11 +151,14 @@ def to_relax(model: ir.Model, target):
 def _our_converters(target):
     from tvm.relax.frontend.onnx import onnx_frontend
 
+    from actsparse.codegen.ffn_fusion import fused_ffn_converters
+
     original = onnx_frontend._get_convert_map
     kernels = _KernelCache(target)
+    fused = fused_ffn_converters(target)
 
     def extended():
-        table = dict(original())
+        table = dict(original()) | fused
         table[DENSE_LINEAR] = _converter(kernels, "dense")
         table[SPARSE_LINEAR] = _converter(kernels, "sparse")
         return table
