@@ -1,0 +1,3 @@
+"""Training-side helpers (need torch): gradual magnitude pruning."""
+
+from actsparse.train.pruning import GradualMagnitudePruner, cubic_sparsity  # noqa: F401
