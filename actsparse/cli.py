@@ -86,9 +86,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help=".npz of named inputs (default: generated from the input signature)")
     p.add_argument("--calib-text", help="text file: one calibration sample per line (needs --tokenizer)")
     p.add_argument("--tokenizer", help="Hugging Face tokenizer folder for --calib-text")
-    p.add_argument("--samples", type=int, default=8, help="generated calibration samples (default 8)")
-    p.add_argument("--seq-len", type=int, default=16, help="sequence length for generated inputs (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed for generated calibration data")
+    # None = not given: a recipe's recorded calibration settings apply, else the defaults.
+    p.add_argument("--samples", type=int, default=None, help="generated calibration samples (default 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for generated inputs (default 16)")
+    p.add_argument("--seed", type=int, default=None, help="seed for generated calibration data (default 0)")
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker/onnxruntime checks after each pass")
 
 
@@ -207,7 +208,9 @@ def cmd_optimize(args) -> int:
 
     if _same_file(Path(args.output), Path(args.model)):
         raise ActsparseError(f"{args.output}: refusing to overwrite the input model; choose another -o")
+    _check_writable_folder(args.report, "--report")
     specs = resolve_passes(args.passes, args.recipe)
+    _apply_recipe_calibration(args)
     model = load_model(args.model)
     calibration = _calibration(model, args)
     context = PassContext(calibration=calibration, seed=args.seed)
@@ -216,22 +219,71 @@ def cmd_optimize(args) -> int:
     result = OptimizeResult(model, records)
     save_model(model, args.output, source=args.model)
     if args.report:
-        report = result.report() | {"input": str(args.model), "output": str(args.output)}
+        report = result.report() | {"input": str(args.model), "output": str(args.output),
+                                    "calibration": _calibration_settings(args)}
         write_json_atomic(args.report, report)
     print_records(records)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 
+def _check_writable_folder(path: str | None, flag: str) -> None:
+    """Fail before the work, not after it, when an output's folder is missing."""
+    if path:
+        folder = Path(path).parent
+        if not folder.is_dir():
+            raise ActsparseError(f"{flag} {path}: folder {folder} does not exist")
+
+
+CALIBRATION_DEFAULTS = {"samples": 8, "seq_len": 16, "seed": 0}
+
+
+def _calibration_settings(args) -> dict:
+    return {"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "calib": args.calib,
+            "calib_text": args.calib_text, "tokenizer": args.tokenizer}
+
+
+def _apply_recipe_calibration(args) -> None:
+    """A replayed report brings the calibration settings it was made with; flags given now win."""
+    recorded = {}
+    if args.recipe:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(args.recipe).read_text())
+        except Exception:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("calibration"), dict):
+            recorded = data["calibration"]
+    for key, default in CALIBRATION_DEFAULTS.items():
+        if getattr(args, key) is None:
+            value = recorded.get(key, default)
+            setattr(args, key, value if isinstance(value, int) and not isinstance(value, bool) else default)
+    for key in ("calib", "calib_text", "tokenizer"):
+        if getattr(args, key) is None and isinstance(recorded.get(key), str):
+            setattr(args, key, recorded[key])
+
+
+# Generated calibration is for quick runs: more samples than this belong in a --calib file.
+MAX_GENERATED_SAMPLES = 4096
+MAX_SEQUENCE_LENGTH = 1 << 20
+
+
 def _calibration(model, args):
     from actsparse.api import calibration_for
 
+    if not 1 <= args.samples <= MAX_GENERATED_SAMPLES:
+        raise ActsparseError(f"--samples {args.samples}: expected 1 to {MAX_GENERATED_SAMPLES}")
+    if not 1 <= args.seq_len <= MAX_SEQUENCE_LENGTH:
+        raise ActsparseError(f"--seq-len {args.seq_len}: expected 1 to {MAX_SEQUENCE_LENGTH}")
+    if not 0 <= args.seed < 2**64:
+        raise ActsparseError(f"--seed {args.seed}: expected 0 to 2**64 - 1")
     if args.calib_text or args.tokenizer:
         if not (args.calib_text and args.tokenizer) or args.calib:
             raise ActsparseError("--calib-text needs --tokenizer, and neither goes with --calib")
         from actsparse.calibrate.text import text_calibration
 
-        return text_calibration(model, args.calib_text, args.tokenizer, num_samples=max(args.samples, 1),
+        return text_calibration(model, args.calib_text, args.tokenizer, num_samples=args.samples,
                                 sequence_length=args.seq_len)
     return calibration_for(model, args.calib, samples=args.samples, seed=args.seed, sequence_length=args.seq_len)
 
@@ -306,6 +358,8 @@ def cmd_compile(args) -> int:
     if _same_file(Path(args.output), Path(args.model)):
         raise ActsparseError(f"{args.output}: refusing to overwrite the input model; choose another -o")
     shapes = dict(_parse_shape(text) for text in args.input_shape)
+    _check_writable_folder(args.report, "--report")
+    _apply_recipe_calibration(args)
     model = load_model(args.model)
     records = []
     if args.passes or args.recipe:

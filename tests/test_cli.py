@@ -191,9 +191,6 @@ def test_report_replays_to_an_identical_model(work):
     assert (work.path / "a.onnx").read_bytes() == (work.path / "b.onnx").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the optimize --report file records the passes but not the "
-                   "calibration settings (--samples, --seed, --seq-len, --calib; cli.py cmd_optimize), so replaying "
-                   "a report made with non-default ones gives a different model; record them and reuse them")
 def test_report_replay_keeps_the_calibration_settings(work):
     pipeline = "sparsify{scope=ffn}"
     first = work.run("optimize", "m.onnx", "-o", "a.onnx", "--passes", pipeline, "--samples", "3", "--seed", "7",
@@ -285,9 +282,6 @@ def test_errors_exit_2_with_one_line_and_write_nothing(work, argv, message, setu
     assert work.listing() == before  # no output, no temp file
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli.py cmd_optimize writes the model first and --report after; a "
-                   "report folder that does not exist raises FileNotFoundError in write_json_atomic: exit 1 "
-                   "(internal error) and out.onnx is left behind. Check the report's folder before running")
 def test_report_folder_missing_is_a_user_error(work):
     result = work.run("optimize", "m.onnx", "-o", "out.onnx", "--report", "nodir/report.json")
     assert result.code == 2 and result.err_lines[-1].startswith(ERROR_PREFIX)
