@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
 from actsparse.errors import ActsparseError
@@ -28,7 +30,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ActsparseError(f"{path}: not a readable ONNX file ({_short(exc)})") from None
     if not proto.HasField("graph") or not proto.opset_import:
         raise ActsparseError(f"{path}: not an ONNX model (no graph or no opset)")
+    _check_text_fields(proto)
     _check_external_data_paths(proto, path.parent)
+    _check_tensor_data(proto, path.parent)
     try:
         # Checking by path lets the checker find external-data files next to the model.
         onnx.checker.check_model(str(path))
@@ -105,11 +109,60 @@ def _check_external_data_paths(proto: onnx.ModelProto, base_dir: Path) -> None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not location or "\x00" in location:
+            raise ActsparseError(f"tensor {tensor.name!r}: invalid external data path {location!r}")
         target = (base / location).resolve()
         if os.path.isabs(location) or not target.is_relative_to(base):
             raise ActsparseError(f"tensor {tensor.name!r}: external data path {location!r} escapes the model folder")
         if not target.is_file():
             raise ActsparseError(f"tensor {tensor.name!r}: external data file {location!r} not found")
+
+
+def _check_text_fields(message) -> None:
+    """Refuse names and other string fields that are not valid UTF-8 (protobuf hands them
+    over as bytes, which every later step would trip on)."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            for text in (value if field.is_repeated else [value]):
+                if not isinstance(text, str):
+                    raise ActsparseError(f"invalid ONNX model: {field.name} {text[:60]!r} is not valid UTF-8")
+        elif field.type == field.TYPE_MESSAGE:
+            for child in (value if field.is_repeated else [value]):
+                _check_text_fields(child)
+
+
+def _check_tensor_data(proto: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse tensors whose data does not match their type and shape (onnx.checker does not
+    look), before anything reads them: inline data is decoded once, external data must lie
+    within its file."""
+    for tensor in _all_tensors(proto.graph):
+        where = f"tensor {tensor.name!r}"
+        if any(d < 0 for d in tensor.dims):
+            raise ActsparseError(f"{where}: negative dimension in {list(tensor.dims)}")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _check_external_extent(tensor, base_dir, where)
+            continue
+        try:
+            onnx.numpy_helper.to_array(tensor)
+        except Exception as exc:  # wrong length for the shape, unknown data type, ...
+            raise ActsparseError(f"{where}: data does not match its type and shape ({_short(exc)})") from None
+
+
+def _check_external_extent(tensor: onnx.TensorProto, base_dir: Path, where: str) -> None:
+    """offset and length must be integers that stay inside the data file, and length must
+    be the tensor's size."""
+    info = {e.key: e.value for e in tensor.external_data}
+    try:
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        length = int(length) if length not in (None, "") else None
+        itemsize = ir.DataType(tensor.data_type).itemsize
+    except (ValueError, TypeError) as exc:
+        raise ActsparseError(f"{where}: invalid external data entry ({_short(exc)})") from None
+    expected = math.ceil(math.prod(tensor.dims) * itemsize)
+    size = (base_dir / info["location"]).stat().st_size
+    if offset < 0 or (length is not None and length != expected) or offset + expected > size:
+        raise ActsparseError(f"{where}: external data (offset {offset}, length {length}) does not fit "
+                             f"its {expected} bytes inside {info['location']!r} ({size} bytes)")
 
 
 def _all_tensors(graph: onnx.GraphProto):
