@@ -20,7 +20,7 @@ Feeds = dict[str, np.ndarray]
 
 DEFAULT_SEQUENCE_LENGTH = 16
 DEFAULT_SAMPLES = 8
-# Generated inputs are refused above this many elements per sample: a signature dim of
+# Generated inputs are refused above this many elements in all: a signature dim of
 # 2**40, from a corrupt or hostile model, must not turn into an allocation.
 MAX_GENERATED_ELEMENTS = 1 << 28
 
@@ -115,8 +115,22 @@ def feeds_from_arrays(arrays: dict[str, np.ndarray], model: ir.Model, *, source:
     return [{name: np.ascontiguousarray(a[i]) for name, a in stacked.items()} for i in range(count)]
 
 
+def numpy_dtype(value: ir.Value) -> np.dtype | None:
+    """The numpy dtype of a model input; None when the model leaves it unknown or it has none."""
+    if value.dtype is None:
+        return None
+    try:
+        return np.dtype(value.dtype.numpy())
+    except TypeError:  # UNDEFINED and other types numpy cannot hold
+        return None
+
+
 def _cast(array: np.ndarray, value: ir.Value, source: str) -> np.ndarray:
-    dtype = value.dtype.numpy() if value.dtype is not None else array.dtype
+    dtype = numpy_dtype(value)
+    if dtype is None:
+        if value.dtype is not None:
+            raise ActsparseError(f"{source}: input {value.name!r} has dtype {value.dtype}, which numpy cannot hold")
+        dtype = array.dtype
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ActsparseError(f"{source}: input {value.name!r} contains NaN or Inf")
     if array.dtype == dtype:
@@ -143,6 +157,10 @@ def generate_calibration(
     rng = np.random.default_rng(seed)
     inputs = model_inputs(model)
     shapes = {v.name: _concrete_shape(v, sequence_length) for v in inputs}
+    total = num_samples * sum(math.prod(shape) for shape in shapes.values())
+    if total > MAX_GENERATED_ELEMENTS:
+        raise ActsparseError(f"{num_samples} generated samples of shapes {list(shapes.values())} are too large "
+                             f"({total} elements); give calibration data with --calib")
     samples = []
     for _ in range(num_samples):
         feeds = {}
@@ -168,9 +186,11 @@ def _concrete_shape(value: ir.Value, sequence_length: int) -> tuple[int, ...]:
 
 
 def _generate_one(model: ir.Model, value: ir.Value, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    if value.dtype is None:
+    dtype = numpy_dtype(value)
+    if dtype is None:
         raise ActsparseError(f"input {value.name!r} has unknown dtype; give calibration data with --calib")
-    dtype = value.dtype.numpy()
+    if dtype.kind not in "biuf":
+        raise ActsparseError(f"input {value.name!r} has dtype {value.dtype}; give calibration data with --calib")
     name = value.name.lower()
     if dtype == np.bool_:
         return np.ones(shape, dtype=dtype)
