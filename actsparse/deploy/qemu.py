@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import selectors
-import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from actsparse.codegen.cross import find_emulator
+from actsparse.deploy.process import RpcServerProcess, start_server_process
 from actsparse.errors import ActsparseError
 
 PYTHON_IN_ROOT = "usr/bin/python3.11"
@@ -131,7 +129,7 @@ class EmulatedBoard:
         workdir: str | os.PathLike | None = None,
         session_timeout: float | None = None,
         startup_timeout: float = 120,
-    ) -> EmulatedRpcServer:
+    ) -> RpcServerProcess:
         """Start ``actsparse.deploy.server`` on the board, listening on a loopback address.
 
         `package_dir` holds the device package (`actsparse.deploy.device.stage_device_package`).
@@ -147,73 +145,6 @@ class EmulatedBoard:
             args += ["--workdir", str(workdir)]
         if session_timeout is not None:
             args += ["--session-timeout", str(session_timeout)]
-        log = tempfile.TemporaryFile(mode="w+")  # stderr: read back only when startup fails
-        process = subprocess.Popen(
-            self.python_command(args),
-            env=self.environment([package_dir]),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            start_new_session=True,  # its own process group: stop() ends the forked sessions too
+        return start_server_process(
+            self.python_command(args), self.environment([package_dir]), host, startup_timeout, what="emulated RPC server"
         )
-        server = EmulatedRpcServer(process, host, 0, log)
-        server.port = server._wait_until_listening(startup_timeout)
-        return server
-
-
-@dataclass
-class EmulatedRpcServer:
-    """A running ``actsparse.deploy.server`` under qemu. `stop()` (or `with`) ends it."""
-
-    process: subprocess.Popen
-    host: str
-    port: int
-    _log: object
-
-    def _wait_until_listening(self, timeout: float) -> int:
-        from actsparse.deploy.server import READY_LINE
-
-        deadline = time.monotonic() + timeout
-        selector = selectors.DefaultSelector()
-        selector.register(self.process.stdout, selectors.EVENT_READ)
-        try:
-            while time.monotonic() < deadline:
-                if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
-                    break
-                line = self.process.stdout.readline()
-                if not line:  # EOF: the server exited
-                    self.process.wait()
-                    raise ActsparseError(f"the emulated RPC server exited at startup:\n{self._stderr_tail()}")
-                if line.startswith(READY_LINE):
-                    return int(line.rsplit(":", 1)[1])
-        finally:
-            selector.close()
-        self.stop()
-        raise ActsparseError(f"the emulated RPC server did not start within {timeout:g} s:\n{self._stderr_tail()}")
-
-    def _stderr_tail(self) -> str:
-        self._log.seek(0)
-        return _tail(self._log.read())
-
-    def stop(self) -> None:
-        """Terminate the server and its session processes (its own process group)."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
-        self._log.close()
-
-    def __enter__(self) -> EmulatedRpcServer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
