@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import platform
 import posixpath
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 from actsparse.errors import ActsparseError
@@ -181,6 +183,8 @@ def validate_manifest(manifest: object) -> None:
         raise ActsparseError("invalid manifest: params.names must be distinct strings")
     if not isinstance(manifest.get("library"), str):
         raise ActsparseError("invalid manifest: library missing")
+    if not isinstance(manifest.get("runtime_library"), (str, type(None))):
+        raise ActsparseError("invalid manifest: runtime_library must be a file name or null")
     for rel, digest in manifest["files"].items():
         check_member_name(rel)
         if not isinstance(digest, str) or len(digest) != 64:
@@ -257,7 +261,8 @@ def safe_extract_tar(tar_path: Path, dest: Path, *, max_bytes: int | None = None
             _check_tar_against_manifest(archive, members, tar_path)
             for name, member in members.items():
                 _extract_member(archive, member, dest / name)
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+        # A corrupt or truncated compressed tar fails inside gzip/bz2/lzma, not tarfile.
         raise ActsparseError(f"{tar_path}: not a readable tar archive ({exc})") from None
 
 
