@@ -1,0 +1,491 @@
+"""Quantized-weight matmuls y = x @ W for CPUs: int8 per-output-channel and int4 group-wise.
+
+Activations stay float32; weights are dequantized on the fly in registers (convert the
+integer codes to float, FMA with x, apply the scales once per column or per group), so a
+call reads 1/4 (int8) or ~1/8 (int4) of the fp32 weight bytes. Every kernel comes in a
+dense form (column panels, one contiguous stream per thread, as ``dense.py``) and a
+sparse-input form (K-major rows, only the rows of active input channels are read, as
+``sparse.py``, with the same activity modes ``threshold`` / ``scaled`` / ``nonzero``).
+
+Numerics (the references are in ``kernels/reference.py``):
+  int8: w[k, n] = q[k, n] * scale[n],                      q int8 in [-127, 127]
+  int4: w[k, n] = (c[k, n] - zero[g, n]) * scale[g, n],     c in 0..15, g = k // group
+        (symmetric: zero = 8 everywhere, no zero-point array)
+The int4 kernels sum x * c over a group first and apply the group's scale and zero point
+once: y[n] += scale[g, n] * (sum_k x[k] c[k, n] - zero[g, n] * sum_k x[k]).
+
+int4 byte layout: a block of 2*lanes output columns is stored in `lanes` bytes per row;
+byte j holds column j in its low nibble and column j + lanes in its high nibble, so one
+contiguous load unpacks into two whole vectors with an AND and a shift.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm.script import tirx as T
+
+from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, panel_count
+from actsparse.codegen.kernels.cpu.sparse import MODES, compact_macro, default_chunks
+
+INT4_SYMMETRIC_ZERO = 8
+ROWS_PER_STEP = 16
+K_UNROLL = 4  # independent accumulators in the dense kernels: hides the FMA latency
+
+
+# ------------------------------------------------------------------------------- packing
+
+def _pad_columns(a: np.ndarray, width: int) -> np.ndarray:
+    if a.shape[-1] == width:
+        return np.ascontiguousarray(a)
+    out = np.zeros((*a.shape[:-1], width), dtype=a.dtype)
+    out[..., : a.shape[-1]] = a
+    return out
+
+
+def pack_int8_dense(q: np.ndarray, scale: np.ndarray, lanes: int = DEFAULT_LANES):
+    """int8 W [K, N] + scale [N] -> (panels int8 [NB, K, 2L], scale f32 [NB*2L]), zero-padded."""
+    k, n = q.shape
+    block = 2 * lanes
+    nb = panel_count(n, block)
+    padded = _pad_columns(np.asarray(q, np.int8), nb * block)
+    panels = np.ascontiguousarray(padded.reshape(k, nb, block).transpose(1, 0, 2))
+    return panels, _pad_columns(np.asarray(scale, np.float32).reshape(-1), nb * block)
+
+
+def pack_int8_sparse(q: np.ndarray, scale: np.ndarray, lanes: int = DEFAULT_LANES):
+    """int8 W [K, N] + scale [N] -> (rows int8 [K, Np], scale f32 [Np]), Np = N rounded up to 2L."""
+    k, n = q.shape
+    width = panel_count(n, 2 * lanes) * 2 * lanes
+    return _pad_columns(np.asarray(q, np.int8), width), _pad_columns(np.asarray(scale, np.float32).reshape(-1), width)
+
+
+def _nibble_blocks(codes_kn: np.ndarray, lanes: int) -> np.ndarray:
+    """codes [K, Np] (0..15, Np a multiple of 2L) -> bytes [K, Np/2] in the block layout."""
+    k, width = codes_kn.shape
+    blocks = codes_kn.reshape(k, width // (2 * lanes), 2, lanes).astype(np.uint8)
+    return (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(k, width // 2)
+
+
+def _int4_operands(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, k: int, lanes: int):
+    """MatMulNBits-style codes [N, Kp] (uint8 0..15), scales/zeros [N, G] -> K-major padded arrays."""
+    n = codes.shape[0]
+    width = panel_count(n, 2 * lanes) * 2 * lanes
+    codes_kn = _pad_columns(np.asarray(codes, np.uint8)[:, :k].T, width)
+    if width > n:  # padded columns: code = zero point, so they contribute exactly 0
+        codes_kn[:, n:] = INT4_SYMMETRIC_ZERO if zeros is None else 0
+    scales_gn = _pad_columns(np.asarray(scales, np.float32).T, width)
+    zeros_gn = None if zeros is None else _pad_columns(np.asarray(zeros, np.float32).T, width)
+    return codes_kn, scales_gn, zeros_gn
+
+
+def pack_int4_dense(codes, scales, zeros=None, *, k: int, lanes: int = DEFAULT_LANES):
+    """Group-wise int4 (codes [N, Kp], scales [N, G], zeros [N, G] or None; ``quantize_blockwise``)
+    -> (codes u8 [NB, K, L], scales f32 [NB, G, 2L][, zeros f32 [NB, G, 2L]]) column panels."""
+    codes_kn, scales_gn, zeros_gn = _int4_operands(codes, scales, zeros, k, lanes)
+    nb = codes_kn.shape[1] // (2 * lanes)
+    packed = np.ascontiguousarray(_nibble_blocks(codes_kn, lanes).reshape(k, nb, lanes).transpose(1, 0, 2))
+
+    def panels(a):
+        return np.ascontiguousarray(a.reshape(a.shape[0], nb, 2 * lanes).transpose(1, 0, 2))
+
+    out = [packed, panels(scales_gn)]
+    if zeros_gn is not None:
+        out.append(panels(zeros_gn))
+    return tuple(out)
+
+
+def pack_int4_sparse(codes, scales, zeros=None, *, k: int, lanes: int = DEFAULT_LANES):
+    """Group-wise int4 -> K-major (codes u8 [K, Np/2], scales f32 [G, Np][, zeros f32 [G, Np]]):
+    the codes of input channel k are one contiguous row."""
+    codes_kn, scales_gn, zeros_gn = _int4_operands(codes, scales, zeros, k, lanes)
+    out = [np.ascontiguousarray(_nibble_blocks(codes_kn, lanes)), scales_gn]
+    if zeros_gn is not None:
+        out.append(zeros_gn)
+    return tuple(out)
+
+
+def group_count(k: int, group: int) -> int:
+    return (k + group - 1) // group
+
+
+# ----------------------------------------------------------------------------- int8 dense
+
+def int8_dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES):
+    """y = x @ (q * scale) with W packed by ``pack_int8_dense``.
+
+    Signature: ``(x: f32[m, k], wq: i8[NB, k, 2L], scale: f32[NB*2L], y: f32[m, n])``.
+    Parallel over column panels; K_UNROLL independent accumulators per panel.
+    """
+    block = 2 * lanes
+    nb = panel_count(n, block)
+    U = K_UNROLL
+    k_main = k // U * U
+
+    @T.prim_func
+    def int8_dense_kernel(
+        x: T.Buffer((m, k), "float32"),
+        wq: T.Buffer((nb, k, block), "int8"),
+        scale: T.Buffer((nb * block,), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for b in T.parallel(nb):
+            for i in range(m):
+                acc = T.alloc_buffer((U, block), "float32")
+                for u in T.unroll(U):
+                    for j in T.vectorized(block):
+                        acc[u, j] = T.float32(0)
+                for k0 in range(k_main // U):
+                    for u in T.unroll(U):
+                        xv = T.bind(x[i, k0 * U + u])
+                        for j in T.vectorized(block):
+                            acc[u, j] = acc[u, j] + xv * T.Cast("float32", wq[b, k0 * U + u, j])
+                for kk in range(k - k_main):
+                    xv = T.bind(x[i, k_main + kk])
+                    for j in T.vectorized(block):
+                        acc[0, j] = acc[0, j] + xv * T.Cast("float32", wq[b, k_main + kk, j])
+                for u in T.unroll(U - 1):
+                    for j in T.vectorized(block):
+                        acc[0, j] = acc[0, j] + acc[u + 1, j]
+                _store_panel(y, acc, scale, i, b, block, n)
+
+    return int8_dense_kernel
+
+
+@T.macro
+def _store_panel(y, acc, scale, i, b, block, n):
+    if b * block + block <= n:
+        for j in T.vectorized(block):
+            y[i, b * block + j] = acc[0, j] * scale[b * block + j]
+    else:
+        for j in range(block):
+            if b * block + j < n:
+                y[i, b * block + j] = acc[0, j] * scale[b * block + j]
+
+
+# ----------------------------------------------------------------------------- int4 dense
+
+def int4_dense_matmul(m: int, k: int, n: int, group: int, zero_points: bool = False, lanes: int = DEFAULT_LANES):
+    """y = x @ W for group-wise int4 W packed by ``pack_int4_dense``.
+
+    Signature: ``(x: f32[m, k], wq: u8[NB, k, L], scales: f32[NB, G, 2L][, zeros: f32[NB, G, 2L]], y: f32[m, n])``.
+    """
+    block = 2 * lanes
+    nb = panel_count(n, block)
+    G = group_count(k, group)
+    U = K_UNROLL
+    if group % U:
+        raise ValueError(f"group must be a multiple of {U}, got {group}")
+    last = k - (G - 1) * group  # rows in the last group
+    zero = T.float32(INT4_SYMMETRIC_ZERO)
+
+    @T.macro
+    def body(x, wq, scales, zeros, y):
+        xs = T.alloc_buffer((m, G), "float32")
+        for i in range(m):
+            for g in range(G):
+                xs[i, g] = T.float32(0)
+                for kk in range(T.min(group, k - g * group)):
+                    xs[i, g] = xs[i, g] + x[i, g * group + kk]
+        for b in T.parallel(nb):
+            for i in range(m):
+                acc = T.alloc_buffer((2, lanes), "float32")
+                for h in T.unroll(2):
+                    for j in T.vectorized(lanes):
+                        acc[h, j] = T.float32(0)
+                for g in range(G):
+                    inner = T.alloc_buffer((2 * U, lanes), "float32")
+                    for u in T.unroll(2 * U):
+                        for j in T.vectorized(lanes):
+                            inner[u, j] = T.float32(0)
+                    rows = T.bind(T.if_then_else(g == G - 1, last, group))
+                    for k0 in range(rows // U):
+                        for u in T.unroll(U):
+                            kk = T.bind(g * group + k0 * U + u)
+                            xv = T.bind(x[i, kk])
+                            for j in T.vectorized(lanes):
+                                byte = T.bind(T.Cast("int32", wq[b, kk, j]))
+                                inner[2 * u, j] = inner[2 * u, j] + xv * T.Cast("float32", T.bitwise_and(byte, 15))
+                                inner[2 * u + 1, j] = inner[2 * u + 1, j] + xv * T.Cast(
+                                    "float32", T.shift_right(byte, 4))
+                    for kr in range(rows - rows // U * U):
+                        kk = T.bind(g * group + rows // U * U + kr)
+                        xv = T.bind(x[i, kk])
+                        for j in T.vectorized(lanes):
+                            byte = T.bind(T.Cast("int32", wq[b, kk, j]))
+                            inner[0, j] = inner[0, j] + xv * T.Cast("float32", T.bitwise_and(byte, 15))
+                            inner[1, j] = inner[1, j] + xv * T.Cast("float32", T.shift_right(byte, 4))
+                    for h in T.unroll(2):
+                        for j in T.vectorized(lanes):
+                            total = T.bind(inner[h, j] + inner[2 + h, j] + inner[4 + h, j] + inner[6 + h, j])
+                            if zero_points:
+                                z = T.bind(zeros[b, g, h * lanes + j])
+                            else:
+                                z = T.bind(zero)
+                            acc[h, j] = acc[h, j] + scales[b, g, h * lanes + j] * (total - z * xs[i, g])
+                if b * block + block <= n:
+                    for h in T.unroll(2):
+                        for j in T.vectorized(lanes):
+                            y[i, b * block + h * lanes + j] = acc[h, j]
+                else:
+                    for h in range(2):
+                        for j in range(lanes):
+                            if b * block + h * lanes + j < n:
+                                y[i, b * block + h * lanes + j] = acc[h, j]
+
+    if zero_points:
+
+        @T.prim_func
+        def int4_dense_zp_kernel(
+            x: T.Buffer((m, k), "float32"),
+            wq: T.Buffer((nb, k, lanes), "uint8"),
+            scales: T.Buffer((nb, G, block), "float32"),
+            zeros: T.Buffer((nb, G, block), "float32"),
+            y: T.Buffer((m, n), "float32"),
+        ):
+            T.func_attr({"tir.noalias": True})
+            body(x, wq, scales, zeros, y)
+
+        return int4_dense_zp_kernel
+
+    @T.prim_func
+    def int4_dense_kernel(
+        x: T.Buffer((m, k), "float32"),
+        wq: T.Buffer((nb, k, lanes), "uint8"),
+        scales: T.Buffer((nb, G, block), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        body(x, wq, scales, scales, y)
+
+    return int4_dense_kernel
+
+
+# ------------------------------------------------------------------------ sparse inputs
+
+def _without_params(func, unused: set[str]):
+    """The PrimFunc without the buffer parameters named in ``unused`` (the body must not use them).
+
+    One TVMScript body serves every activity mode; the modes differ only in which of the
+    threshold / per-channel scale / zero-point buffers they read.
+    """
+    from tvm import tirx
+
+    kept = [p for p in func.params if p.name not in unused]
+    return tirx.PrimFunc(kept, func.body, func.ret_type, func.attrs)
+
+
+def _mode_unused(mode: str) -> set[str]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return {"nonzero": {"threshold", "act_scale"}, "threshold": {"act_scale"}, "scaled": set()}[mode]
+
+
+def _active(mode: str, xv, threshold, act_scale, kk):
+    """The activity test of ``mode`` as a TIR expression (see sparse.py)."""
+    if mode == "nonzero":
+        return xv != T.float32(0)
+    if mode == "threshold":
+        return T.abs(xv) > threshold[0]
+    return T.abs(xv) * act_scale[kk] > threshold[0]
+
+
+def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per_step: int = ROWS_PER_STEP,
+                       lanes: int = DEFAULT_LANES, chunks: int | None = None):
+    """Sparse-input y = x @ (q * scale): only rows q[k, :] of active channels are read.
+
+    Signature (W from ``pack_int8_sparse``; threshold / act_scale as in ``sparse_matmul``):
+      ``(x: f32[m, k], [threshold: f32[1]], [act_scale: f32[k]], wq: i8[k, Np], scale: f32[Np], y: f32[m, n])``
+    Two partial accumulators per column block (even / odd active rows) halve the FMA chain.
+    """
+    unused = _mode_unused(mode)
+    R = rows_per_step
+    cb = 2 * lanes if m <= 4 else lanes
+    width = panel_count(n, 2 * lanes) * 2 * lanes
+    blocks = width // cb
+    P = chunks or default_chunks(m, width, cb)
+    capacity = k + R
+    compact = compact_macro(mode, m, k, R)
+
+    @T.prim_func
+    def int8_sparse_kernel(
+        x: T.Buffer((m, k), "float32"),
+        threshold: T.Buffer((1,), "float32"),
+        act_scale: T.Buffer((k,), "float32"),
+        wq: T.Buffer((k, width), "int8"),
+        scale: T.Buffer((width,), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        idx = T.alloc_buffer((capacity,), "int32")
+        xa = T.alloc_buffer((m, capacity), "float32")
+        count = T.alloc_buffer((1,), "int32")
+        yacc = T.alloc_buffer((m, width), "float32")
+        compact(x, threshold, act_scale, idx, xa, count)
+        steps = T.bind((count[0] + R - 1) // R)
+        for c in T.parallel(P):
+            lo = T.bind(c * blocks // P)
+            hi = T.bind((c + 1) * blocks // P)
+            for b in range(lo, hi):
+                for i in T.unroll(m):
+                    for j in T.vectorized(cb):
+                        yacc[i, b * cb + j] = T.float32(0)
+            for s in range(steps):
+                for b in range(lo, hi):
+                    acc = T.alloc_buffer((2, m, cb), "float32")
+                    for i in T.unroll(m):
+                        for j in T.vectorized(cb):
+                            acc[0, i, j] = yacc[i, b * cb + j]
+                            acc[1, i, j] = T.float32(0)
+                    for r in T.unroll(R):
+                        row = T.bind(idx[s * R + r])
+                        for i in T.unroll(m):
+                            coef = T.bind(xa[i, s * R + r])
+                            for j in T.vectorized(cb):
+                                acc[r % 2, i, j] = acc[r % 2, i, j] + coef * T.Cast("float32", wq[row, b * cb + j])
+                    for i in T.unroll(m):
+                        for j in T.vectorized(cb):
+                            yacc[i, b * cb + j] = acc[0, i, j] + acc[1, i, j]
+            for b in range(lo, hi):
+                for i in range(m):
+                    if b * cb + cb <= n:
+                        for j in T.vectorized(cb):
+                            y[i, b * cb + j] = yacc[i, b * cb + j] * scale[b * cb + j]
+                    else:
+                        for j in range(cb):
+                            if b * cb + j < n:
+                                y[i, b * cb + j] = yacc[i, b * cb + j] * scale[b * cb + j]
+
+    return _without_params(int8_sparse_kernel, unused)
+
+
+def _group_compact_macro(mode: str, m: int, k: int, group: int, rows_per_step: int):
+    """T.macro(x, threshold, act_scale, idx, xa, step_group, coef_sum, nsteps): the active
+    channels of x, group by group, each group's list padded to whole steps of ``rows_per_step``
+    (repeats of its last active row with zero coefficients), so that no step straddles a
+    group: a step's rows share one scale/zero row. coef_sum[i, s] = sum of the step's coefficients.
+    """
+    R = rows_per_step
+    G = group_count(k, group)
+
+    @T.macro
+    def compact(x, threshold, act_scale, idx, xa, step_group, coef_sum, nsteps):
+        count = T.alloc_buffer((1,), "int32")
+        count[0] = 0
+        nsteps[0] = 0
+        for g in range(G):
+            start = T.bind(count[0])
+            for kk in range(T.min(group, k - g * group)):
+                ch = T.bind(g * group + kk)
+                hit = T.alloc_buffer((1,), "int32")
+                hit[0] = 0
+                for i in T.unroll(m):
+                    active = T.bind(_active(mode, x[i, ch], threshold, act_scale, ch))
+                    xa[i, count[0]] = T.Select(active, x[i, ch], T.float32(0))
+                    hit[0] = T.max(hit[0], T.Select(active, 1, 0))
+                idx[count[0]] = ch
+                count[0] = count[0] + hit[0]
+            found = T.bind(count[0] - start)
+            padded = T.bind((found + R - 1) // R * R)
+            for p in range(padded - found):
+                idx[count[0] + p] = idx[count[0] - 1]
+                for i in T.unroll(m):
+                    xa[i, count[0] + p] = T.float32(0)
+            for st in range(padded // R):
+                step_group[nsteps[0] + st] = g
+                for i in T.unroll(m):
+                    coef_sum[i, nsteps[0] + st] = T.float32(0)
+                    for r in range(R):
+                        coef_sum[i, nsteps[0] + st] = coef_sum[i, nsteps[0] + st] + xa[i, start + st * R + r]
+            count[0] = start + padded
+            nsteps[0] = nsteps[0] + padded // R
+
+    return compact
+
+
+def int4_sparse_matmul(m: int, k: int, n: int, group: int, mode: str = "threshold", zero_points: bool = False,
+                       rows_per_step: int = ROWS_PER_STEP, lanes: int = DEFAULT_LANES, chunks: int | None = None):
+    """Sparse-input y = x @ W for group-wise int4 W packed by ``pack_int4_sparse`` (K-major).
+
+    Signature: ``(x: f32[m, k], [threshold: f32[1]], [act_scale: f32[k]], wq: u8[k, Np/2],
+    scales: f32[G, Np], [zeros: f32[G, Np]], y: f32[m, n])``.
+    Per step of ``rows_per_step`` active rows of one group and per block of 2L columns:
+    sum coef * code in registers, then yacc += scale * (sum - zero * sum(coef)).
+    """
+    unused = _mode_unused(mode) | (set() if zero_points else {"zeros"})
+    R = rows_per_step
+    G = group_count(k, group)
+    width = panel_count(n, 2 * lanes) * 2 * lanes
+    cb = 2 * lanes
+    blocks = width // cb
+    P = chunks or default_chunks(m, width, cb)
+    capacity = k + G * R
+    max_steps = k // R + G + 1
+    compact = _group_compact_macro(mode, m, k, group, R)
+    sym_zero = T.float32(INT4_SYMMETRIC_ZERO)
+
+    @T.prim_func
+    def int4_sparse_kernel(
+        x: T.Buffer((m, k), "float32"),
+        threshold: T.Buffer((1,), "float32"),
+        act_scale: T.Buffer((k,), "float32"),
+        wq: T.Buffer((k, width // 2), "uint8"),
+        scales: T.Buffer((G, width), "float32"),
+        zeros: T.Buffer((G, width), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        idx = T.alloc_buffer((capacity,), "int32")
+        xa = T.alloc_buffer((m, capacity), "float32")
+        step_group = T.alloc_buffer((max_steps,), "int32")
+        coef_sum = T.alloc_buffer((m, max_steps), "float32")
+        nsteps = T.alloc_buffer((1,), "int32")
+        yacc = T.alloc_buffer((m, width), "float32")
+        compact(x, threshold, act_scale, idx, xa, step_group, coef_sum, nsteps)
+        for c in T.parallel(P):
+            lo = T.bind(c * blocks // P)
+            hi = T.bind((c + 1) * blocks // P)
+            for b in range(lo, hi):
+                for i in T.unroll(m):
+                    for j in T.vectorized(cb):
+                        yacc[i, b * cb + j] = T.float32(0)
+            for s in range(nsteps[0]):
+                g = T.bind(step_group[s])
+                for b in range(lo, hi):
+                    inner = T.alloc_buffer((2, m, 2, lanes), "float32")
+                    for i in T.unroll(m):
+                        for h in T.unroll(2):
+                            for j in T.vectorized(lanes):
+                                inner[0, i, h, j] = T.float32(0)
+                                inner[1, i, h, j] = T.float32(0)
+                    for r in T.unroll(R):
+                        row = T.bind(idx[s * R + r])
+                        for i in T.unroll(m):
+                            coef = T.bind(xa[i, s * R + r])
+                            for j in T.vectorized(lanes):
+                                byte = T.bind(T.Cast("int32", wq[row, b * lanes + j]))
+                                inner[r % 2, i, 0, j] = inner[r % 2, i, 0, j] + coef * T.Cast(
+                                    "float32", T.bitwise_and(byte, 15))
+                                inner[r % 2, i, 1, j] = inner[r % 2, i, 1, j] + coef * T.Cast(
+                                    "float32", T.shift_right(byte, 4))
+                    for i in T.unroll(m):
+                        for h in T.unroll(2):
+                            for j in T.vectorized(lanes):
+                                col = T.bind(b * cb + h * lanes + j)
+                                if zero_points:
+                                    z = T.bind(zeros[g, col])
+                                else:
+                                    z = T.bind(sym_zero)
+                                yacc[i, col] = yacc[i, col] + scales[g, col] * (
+                                    inner[0, i, h, j] + inner[1, i, h, j] - z * coef_sum[i, s])
+            for b in range(lo, hi):
+                for i in range(m):
+                    if b * cb + cb <= n:
+                        for j in T.vectorized(cb):
+                            y[i, b * cb + j] = yacc[i, b * cb + j]
+                    else:
+                        for j in range(cb):
+                            if b * cb + j < n:
+                                y[i, b * cb + j] = yacc[i, b * cb + j]
+
+    return _without_params(int4_sparse_kernel, unused)
