@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 BOARD_SCRIPTS = Path(__file__).resolve().parent / "board"
 USERLAND = Path(os.environ.get("ACTSPARSE_ARM_USERLAND", REPO / ".cache" / "arm64-userland"))
 REQUIRED_TOOLS = ("aarch64-linux-gnu-g++", "qemu-aarch64-static", "debootstrap")
-USERLAND_STEPS = ("root", "wheels", "site")
 
 
 def _in_ci() -> bool:
@@ -40,28 +39,26 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
-def _userland_built() -> bool:
-    return all((USERLAND / f".stamp-{step}").is_file() for step in USERLAND_STEPS)
-
-
 @pytest.fixture(scope="session")
 def arm_userland() -> Path:
-    """The arm64 userland folder, built on first use (about a minute, needs network and root)."""
+    """The arm64 userland folder, built on first use (about a minute, needs network and root).
+
+    The build script runs every session: when its stamps match it returns at once, and a
+    changed recipe (e.g. new wheel versions) rebuilds what changed."""
     if platform.machine() != "x86_64":
         _unavailable(f"the emulated ARM board needs an x86_64 host (this is {platform.machine()})")
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if missing:
         _unavailable(f"{', '.join(missing)} not installed: run scripts/arm/setup_toolchain.sh")
-    if not _userland_built():
-        build = subprocess.run(
-            ["bash", str(REPO / "scripts" / "arm" / "build_userland.sh"), str(USERLAND)],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        if build.returncode != 0:
-            tail = "\n".join((build.stderr or build.stdout).strip().splitlines()[-10:])
-            _unavailable(f"building the arm64 userland failed (scripts/arm/build_userland.sh):\n{tail}")
+    build = subprocess.run(
+        ["bash", str(REPO / "scripts" / "arm" / "build_userland.sh"), str(USERLAND)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if build.returncode != 0:
+        tail = "\n".join((build.stderr or build.stdout).strip().splitlines()[-10:])
+        _unavailable(f"building the arm64 userland failed (scripts/arm/build_userland.sh):\n{tail}")
     return USERLAND
 
 
