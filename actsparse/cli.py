@@ -7,6 +7,7 @@ to a temp file and renamed, and the input is never overwritten.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections import Counter
@@ -416,6 +417,10 @@ def cmd_run(args) -> int:
     return 0
 
 
+# `run` without --inputs makes random inputs up to this size; larger ones need --inputs.
+MAX_RANDOM_INPUT_BYTES = 1 << 30
+
+
 def _artifact_inputs(model, path: str | None, seed: int) -> dict:
     import numpy as np
 
@@ -425,16 +430,17 @@ def _artifact_inputs(model, path: str | None, seed: int) -> dict:
         for spec in model.inputs:
             shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
             dtype = np.dtype(spec["dtype"])
+            if math.prod(shape) * dtype.itemsize > MAX_RANDOM_INPUT_BYTES:  # checked before allocating
+                raise ActsparseError(f"input {spec['name']!r} of shape {shape} is too large for random data; "
+                                     f"give --inputs")
             feeds[spec["name"]] = (rng.integers(0, 100, shape).astype(dtype) if np.issubdtype(dtype, np.integer)
                                    else rng.standard_normal(shape).astype(dtype))
         return feeds
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise ActsparseError(f"{path}: no such inputs file") from None
-    except Exception as exc:
-        raise ActsparseError(f"{path}: not a readable .npz ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    from actsparse.calibrate.data import read_npz
+
+    if not Path(path).is_file():
+        raise ActsparseError(f"{path}: no such inputs file")
+    return read_npz(path, "inputs file")
 
 
 def _save_npz_atomic(path: str, arrays: dict) -> None:
