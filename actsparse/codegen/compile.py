@@ -40,9 +40,15 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     step = on_step or (lambda message: None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    is_cuda = target_name.strip().startswith("cuda")
+    if is_cuda:
+        from actsparse.codegen import cuda
+
+        target_name = cuda.cuda_target_name(target_name)  # "cuda" -> this machine's GPU arch
     target = resolve_target(target_name)
-    if target.kind.name != "llvm":
-        raise ActsparseError(f"target {target_name!r}: only CPU targets (host, x86, rpi4, aarch64) compile models so far")
+    if target.kind.name not in ("llvm", "cuda"):
+        raise ActsparseError(f"target {target_name!r}: only CPU targets (host, x86, rpi4, aarch64) and cuda "
+                             "compile models so far")
     model = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # work on a copy
     step("specializing shapes")
     model = specialize_shapes(model, input_shapes or {})
@@ -57,8 +63,17 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     mark = time.perf_counter()
     import tvm
 
+    fcompile = None
     try:
-        executable = tvm.compile(mod, target=target)
+        if is_cuda:  # our CUDA kernels in place of the CPU ones; device code compiled by nvcc
+            cuda.retarget_kernels(mod)
+            with cuda.nvcc_mode():
+                executable = tvm.compile(mod, target=target)
+            fcompile = cuda.embedding_fcompile(cuda.compile_device_code(executable, str(target.attrs["arch"])))
+        else:
+            executable = tvm.compile(mod, target=target)
+    except ActsparseError:
+        raise
     except Exception as exc:
         lines = [l for l in str(exc).strip().splitlines() if l.strip()]
         raise ActsparseError(f"TVM failed to compile the model: {lines[-1][:300] if lines else type(exc).__name__}") from None
@@ -72,7 +87,7 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     path = write_artifact(
         output, executable, dict(zip(names, values)), _signature(model.graph.inputs, model),
         _signature(model.graph.outputs, model), target_summary(target), passes or [],
-        (report or {}) | {"kernels": plan.layers}, bundle_runtime=bundle_runtime,
+        (report or {}) | {"kernels": plan.layers}, bundle_runtime=bundle_runtime, fcompile=fcompile,
     )
     timings["write"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start
