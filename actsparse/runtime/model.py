@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import lzma
 import os
 import tarfile
 import tempfile
 import threading
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from actsparse.errors import ActsparseError
 from actsparse.runtime import artifact
+from actsparse.runtime import ffi
 from actsparse.runtime.ffi import ensure_tvm_runtime, import_tvm_ffi
 
 # TIR kernels assume 64-byte aligned buffers; unaligned memory passed through DLPack segfaulted.
@@ -23,6 +26,7 @@ ALIGNMENT = 64
 # Arguments of the Relax VM's vm_initialization: (device type, device id, allocator) for the
 # device and then for the host. 1 = kDLCPU, 2 = pooled allocator.
 _CPU_VM_INIT = (1, 0, 2, 1, 0, 2)
+_CUDA_VM_INIT = (ffi.KDL_CUDA, 0, 2, 1, 0, 2)  # device: GPU 0; host: CPU
 _CPU_TARGET_KINDS = ("llvm", "c")
 
 
@@ -35,7 +39,10 @@ def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
     extracted into a private temp directory, which is removed before `load` returns (the
     loaded code and weights live in memory). Each problem raises one ActsparseError.
 
-    `device`: "cpu" (the default; the only device this runtime runs today).
+    `device`: "cpu" or "cuda" (GPU 0); None takes the artifact's (cuda artifacts run on "cuda").
+    A cuda artifact also needs an NVIDIA GPU of at least the compiled arch and TVM's CUDA runtime
+    plugin (libtvm_runtime_cuda.so, in the apache-tvm wheel); its weights are copied to the GPU
+    once here.
     """
     path = Path(path)
     if not path.exists():
@@ -46,13 +53,20 @@ def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
         manifest = artifact.read_manifest(root)
         artifact.verify_files(root, manifest)
         artifact.check_machine(manifest["target"])
-        _check_device(manifest["target"], device)
+        on_gpu = _check_device(manifest["target"], device) == "cuda"
         bundled = manifest.get("runtime_library")
-        ensure_tvm_runtime(_verified_private_copy(root, bundled, manifest, workdir) if bundled else None)
+        bundled_copy = _verified_private_copy(root, bundled, manifest, workdir) if bundled else None
+        ensure_tvm_runtime(bundled_copy)
         library = _verified_private_copy(root, manifest["library"], manifest, workdir)
+        if on_gpu:
+            ffi.ensure_cuda_runtime(bundled_copy)
+            ffi.serve_device_code(ffi.embedded_device_code(library))  # before TVM asks to compile it
         module = _load_module(library)
         params = _load_params(root / manifest["params"]["file"], manifest["params"]["names"])
-        return CompiledModel(manifest, module, params, source=path)
+        gpu = ffi.CudaTensors() if on_gpu else None
+        if gpu is not None:
+            params = [gpu.to_device(np.from_dlpack(p)) for p in params]
+        return CompiledModel(manifest, module, params, source=path, gpu=gpu)
     finally:
         artifact.remove_tree(workdir)
 
@@ -69,7 +83,8 @@ class CompiledModel:
     were within noise (~4.7 ms/run), so per-thread VMs never lost.
     """
 
-    def __init__(self, manifest: dict, module, params: list, *, source: Path):
+    def __init__(self, manifest: dict, module, params: list, *, source: Path, gpu: ffi.CudaTensors | None = None):
+        self._gpu = gpu  # None: runs on the CPU
         self._manifest = manifest
         self._module = module
         self._params = params  # tvm_ffi tensors over 64-byte-aligned numpy memory
@@ -118,11 +133,14 @@ class CompiledModel:
 
         Inputs go positionally (in `inputs` order), by name, or as one dict. Each must have
         the manifest's dtype exactly (no silent casts) and its shape. Returns fresh numpy
-        arrays keyed by output name.
+        arrays keyed by output name. On a GPU, numpy inputs are copied to the device, and
+        CUDA tensors (anything with `__dlpack__` on a CUDA device, e.g. torch) are used in place.
         """
         values = self._bind_inputs(args, named)
-        arrays = self._check_inputs(values)
-        tensors = [self._tvm_ffi.from_dlpack(a) for a in arrays]
+        if self._gpu is not None:
+            tensors = self._device_inputs(values)
+        else:
+            tensors = [self._tvm_ffi.from_dlpack(a) for a in self._check_inputs(values)]
         try:
             result = self._main()(*tensors, *self._params)
         except ActsparseError:
@@ -136,7 +154,7 @@ class CompiledModel:
         main = getattr(self._local, "main", None)
         if main is None:
             vm = self._module["vm_load_executable"]()
-            vm["vm_initialization"](*_CPU_VM_INIT)
+            vm["vm_initialization"](*(_CPU_VM_INIT if self._gpu is None else _CUDA_VM_INIT))
             self._local.vm = vm  # keep the VM alive alongside its function
             self._local.main = main = vm["main"]
         return main
@@ -161,6 +179,25 @@ class CompiledModel:
             raise ActsparseError(f"missing input {', '.join(repr(m) for m in missing)}")
         return values
 
+    def _device_inputs(self, values: dict) -> list:
+        """GPU tensors for the inputs: CUDA DLPack tensors in place (a copy only when not compact
+        or not 16-byte aligned, which the float4 kernels need), host arrays copied over."""
+        tensors, free_dims = [], {}
+        for spec in self._input_specs:
+            value = values[spec.name]
+            device = getattr(value, "__dlpack_device__", None)
+            if device is not None and device()[0] == ffi.KDL_CUDA:
+                tensor = self._tvm_ffi.from_dlpack(value)
+                if str(tensor.dtype) != str(spec.dtype) or not spec.shape_matches(tuple(tensor.shape), free_dims):
+                    raise ActsparseError(f"input {spec.name!r}: {tensor.dtype}{list(tensor.shape)}, expected "
+                                         f"{spec.dtype}{spec.shape}")
+                if not tensor.is_contiguous() or tensor.data_ptr() % 16:
+                    tensor = self._gpu.copy(tensor)
+                tensors.append(tensor)
+            else:
+                tensors.append(self._gpu.to_device(spec.check(value, free_dims)))
+        return tensors
+
     def _check_inputs(self, values: dict) -> list[np.ndarray]:
         free_dims: dict[str, int] = {}
         return [spec.check(values[spec.name], free_dims) for spec in self._input_specs]
@@ -172,6 +209,8 @@ class CompiledModel:
                 f"artifact is inconsistent: the model returned {len(tensors)} outputs, the manifest lists "
                 f"{len(self._output_specs)}"
             )
+        if self._gpu is not None:
+            return {spec["name"]: self._gpu.to_host(t) for spec, t in zip(self._output_specs, tensors)}
         # Copy: the VM's memory pool may hand the same storage to a later run.
         return {spec["name"]: np.from_dlpack(t).copy() for spec, t in zip(self._output_specs, tensors)}
 
@@ -186,6 +225,8 @@ class _InputSpec:
             self.dtype = np.dtype(spec["dtype"])
         except TypeError:
             raise ActsparseError(f"input {self.name!r}: dtype {spec['dtype']!r} is not supported by numpy") from None
+        if self.dtype.kind not in "biufc":  # what DLPack can pass: no objects, strings, dates or records
+            raise ActsparseError(f"input {self.name!r}: dtype {self.dtype} is not a numeric tensor type")
 
     def check(self, value, free_dims: dict[str, int]) -> np.ndarray:
         """The value as a C-contiguous, 64-byte-aligned array, or an ActsparseError saying what is wrong."""
@@ -199,6 +240,9 @@ class _InputSpec:
             expected = "(" + ", ".join(str(d) for d in self.shape) + ")"
             raise ActsparseError(f"input {self.name!r}: shape {tuple(array.shape)}, expected {expected}")
         return aligned(array)
+
+    def shape_matches(self, shape: tuple, free_dims: dict[str, int]) -> bool:
+        return len(shape) == len(self.shape) and self._dims_match(shape, free_dims)
 
     def _dims_match(self, shape: tuple, free_dims: dict[str, int]) -> bool:
         for size, want in zip(shape, self.shape):
@@ -227,7 +271,7 @@ def _artifact_root(path: Path, workdir: Path) -> Path:
     """The directory holding the artifact's files: `path` itself, or a private extraction of a tar."""
     if path.is_dir():
         return path
-    if not path.is_file() or not tarfile.is_tarfile(path):
+    if not path.is_file() or not _is_tar(path):
         raise ActsparseError(f"{path}: not an artifact (expected a directory or a .tar)")
     root = workdir / "artifact"
     root.mkdir(mode=0o700)
@@ -235,12 +279,28 @@ def _artifact_root(path: Path, workdir: Path) -> Path:
     return root
 
 
-def _check_device(target: dict, device: str | None) -> None:
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (EOFError, OSError, zlib.error, lzma.LZMAError):  # a truncated compressed file
+        return False
+
+
+def _check_device(target: dict, device: str | None) -> str:
+    """The device to run on ("cpu" or "cuda"), or an ActsparseError saying why this machine can't."""
     kind = target.get("kind")
-    if device not in (None, "cpu"):
-        raise ActsparseError(f"device {device!r} is not supported by this runtime; it runs on 'cpu' only")
+    if device not in (None, "cpu", "cuda"):
+        raise ActsparseError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    if kind == "cuda":
+        if device == "cpu":
+            raise ActsparseError("this artifact was compiled for a CUDA GPU; load it with device='cuda'")
+        ffi.check_cuda_device(str(target.get("arch", "")))
+        return "cuda"
+    if device == "cuda":
+        raise ActsparseError(f"this artifact was compiled for {kind!r} (a CPU); recompile with --target cuda to run on a GPU")
     if kind not in _CPU_TARGET_KINDS:
-        raise ActsparseError(f"artifact targets {kind!r}; this runtime runs CPU (llvm) artifacts only")
+        raise ActsparseError(f"artifact targets {kind!r}; this runtime runs CPU (llvm) and cuda artifacts only")
+    return "cpu"
 
 
 def _verified_private_copy(root: Path, rel: str, manifest: dict, workdir: Path) -> Path:
