@@ -30,8 +30,8 @@ PATTERNS = {
     "relu": ("relufy", None, "ffn_gate_sparse"),
     "shifted_relu": ("relufy{act=shifted_relu,shift=0.3}", None, "ffn_gate_sparse"),
     "cats": ("cleanup,sparsify{method=cats,sparsity=0.5}", None, "ffn_gate_sparse"),
-    "teal_fused": (TEAL, FORMS, "ffn_input_sparse"),
-    "teal": (TEAL, None, None),
+    "teal": (TEAL, None, "ffn_input_sparse"),
+    "teal_per_linear": (TEAL, {"ffn_gate_sparse"}, None),
     "wina": ("sparsify{method=wina,sparsity=0.5,scope=ffn}", None, None),
     "dense": ("cleanup", None, None),
 }
@@ -89,14 +89,14 @@ def test_plan_records_the_fused_kernel(compiled):
         assert all(e["act"] == "relu" and e["shift"] == pytest.approx(0.3) for e in plan)
     if name == "cats":
         assert all(e["act"] == "silu" and e["threshold"] > 0 for e in plan)
-    if name == "teal_fused":
+    if name == "teal":
         assert all(e["input_threshold"] > 0 and e["down_threshold"] > 0 for e in plan)
 
 
 def test_per_linear_kernels_where_not_fused(compiled):
     name, _, _, plan = compiled
     kinds = {entry["kernel"] for entry in plan}
-    if name == "teal":
+    if name == "teal_per_linear":
         assert kinds == {"threshold"}
     elif name == "wina":
         assert kinds == {"scaled"}
@@ -149,8 +149,7 @@ def test_no_fusion_for_forms_without_a_kernel():
     assert fuse_ffn_blocks(_specialized("relufy{act=relu2}")) == []
     assert fuse_ffn_blocks(_specialized("cleanup")) == []  # dense silu: per-linear dense kernels
     # TEAL on the down input only: ffn_input_sparse needs both thresholds.
-    with enabled_forms(FORMS):
-        assert fuse_ffn_blocks(_specialized("sparsify{method=teal,sparsity=0.5,scope=down}")) == []
+    assert fuse_ffn_blocks(_specialized("sparsify{method=teal,sparsity=0.5,scope=down}")) == []
 
 
 def test_enabled_forms_rejects_unknown_forms():
