@@ -60,12 +60,15 @@ def specialize_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]])
 def select_kernels(model: ir.Model) -> KernelPlan:
     """Rewrite linears into kernel nodes in place (see the module docstring)."""
     from actsparse.codegen.ffn_fusion import fuse_ffn_blocks
-    from actsparse.codegen.kernels.cpu.dense import pack_dense
 
     plan = KernelPlan(fuse_ffn_blocks(model))  # gated FFN blocks that fit one fused kernel, first
     for linear in find_linears(model):
         if not _lowerable(linear):
             plan.layers.append({"name": linear.name, "kernel": "tvm", "reason": "not a 2-D float32 weight on the right"})
+            continue
+        x_shape = _static_shape(linear.input)
+        if x_shape is None:
+            plan.layers.append({"name": linear.name, "kernel": "tvm", "reason": "input shape not static"})
             continue
         weight = _weight_kn(linear)
         x = linear.input
@@ -79,22 +82,28 @@ def select_kernels(model: ir.Model) -> KernelPlan:
         elif producer is not None and _zero_producing(producer):
             mode, op = "nonzero", SPARSE_LINEAR
             inputs = [x, add_initializer(model, f"{linear.name}.weight_kn", weight)]
-        else:
+        else:  # packed for the target's vector width in to_relax
             mode, op = "dense", DENSE_LINEAR
-            inputs = [x, add_initializer(model, f"{linear.name}.weight_packed", pack_dense(weight))]
-        node = ir.Node(LOWERING_DOMAIN, op, inputs, attributes={"mode": ir.AttrString("mode", mode),
-                                                                "n": ir.AttrInt64("n", weight.shape[1])},
+            inputs = [x, add_initializer(model, f"{linear.name}.weight_kn", weight)]
+        attributes = {"mode": ir.AttrString("mode", mode), "n": ir.AttrInt64("n", weight.shape[1]),
+                      "x_shape": ir.AttrInt64s("x_shape", x_shape)}
+        node = ir.Node(LOWERING_DOMAIN, op, inputs, attributes=attributes,
                        name=unique_node_name(model, f"{linear.name}.kernel"))
-        out = linear.node.outputs[0]
-        node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
+        product = linear.node.outputs[0]
+        node.outputs[0].type, node.outputs[0].shape = product.type, product.shape
         model.graph.insert_before(linear.node, node)
         result = node.outputs[0]
-        if linear.bias is not None:  # Gemm's bias stays a plain Add
+        if linear.bias is not None:  # the bias (Gemm's C, or MatMul's following Add) stays a plain Add
             add = ir.Node("", "Add", [result, linear.bias], name=unique_node_name(model, f"{linear.name}.bias"))
-            add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
+            add.outputs[0].type, add.outputs[0].shape = linear.output.type, linear.output.shape
             model.graph.insert_before(linear.node, add)
             result = add.outputs[0]
-        ir.convenience.replace_all_uses_with(out, result, replace_graph_outputs=True)
+        # linear.output is after the bias: replacing it drops the MatMul's own bias Add with it.
+        output_name = linear.output.name if linear.output.is_graph_output() else None
+        ir.convenience.replace_all_uses_with(linear.output, result, replace_graph_outputs=True)
+        if output_name:  # the model keeps its output names (e.g. GPT-2's logits from lm_head)
+            linear.output.name = f"{output_name}.replaced"
+            result.name = output_name
         plan.layers.append({"name": linear.name, "kernel": mode, "shape": list(weight.shape)})
     import onnx_ir.passes.common as common
 
@@ -104,15 +113,25 @@ def select_kernels(model: ir.Model) -> KernelPlan:
 
 
 def _lowerable(linear: Linear) -> bool:
+    """A float32 product of the activation (left) and a constant 2-D weight (right, possibly
+    reached through Transpose/Cast/Identity, e.g. GPT-2's tied lm_head) that our kernels take."""
     w = linear.weight.const_value
-    if w is None or w.dtype != ir.DataType.FLOAT or len(w.shape) != 2:
+    if w is None or w.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or len(w.shape) != 2:
+        return False
+    if linear.node.inputs[0] is not linear.input or linear.node.outputs[0].dtype != ir.DataType.FLOAT:
         return False
     if linear.node.op_type == "Gemm":
         attrs = linear.node.attributes
-        if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
-            return False
-        return linear.node.inputs[0] is linear.input
-    return linear.node.op_type == "MatMul" and linear.node.inputs[0] is linear.input and linear.node.inputs[1] is linear.weight
+        return not (attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0
+                    or attrs.get_float("beta", 1.0) != 1.0)
+    return linear.node.op_type == "MatMul"
+
+
+def _static_shape(value: ir.Value) -> list[int] | None:
+    """The value's shape when every dim is a known int (after shape specialization), else None."""
+    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+        return None
+    return [int(d) for d in value.shape]
 
 
 def _weight_kn(linear: Linear) -> np.ndarray:
@@ -130,13 +149,17 @@ def _zero_producing(node: ir.Node) -> bool:
 
 
 def to_relax(model: ir.Model, target):
-    """The kernel-selected model as a Relax IRModule with params detached (main(*inputs, *params))."""
-    from tvm import relax
+    """The kernel-selected model as a Relax IRModule with params detached (main(*inputs, *params)).
+
+    Packs the dense kernels' weights for `target`'s vector width first (in `model`, in place).
+    """
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx
 
+    _pack_dense_weights(model, target)
     proto = ir.serde.serialize_model(model)
     proto = onnx.inliner.inline_local_functions(proto)
+    _small_constants_inline(proto.graph)
     with _our_converters(target):
         try:
             mod = from_onnx(proto, keep_params_in_input=True, sanitize_input_names=False)
@@ -145,6 +168,56 @@ def to_relax(model: ir.Model, target):
             raise ActsparseError(f"TVM cannot import the model: {first[-1] if first else type(exc).__name__}") from None
     mod, params = detach_params(mod)
     return mod, {name: [p.numpy() for p in values] for name, values in params.items()}
+
+
+def _pack_dense_weights(model: ir.Model, target) -> None:
+    """W [K, N] of every dense kernel node -> column panels of 2 x the target's vector lanes."""
+    from actsparse.codegen.kernels.cpu.dense import pack_dense, vector_lanes
+
+    block = 2 * vector_lanes(target)
+    for node in model.graph:
+        if node.domain != LOWERING_DOMAIN or node.op_type != DENSE_LINEAR or node.inputs[1].const_value is None:
+            continue
+        weight = node.inputs[1]
+        if len(weight.shape) == 3:
+            continue  # already packed
+        packed = pack_dense(weight.const_value.numpy(), block=block)
+        node.replace_input_with(1, add_initializer(model, f"{node.name}.weight_packed", packed))
+    import onnx_ir.passes.common as common
+
+    common.RemoveUnusedNodesPass()(model)
+
+
+def _small_constants_inline(graph: onnx.GraphProto) -> None:
+    """Turn scalar and small integer initializers into Constant nodes, so TVM compiles them in.
+
+    As parameters of `main` (keep_params_in_input) TVM cannot see their values: the shape
+    operand of an Expand or Reshape then makes every later shape symbolic, and LLVM took
+    ~90 s per symbolic reshape (tiny Llama, GQA repeat_kv). 0-d ones would also be 0-d
+    parameters. Compiled in, they cost nothing; the parameter file keeps the real weights.
+    """
+    inputs = {value.name for value in graph.input}
+
+    def inline(t: onnx.TensorProto) -> bool:
+        size = int(np.prod(t.dims)) if len(t.dims) else 1
+        small_int = t.data_type in _INTEGER_TYPES and size <= _INLINE_INT_LIMIT
+        return t.name not in inputs and (len(t.dims) == 0 or small_int)
+
+    chosen = [t for t in graph.initializer if inline(t)]
+    if not chosen:
+        return
+    kept = [t for t in graph.initializer if not inline(t)]
+    constants = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in chosen]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = constants + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+_INTEGER_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                  onnx.TensorProto.BOOL}
+_INLINE_INT_LIMIT = 1 << 16  # elements; shapes, axes, position ids and masks, never weights
 
 
 @contextlib.contextmanager
@@ -208,7 +281,7 @@ def _converter(kernels: _KernelCache, kind: str):
             n = int(attrs["n"])
             mode = attrs.get("mode", "dense")
             mode = mode.decode() if isinstance(mode, bytes) else mode
-            shape = [int(d) for d in x.ty.shape]
+            shape = [int(d) for d in attrs["x_shape"]]  # from ONNX: TVM may have lost a static shape
             k = shape[-1]
             m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             x2 = bb.emit(relax.op.reshape(x, (m, k))) if len(shape) != 2 else x
