@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="optimize and compile a model for a target into an artifact")
     p.add_argument("model", help="input ONNX file")
     p.add_argument("-o", "--output", required=True, help="artifact path (a directory, or a .tar file)")
-    p.add_argument("--target", default="host", help="host (default), x86, rpi4, aarch64, or a JSON target")
+    p.add_argument("--target", default="host",
+                   help="host (default), x86, rpi4, aarch64, cuda[:sm_XX], or a JSON target")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0xD1x...",
                    help="static shape for a dynamic input, e.g. input_ids=1x128 (repeatable)")
     p.add_argument("--bundle-runtime", action="store_true", help="put libtvm_runtime.so inside the artifact")
@@ -94,10 +95,19 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker/onnxruntime checks after each pass")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised inside the running command so that its cleanup (`finally`, temp
+    files) runs as for Ctrl-C. A BaseException: no `except Exception` may swallow it."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    previous = _handle_sigterm(_on_sigterm)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except ActsparseError as exc:
         print(f"actsparse: error: {exc}", file=sys.stderr)
@@ -105,12 +115,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("actsparse: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("actsparse: terminated; nothing was written", file=sys.stderr)
+        return 143
     except Exception as exc:  # a bug, not the user's input: still one line unless asked
         if os.environ.get("ACTSPARSE_DEBUG"):
             raise
         print(f"actsparse: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
               f"(set ACTSPARSE_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        _handle_sigterm(previous)
+
+
+def _handle_sigterm(handler):
+    """Install `handler` for SIGTERM and return the previous one (None off the main thread,
+    where Python cannot set signal handlers)."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 # --- inspect ---------------------------------------------------------------------------
