@@ -101,7 +101,12 @@ def start_server_process(
 
 
 def start_local_rpc_server(
-    *, host: str = "127.0.0.1", port: int = 0, key: str = "", session_timeout: float | None = None, startup_timeout: float = 60
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    key: str = "",
+    session_timeout: float | None = None,
+    startup_timeout: float = 60,
 ) -> RpcServerProcess:
     """Start ``python -m actsparse.deploy.server`` on this machine, on a loopback address."""
     if not ipaddress.ip_address(host).is_loopback:

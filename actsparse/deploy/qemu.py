@@ -110,11 +110,12 @@ class EmulatedBoard:
                 stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired:
-            raise ActsparseError(f"emulated arm64 python did not finish within {timeout:g} s: {' '.join(args)}") from None
-        if check and result.returncode != 0:
             raise ActsparseError(
-                f"emulated arm64 python exited with status {result.returncode}:\n{_tail(result.stderr or result.stdout)}"
-            )
+                f"emulated arm64 python did not finish within {timeout:g} s: {' '.join(map(str, args))}"
+            ) from None
+        if check and result.returncode != 0:
+            reason = _tail(result.stderr or result.stdout)
+            raise ActsparseError(f"emulated arm64 python exited with status {result.returncode}:\n{reason}")
         return result
 
     # ------------------------------------------------------------ RPC server
@@ -145,6 +146,5 @@ class EmulatedBoard:
             args += ["--workdir", str(workdir)]
         if session_timeout is not None:
             args += ["--session-timeout", str(session_timeout)]
-        return start_server_process(
-            self.python_command(args), self.environment([package_dir]), host, startup_timeout, what="emulated RPC server"
-        )
+        command, env = self.python_command(args), self.environment([package_dir])
+        return start_server_process(command, env, host, startup_timeout, what="emulated RPC server")

@@ -84,13 +84,15 @@ class RemoteBoard:
     port: int
     _session: object
     _functions: dict = field(default_factory=dict)
+    last_seconds: list[float] = field(default_factory=list)  # device-side times of the last run()
 
     def _function(self, name: str):
         if name not in self._functions:
             try:
                 self._functions[name] = self._session.get_function(name)
             except Exception as exc:
-                raise ActsparseError(f"{self.host}:{self.port}: remote function {name} missing: {_first_line(exc)}") from None
+                reason = _first_line(exc)
+                raise ActsparseError(f"{self.host}:{self.port}: remote function {name} missing: {reason}") from None
             if self._functions[name] is None:
                 raise ActsparseError(
                     f"{self.host}:{self.port} has no function {name}: is it an actsparse.deploy.server?"
@@ -143,7 +145,8 @@ class RemoteBoard:
         sent, received = hashlib.sha256(data).hexdigest(), self.remote_sha256(name)
         if sent != received:
             raise ActsparseError(
-                f"checksum mismatch after upload to {self.host}:{self.port}: sent sha256 {sent}, the device has {received}"
+                f"checksum mismatch after upload to {self.host}:{self.port}: "
+                f"sent sha256 {sent}, the device has {received}"
             )
         return name
 
@@ -155,12 +158,11 @@ class RemoteBoard:
         time of each of the `repeat` runs.
         """
         stem = uuid.uuid4().hex[:12]
-        buffer = io.BytesIO()
-        np.savez(buffer, **{key: np.asarray(value) for key, value in inputs.items()})
-        self.upload_bytes(buffer.getvalue(), f"inputs-{stem}.npz")
-        timing = json.loads(str(self._call("actsparse.rpc.run_artifact", name, f"inputs-{stem}.npz", f"outputs-{stem}.npz", int(repeat))))
+        inputs_name, outputs_name = f"inputs-{stem}.npz", f"outputs-{stem}.npz"
+        self.upload_bytes(_npz_bytes(inputs), inputs_name)
+        timing = json.loads(str(self._call("actsparse.rpc.run_artifact", name, inputs_name, outputs_name, int(repeat))))
         self.last_seconds = list(timing["seconds"])
-        with np.load(io.BytesIO(self.download_bytes(f"outputs-{stem}.npz")), allow_pickle=False) as data:
+        with np.load(io.BytesIO(self.download_bytes(outputs_name)), allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
 
     def close(self) -> None:
@@ -242,7 +244,9 @@ def deploy_and_run(
     return DeployResult(outputs, device, name, seconds, errors)
 
 
-def compare_outputs(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], atol: float) -> dict[str, float]:
+def compare_outputs(
+    outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], atol: float
+) -> dict[str, float]:
     """Max absolute error per output; ActsparseError when one is missing, misshaped or off by more than atol."""
     errors = {}
     for name, expected in reference.items():
@@ -255,6 +259,19 @@ def compare_outputs(outputs: Mapping[str, np.ndarray], reference: Mapping[str, n
         if errors[name] > atol:
             raise ActsparseError(f"output {name!r} differs from the reference by {errors[name]:.3g} (> {atol:g})")
     return errors
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The arrays as an .npz file; object arrays are refused (numpy would pickle them)."""
+    checked = {}
+    for key, value in arrays.items():
+        array = np.asarray(value)
+        if array.dtype.hasobject:
+            raise ActsparseError(f"input {key!r}: object arrays cannot be sent (numeric arrays only)")
+        checked[key] = array
+    buffer = io.BytesIO()
+    np.savez(buffer, **checked)
+    return buffer.getvalue()
 
 
 def _local_manifest(path: Path) -> dict:

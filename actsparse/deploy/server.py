@@ -108,9 +108,12 @@ def register_session_functions(workdir: Path) -> None:
         return digest.hexdigest()
 
     def run_artifact(artifact: str, inputs_npz: str, outputs_npz: str, repeat: int) -> str:
-        if artifact not in loaded:
-            loaded[artifact] = load(workpath(artifact))
-        model = loaded[artifact]
+        # Keyed by the file's size and mtime too: a re-upload under the same name reloads.
+        stat = os.stat(workpath(artifact))
+        key = f"{artifact}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in loaded:
+            loaded[key] = load(workpath(artifact))
+        model = loaded[key]
         inputs = _read_npz(Path(workpath(inputs_npz)))
         seconds = []
         for _ in range(max(1, int(repeat))):

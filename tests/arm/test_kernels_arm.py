@@ -127,7 +127,11 @@ def test_library_is_aarch64_elf(arm_kernel_results):
     [
         "dense_1x37x45",
         "dense_3x33x70",
-        *[f"{mode}_{shape}" for mode in ("threshold", "scaled", "nonzero") for shape in ("1x70x45_l4", "3x40x100_l4", "1x96x100_l16")],
+        *[
+            f"{mode}_{shape}"
+            for mode in ("threshold", "scaled", "nonzero")
+            for shape in ("1x70x45_l4", "3x40x100_l4", "1x96x100_l16")
+        ],
         "threshold_all_inactive",
     ],
 )
@@ -145,7 +149,8 @@ def test_sparse_kernel_executes_proportionally_fewer_instructions(arm_board, arm
     libraries, calls, expected = {}, [], {}
     for dense_lanes in (4, 8):
         alias = f"dense{dense_lanes}"
-        libraries[alias] = str(export_arm_library({"kernel": dense_matmul(m, k, n, lanes=dense_lanes)}, rpi4_target, tmp_path / f"{alias}.so"))
+        kernel = dense_matmul(m, k, n, lanes=dense_lanes)
+        libraries[alias] = str(export_arm_library({"kernel": kernel}, rpi4_target, tmp_path / f"{alias}.so"))
         calls.append((alias, "kernel", [x, pack_dense(w, block=2 * dense_lanes)], (m, n)))
         expected[alias] = ref.dense_matmul_reference(x, w)
     sparse = export_arm_library(

@@ -143,6 +143,13 @@ def test_remote_paths_stay_in_the_work_directory(local_server):
             board.upload_bytes(b"x", "../outside.txt")
 
 
+def test_object_inputs_are_refused_before_sending(local_server, host_artifact):
+    with connect(LOOPBACK, local_server.port, key=KEY) as board:
+        name = board.upload_artifact(host_artifact)
+        with pytest.raises(ActsparseError, match="object arrays cannot be sent"):
+            board.run(name, {"x": np.array([object()])})
+
+
 def test_mismatched_outputs_are_reported(local_server, host_artifact, host_reference):
     wrong = {"y": host_reference["y"] + 1}
     with pytest.raises(ActsparseError, match="output 'y' differs from the reference by 1"):
@@ -172,7 +179,9 @@ def test_deploy_to_emulated_board_matches_host(board_server, rpi4_artifact, host
     if as_tar:
         path = tmp_path / "model.tar"
         artifact.write_tar(rpi4_artifact, path)
-    result = deploy_and_run(path, model_inputs(), board_server.host, board_server.port, key=KEY, reference=host_reference)
+    result = deploy_and_run(
+        path, model_inputs(), board_server.host, board_server.port, key=KEY, reference=host_reference
+    )
     assert result.device["machine"] == "aarch64"
     assert result.max_abs_error["y"] <= 1e-4
 

@@ -135,7 +135,8 @@ def test_board_environment_is_explicit(tmp_path, monkeypatch):
     assert env["ACTSPARSE_TVM_RUNTIME"] == str(tmp_path / "lib" / "libtvm_runtime.so")
     assert env["EXTRA"] == "1"
     command = board.python_command(["-c", "pass"], ["-d", "exec"])
-    assert command == ["qemu", "-L", str(tmp_path / "root"), "-d", "exec", str(tmp_path / "root/usr/bin/python3.11"), "-c", "pass"]
+    python = str(tmp_path / "root/usr/bin/python3.11")
+    assert command == ["qemu", "-L", str(tmp_path / "root"), "-d", "exec", python, "-c", "pass"]
 
 
 def _client_hello(key: str) -> bytes:

@@ -1,4 +1,7 @@
-"""Run artifacts on the (emulated) board: ``python run_artifact.py INPUTS.npz ARTIFACT OUTPUTS.npz [ARTIFACT OUTPUTS.npz ...]``.
+"""Run artifacts on the (emulated) board.
+
+    python run_artifact.py INPUTS.npz ARTIFACT OUTPUTS.npz [ARTIFACT OUTPUTS.npz ...]
+
 
 Loads each artifact with `actsparse.runtime.load` (the thin runtime), runs it once on the
 inputs and saves its outputs. Prints one JSON line per artifact: {"load_s", "run_s"} or
