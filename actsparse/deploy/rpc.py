@@ -85,6 +85,7 @@ class RemoteBoard:
     _session: object
     _functions: dict = field(default_factory=dict)
     last_seconds: list[float] = field(default_factory=list)  # device-side times of the last run()
+    _uploaded: dict[str, str] = field(default_factory=dict)  # remote name -> sha256 sent
 
     def _function(self, name: str):
         if name not in self._functions:
@@ -148,19 +149,25 @@ class RemoteBoard:
                 f"checksum mismatch after upload to {self.host}:{self.port}: "
                 f"sent sha256 {sent}, the device has {received}"
             )
+        self._uploaded[name] = sent
         return name
 
     def run(self, name: str, inputs: Mapping[str, np.ndarray], repeat: int = 1) -> dict[str, np.ndarray]:
         """Run an uploaded artifact on the device; returns {output name: array}.
 
         The device loads it with `actsparse.runtime.load` (which checks every file's sha256
-        and the architecture again) once per session. `last_seconds` holds the device-side
+        and the architecture again) once per uploaded content. `last_seconds` holds the device-side
         time of each of the `repeat` runs.
         """
+        if name not in self._uploaded:
+            raise ActsparseError(f"no artifact {name!r} uploaded in this session: call upload_artifact first")
         stem = uuid.uuid4().hex[:12]
         inputs_name, outputs_name = f"inputs-{stem}.npz", f"outputs-{stem}.npz"
         self.upload_bytes(_npz_bytes(inputs), inputs_name)
-        timing = json.loads(str(self._call("actsparse.rpc.run_artifact", name, inputs_name, outputs_name, int(repeat))))
+        reply = self._call(
+            "actsparse.rpc.run_artifact", name, self._uploaded[name], inputs_name, outputs_name, int(repeat)
+        )
+        timing = json.loads(str(reply))
         self.last_seconds = list(timing["seconds"])
         with np.load(io.BytesIO(self.download_bytes(outputs_name)), allow_pickle=False) as data:
             return {key: data[key] for key in data.files}

@@ -20,7 +20,8 @@ Functions the server adds for actsparse clients (all paths are names inside the 
 work directory; ``..`` and absolute paths are refused):
   actsparse.rpc.info() -> JSON {machine, system, python, actsparse, format_version}
   actsparse.rpc.sha256(name) -> hex digest of an uploaded file
-  actsparse.rpc.run_artifact(artifact, inputs_npz, outputs_npz, repeat) -> JSON {seconds: [...]}
+  actsparse.rpc.run_artifact(artifact, sha256, inputs_npz, outputs_npz, repeat) -> JSON {seconds: [...]}
+      loads the artifact once per (name, sha256), after checking the file has that sha256
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ def register_session_functions(workdir: Path) -> None:
                 digest.update(block)
         return digest.hexdigest()
 
-    def run_artifact(artifact: str, inputs_npz: str, outputs_npz: str, repeat: int) -> str:
-        # Keyed by the file's size and mtime too: a re-upload under the same name reloads.
-        stat = os.stat(workpath(artifact))
-        key = f"{artifact}:{stat.st_size}:{stat.st_mtime_ns}"
+    def run_artifact(artifact: str, expected_sha256: str, inputs_npz: str, outputs_npz: str, repeat: int) -> str:
+        # Keyed by content: an artifact uploaded again under the same name is loaded again.
+        key = f"{artifact}:{expected_sha256}"
         if key not in loaded:
+            if sha256(artifact) != expected_sha256:
+                raise ValueError(f"{artifact} does not have the sha256 the client uploaded; upload it again")
             loaded[key] = load(workpath(artifact))
         model = loaded[key]
         inputs = _read_npz(Path(workpath(inputs_npz)))

@@ -152,8 +152,9 @@ def relax_model():
     return builder.get()
 
 
-def write_model_artifact(path: Path, target_name: str, bundle_runtime=False) -> Path:
-    """The Relax model compiled for `target_name` ("rpi4", "host", ...) and written as an artifact."""
+def write_model_artifact(path: Path, target_name: str, bundle_runtime=False, params=None) -> Path:
+    """The Relax model compiled for `target_name` ("rpi4", "host", ...) and written as an artifact
+    (with `model_params()` unless other `params` are given)."""
     import tvm
 
     from actsparse.codegen.package import write_artifact
@@ -164,7 +165,7 @@ def write_model_artifact(path: Path, target_name: str, bundle_runtime=False) -> 
     return write_artifact(
         path,
         executable,
-        params=model_params(),
+        params=params or model_params(),
         inputs=MODEL_INPUTS,
         outputs=MODEL_OUTPUTS,
         target=target_summary(target),

@@ -19,7 +19,7 @@ from actsparse.deploy.process import start_local_rpc_server  # noqa: E402
 from actsparse.deploy.rpc import RemoteBoard, connect, deploy_and_run  # noqa: E402
 from actsparse.errors import ActsparseError  # noqa: E402
 from actsparse.runtime import artifact  # noqa: E402
-from tests.arm.conftest import model_inputs, write_model_artifact  # noqa: E402
+from tests.arm.conftest import model_inputs, model_params, write_model_artifact  # noqa: E402
 
 KEY = "actsparse-test"
 LOOPBACK = "127.0.0.1"
@@ -141,6 +141,23 @@ def test_remote_paths_stay_in_the_work_directory(local_server):
     with connect(LOOPBACK, local_server.port, key=KEY) as board:
         with pytest.raises(ActsparseError, match="invalid remote file name"):
             board.upload_bytes(b"x", "../outside.txt")
+
+
+def test_reupload_under_the_same_name_runs_the_new_artifact(local_server, host_artifact, tmp_path):
+    doubled = {name: value * 2 for name, value in model_params().items()}
+    other = write_model_artifact(tmp_path / "doubled", "host", params=doubled)
+    with connect(LOOPBACK, local_server.port, key=KEY) as board:
+        board.upload_artifact(host_artifact, name="model.tar")
+        first = board.run("model.tar", model_inputs())
+        board.upload_artifact(other, name="model.tar")
+        second = board.run("model.tar", model_inputs())
+    np.testing.assert_allclose(second["y"], 2 * first["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_run_needs_an_upload_in_this_session(local_server):
+    with connect(LOOPBACK, local_server.port, key=KEY) as board:
+        with pytest.raises(ActsparseError, match="no artifact 'model.tar' uploaded in this session"):
+            board.run("model.tar", model_inputs())
 
 
 def test_object_inputs_are_refused_before_sending(local_server, host_artifact):
