@@ -157,3 +157,144 @@ def test_padded_columns_contribute_nothing():
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="mode"):
         quant.int8_sparse_matmul(1, 8, 8, "magnitude")
+
+
+# ------------------------------------------------------- lowering: quantized ONNX -> our kernels
+
+D = 64
+LOWERING_CASES = {
+    # passes -> (kernels expected on the 6 linears of the 2-layer SwiGLU stack, tolerance vs ORT)
+    "int8_static": ("quantize{bits=8}", ["int8_dense"] * 6, 5e-2),
+    # dynamic: the same int8 weights as static; the float-activation reference comes from the static model
+    "int8_dynamic": ("quantize{bits=8,mode=dynamic}", ["int8_dense"] * 6, 5e-2, "quantize{bits=8}"),
+    "int8_relu": ("relufy,quantize{bits=8}", ["int8_dense", "int8_dense", "int8_sparse_nonzero"] * 2, 5e-2),
+    # ORT's activation rounding moves layer 1's inputs across the WINA thresholds: a looser bound
+    "int8_wina": ("sparsify{method=wina,sparsity=0.5,scope=ffn},quantize{bits=8}", ["int8_sparse_scaled"] * 6, 0.15),
+    "int4": ("quantize{bits=4,group=32,accuracy_level=0}", ["int4_dense"] * 6, 1e-4),
+    "int4_teal_asym": ("sparsify{method=teal,sparsity=0.5,scope=ffn},"
+                       "quantize{bits=4,group=32,symmetric=false,accuracy_level=0}", ["int4_sparse_threshold"] * 6, 1e-4),
+    "int4_relu": ("relufy,quantize{bits=4,group=32,accuracy_level=0}",
+                  ["int4_dense", "int4_dense", "int4_sparse_nonzero"] * 2, 1e-4),
+}
+
+
+def _with_converters(target):
+    """Stand-in for the one-line hook in lower._our_converters: add ours to from_onnx's table."""
+    import contextlib
+
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    from actsparse.codegen.quant_lowering import quant_converters
+
+    @contextlib.contextmanager
+    def patched():
+        original = onnx_frontend._get_convert_map
+        onnx_frontend._get_convert_map = lambda: dict(original()) | quant_converters(target)
+        try:
+            yield
+        finally:
+            onnx_frontend._get_convert_map = original
+
+    return patched()
+
+
+def _float_activations(proto):
+    """The quantized model with the activations' Q/DQ pairs and DynamicQuantizeLinear removed
+    (weights stay quantized): what our kernels compute, to compare with tightly."""
+    import onnx
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    inits = {t.name for t in proto.graph.initializer}
+    rename = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] not in inits:
+            q = producers.get(node.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                rename[node.output[0]] = q.input[0]
+    for node in proto.graph.node:
+        node.input[:] = [rename.get(name, name) for name in node.input]
+    return proto
+
+
+@pytest.fixture(scope="module", params=list(LOWERING_CASES))
+def lowered(request):
+    """(case, quantized ONNX, its float-activation reference ONNX, compiled run(x), kernel plan)."""
+    import onnx_ir as ir
+    import tvm
+    from tvm import relax
+
+    import actsparse
+    from actsparse.codegen.lower import specialize_shapes, to_relax
+    from actsparse.codegen.quant_lowering import select_quant_kernels
+    from actsparse.zoo import swiglu_stack
+
+    passes, *_, reference_passes = (*LOWERING_CASES[request.param], None)[:4]
+    rng = np.random.default_rng(2)
+    calib = [{"x": rng.standard_normal((1, D)).astype(np.float32)} for _ in range(8)]
+    optimized = actsparse.optimize(swiglu_stack(), passes=passes, calib=calib)
+    reference = optimized if reference_passes is None else actsparse.optimize(swiglu_stack(), passes=reference_passes,
+                                                                              calib=calib)
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(optimized.model))
+    model = specialize_shapes(model, {"x": (1, D)})
+    plan = select_quant_kernels(model)
+    target = resolve_target("host")
+    with _with_converters(target):
+        mod, params = to_relax(model, target)
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    weights = [tvm.runtime.tensor(p) for p in params["main"]]
+    return (request.param, optimized.to_onnx(), _float_activations(reference.to_onnx()),
+            lambda x: vm["main"](tvm.runtime.tensor(x), *weights).numpy(), plan)
+
+
+def _ort_run(proto, x, optimize: bool = True):
+    """ORT's result; optimize=False runs every node as written (no integer-matmul fusions)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.slow
+def test_lowered_quantized_model_matches_onnxruntime(lowered):
+    case, proto, reference, run, plan = lowered
+    expected_kernels, tolerance = LOWERING_CASES[case][1:3]
+    assert [entry["kernel"] for entry in plan] == expected_kernels
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        x = rng.standard_normal((1, D)).astype(np.float32)
+        y = run(x)
+        scale = np.abs(_ort_run(proto, x)).max()
+        # vs ORT's own (integer) path: differs by the activation rounding ORT does and we skip
+        assert np.abs(y - _ort_run(proto, x)).max() <= tolerance * scale
+        # vs the same weights with float activations: only float rounding
+        np.testing.assert_allclose(y, _ort_run(reference, x, optimize=False), atol=1e-4 * scale, rtol=0)
+
+
+def test_unpack_nibbles_low_first():
+    from actsparse.codegen.quant_lowering import unpack_nibbles
+
+    np.testing.assert_array_equal(unpack_nibbles(np.array([[0x21, 0xF3]], np.uint8)), [[1, 2, 3, 15]])
+
+
+def test_non_int8_qdq_weights_are_not_matched():
+    """A DequantizeLinear with a nonzero weight zero point (asymmetric int8) stays with TVM."""
+    from onnx import helper, numpy_helper
+
+    import onnx_ir as ir
+
+    from actsparse.codegen.quant_lowering import select_quant_kernels
+
+    q = np.ones((4, 3), np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1),
+         helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", 1, [1, 4])], [helper.make_tensor_value_info("y", 1, [1, 3])],
+        [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(np.ones(3, np.float32), "ws"),
+         numpy_helper.from_array(np.array([0, 1, 0], np.int8), "wz")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert select_quant_kernels(model) == []
+    assert [n.op_type for n in model.graph] == ["DequantizeLinear", "MatMul"]

@@ -1,0 +1,346 @@
+"""Select our int8 / int4 kernels for quantized linears (graph side of the lowering).
+
+Patterns matched on the ONNX graph (static shapes, after ``specialize_shapes``):
+
+  (a) int8 QDQ:  MatMul(A, DequantizeLinear(W_q int8 [K, N], s_w [N], zero 0, axis=1))
+      with A = DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x) or A = x (float32)
+  (b) int8 dynamic: Mul(Cast(MatMulInteger(x_q, W_q, x_z, 0)), Mul(x_s, s_w))
+      with (x_q, x_s, x_z) = DynamicQuantizeLinear(x)
+  (c) int4: com.microsoft.MatMulNBits(x, B, scales[, zero_points]) with bits=4, no g_idx/bias
+and, for each, where x comes from:
+      Sparsify(v, t) / SparsifyWeighted(v, t, s) -> the sparse-input kernel with the threshold fused
+      Relu (or Mul of a Relu)                     -> the sparse-input kernel, mode nonzero
+      anything else                               -> the dense kernel
+Each becomes one ``ActsparseQuantLinear`` node (domain actsparse.lowering) whose weights are
+packed once, here, as initializers; ``quant_converters`` turns it into a ``call_tir`` of the
+matching kernel in ``kernels/cpu/quant.py``.
+
+Numerics: the activation's QuantizeLinear/DequantizeLinear (a) and DynamicQuantizeLinear (b) are
+dropped: the kernels compute float32 x times the dequantized int8 weights, where onnxruntime
+multiplies integers. The results differ by the activation rounding (~1e-2 relative), which is
+the quantization error itself, not a kernel error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES
+from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, SPARSIFY_WEIGHTED, add_initializer, unique_node_name
+
+QUANT_LINEAR = "ActsparseQuantLinear"
+LOWERING_DOMAIN = "actsparse.lowering"
+MS_DOMAIN = "com.microsoft"
+MAX_SPARSE_ROWS = 8  # the sparse kernels unroll the rows of x: beyond this, use the dense ones
+
+
+@dataclass
+class QuantLinear:
+    """One matched quantized linear: y = x @ W with W in int8 (q, scale) or int4 (codes, scales, zeros)."""
+
+    output: ir.Value          # the float32 product this replaces
+    x: ir.Value               # float32 input of the matmul (after any Sparsify)
+    k: int
+    n: int
+    kind: str                 # "int8" or "int4"
+    weights: tuple            # int8: (q [K, N], scale [N]); int4: (codes [N, Kp], scales [N, G], zeros [N, G] or None)
+    group: int = 0
+    name: str = ""
+
+
+def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES) -> list[dict]:
+    """Rewrite every matched quantized linear into an ActsparseQuantLinear node, in place.
+
+    Returns one plan entry per rewritten layer ({"name", "kernel", "shape"}), in the form of
+    ``lower.KernelPlan.layers``. Nodes left without users are removed.
+    """
+    model = _infer_matmulnbits_shapes(model)
+    layers = []
+    for node in list(model.graph):
+        match = match_quant_linear(node)
+        if match is None:
+            continue
+        layers.append(_replace(model, match, lanes))
+    if layers:
+        import onnx_ir.passes.common as common
+
+        common.RemoveUnusedNodesPass()(model)
+        model.opset_imports.setdefault(LOWERING_DOMAIN, 1)
+    return layers
+
+
+def _infer_matmulnbits_shapes(model: ir.Model) -> ir.Model:
+    """Give MatMulNBits outputs their shape (x.shape[:-1] + [N]) and propagate shapes again.
+
+    ONNX shape inference does not know com.microsoft ops, so everything after the first
+    MatMulNBits is shapeless; the sparse/dense choice needs the row count of each input.
+    """
+    import onnx_ir.passes.common as common
+
+    for _ in range(len(model.graph)):
+        changed = False
+        for node in model.graph:
+            out, x = node.outputs[0], node.inputs[0] if node.inputs else None
+            if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits" and out.shape is None \
+                    and x is not None and x.shape is not None:
+                out.shape = ir.Shape([*list(x.shape)[:-1], node.attributes.get_int("N", 0)])
+                out.type = x.type
+                changed = True
+        if not changed:
+            return model
+        model = common.ShapeInferencePass(strict_mode=False)(model).model
+    return model
+
+
+# ---------------------------------------------------------------------------- matching
+
+def match_quant_linear(node: ir.Node) -> QuantLinear | None:
+    """The quantized linear ending at ``node``, or None."""
+    if node.domain in ("", "ai.onnx") and node.op_type == "MatMul":
+        return _match_qdq(node)
+    if node.domain in ("", "ai.onnx") and node.op_type == "Mul":
+        return _match_dynamic(node)
+    if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits":
+        return _match_matmulnbits(node)
+    return None
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        try:
+            tensor = ir.convenience.get_const_tensor(value)
+        except (ValueError, TypeError):
+            return None
+    return None if tensor is None else tensor.numpy()
+
+
+def _producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op_type or node.domain not in ({domain, "ai.onnx"} if domain == "" else {domain}):
+        return None
+    return node
+
+
+def _int8_weight(q: np.ndarray | None, scale: np.ndarray | None, zero: np.ndarray | None) -> bool:
+    return (q is not None and q.dtype == np.int8 and q.ndim == 2 and scale is not None
+            and scale.size == q.shape[1] and (zero is None or not np.any(zero)))
+
+
+def _float_input(value: ir.Value) -> bool:
+    return value.dtype == ir.DataType.FLOAT and value.shape is not None and len(value.shape) >= 1
+
+
+def _match_qdq(matmul: ir.Node) -> QuantLinear | None:
+    a, b = matmul.inputs[0], matmul.inputs[1]
+    dq_w = _producer(b, "DequantizeLinear")
+    if dq_w is None or dq_w.attributes.get_int("axis", 1) not in (1, -1) or dq_w.attributes.get_int("block_size", 0):
+        return None
+    q, scale = _const(dq_w.inputs[0]), _const(dq_w.inputs[1])
+    zero = _const(dq_w.inputs[2]) if len(dq_w.inputs) > 2 and dq_w.inputs[2] is not None else None
+    if not _int8_weight(q, scale, zero):
+        return None
+    x = _through_activation_qdq(a)
+    if not _float_input(x) or x.shape[-1] != q.shape[0]:
+        return None
+    k, n = q.shape
+    return QuantLinear(matmul.outputs[0], x, k, n, "int8", (q, scale.reshape(n).astype(np.float32)),
+                       name=matmul.name or matmul.outputs[0].name)
+
+
+def _through_activation_qdq(a: ir.Value) -> ir.Value:
+    """x for A = DequantizeLinear(QuantizeLinear(x, s, z), s, z) (per-tensor), else A itself."""
+    dq = _producer(a, "DequantizeLinear")
+    q = _producer(dq.inputs[0], "QuantizeLinear") if dq is not None else None
+    if q is None:
+        return a
+    scales = [_const(node.inputs[1]) for node in (q, dq)]
+    if any(s is None or s.size != 1 for s in scales):
+        return a
+    return q.inputs[0]
+
+
+def _match_dynamic(mul: ir.Node) -> QuantLinear | None:
+    for cast_in, scale_in in (mul.inputs, mul.inputs[::-1]):
+        cast = _producer(cast_in, "Cast")
+        mm = _producer(cast.inputs[0], "MatMulInteger") if cast is not None else None
+        scale_mul = _producer(scale_in, "Mul")
+        if mm is None or scale_mul is None:
+            continue
+        dql = _producer(mm.inputs[0], "DynamicQuantizeLinear")
+        if dql is None or len(mm.inputs) < 3 or mm.inputs[2] is not dql.outputs[2]:
+            continue
+        q = _const(mm.inputs[1])
+        w_zero = _const(mm.inputs[3]) if len(mm.inputs) > 3 and mm.inputs[3] is not None else None
+        others = [v for v in scale_mul.inputs if v is not dql.outputs[1]]
+        if len(others) != 1 or len(scale_mul.inputs) != 2:
+            continue
+        scale = _const(others[0])
+        x = dql.inputs[0]
+        if not _int8_weight(q, scale, w_zero) or not _float_input(x) or x.shape[-1] != q.shape[0]:
+            continue
+        k, n = q.shape
+        return QuantLinear(mul.outputs[0], x, k, n, "int8", (q, scale.reshape(n).astype(np.float32)),
+                           name=mm.name or mul.outputs[0].name)
+    return None
+
+
+def _match_matmulnbits(node: ir.Node) -> QuantLinear | None:
+    attrs = node.attributes
+    if attrs.get_int("bits", 4) != 4 or len(node.inputs) > 4 and any(v is not None for v in node.inputs[4:]):
+        return None
+    k, n, group = attrs.get_int("K", 0), attrs.get_int("N", 0), attrs.get_int("block_size", 0)
+    packed, scales = _const(node.inputs[1]), _const(node.inputs[2])
+    zp = _const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    x = node.inputs[0]
+    if packed is None or scales is None or group < 16 or group % 16 or not _float_input(x) or x.shape[-1] != k:
+        return None
+    blocks = -(-k // group)
+    if packed.dtype != np.uint8 or packed.size != n * blocks * group // 2 or scales.size != n * blocks:
+        return None
+    if zp is not None and (zp.dtype != np.uint8 or zp.size != n * -(-blocks // 2)):
+        return None  # float zero points (a different MatMulNBits form): left to TVM
+    codes = unpack_nibbles(packed.reshape(n, blocks * group // 2))
+    zeros = None if zp is None else unpack_nibbles(zp.reshape(n, -1))[:, :blocks]
+    return QuantLinear(node.outputs[0], x, k, n, "int4",
+                       (codes, scales.reshape(n, blocks).astype(np.float32), zeros), group=group,
+                       name=node.name or node.outputs[0].name)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., B] -> codes [..., 2B], low nibble first (MatMulNBits' order)."""
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
+    out[..., 0::2] = packed & 15
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+# --------------------------------------------------------------------------- rewriting
+
+def _rows(x: ir.Value) -> int | None:
+    dims = list(x.shape)[:-1]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return int(np.prod(dims)) if dims else 1
+
+
+def _zero_producing(node: ir.Node | None) -> bool:
+    """x is exactly zero where a ReLU cut it: Relu(.), or Mul(Relu(.), up) in a gated FFN."""
+    if node is None:
+        return False
+    if node.op_type == "Relu":
+        return True
+    return node.op_type == "Mul" and any(
+        v is not None and v.producer() is not None and v.producer().op_type == "Relu" for v in node.inputs)
+
+
+def _activity(match: QuantLinear) -> tuple[str, list[ir.Value]]:
+    """(mode, [x, threshold[, scale]]) for the kernel: sparse when x is sparsified or ReLU-produced."""
+    rows = _rows(match.x)
+    if rows is None or rows > MAX_SPARSE_ROWS:
+        return "dense", [match.x]
+    producer = match.x.producer()
+    if producer is not None and producer.domain == DOMAIN and producer.op_type in (SPARSIFY, SPARSIFY_WEIGHTED):
+        mode = "scaled" if producer.op_type == SPARSIFY_WEIGHTED else "threshold"
+        return mode, list(producer.inputs[: 3 if mode == "scaled" else 2])
+    if _zero_producing(producer):
+        return "nonzero", [match.x]
+    return "dense", [match.x]
+
+
+def _packed_weights(match: QuantLinear, sparse: bool, lanes: int) -> list[np.ndarray]:
+    from actsparse.codegen.kernels.cpu import quant
+
+    if match.kind == "int8":
+        q, scale = match.weights
+        pack = quant.pack_int8_sparse if sparse else quant.pack_int8_dense
+        return list(pack(q, scale, lanes))
+    codes, scales, zeros = match.weights
+    pack = quant.pack_int4_sparse if sparse else quant.pack_int4_dense
+    return list(pack(codes, scales, zeros, k=match.k, lanes=lanes))
+
+
+def _replace(model: ir.Model, match: QuantLinear, lanes: int) -> dict:
+    mode, inputs = _activity(match)
+    arrays = _packed_weights(match, mode != "dense", lanes)
+    base = match.name or "quant_linear"
+    for suffix, array in zip(("weight", "scale", "zero"), arrays):
+        inputs.append(add_initializer(model, f"{base}.{suffix}_{match.kind}_packed", array))
+    zero_points = match.kind == "int4" and match.weights[2] is not None
+    attributes = {"kind": match.kind, "mode": mode, "k": match.k, "n": match.n, "group": match.group,
+                  "zero_points": int(zero_points), "lanes": lanes}
+    node = ir.Node(LOWERING_DOMAIN, QUANT_LINEAR, inputs,
+                   attributes=ir.convenience.convert_attributes(attributes),
+                   name=unique_node_name(model, f"{base}.kernel"))
+    out = node.outputs[0]
+    out.type, out.shape = match.output.type, match.output.shape
+    model.graph.insert_before(match.output.producer(), node)
+    name = match.output.name
+    ir.convenience.replace_all_uses_with(match.output, out, replace_graph_outputs=True)
+    if any(v is out for v in model.graph.outputs):  # keep the graph output's name
+        match.output.name = f"{name}_replaced"
+        out.name = name
+    kernel = f"{match.kind}_{'dense' if mode == 'dense' else 'sparse_' + mode}"
+    return {"name": match.name, "kernel": kernel, "shape": [match.k, match.n]}
+
+
+# ------------------------------------------------------------------------------ TVM import
+
+def quant_converters(target) -> dict:
+    """from_onnx converters for ActsparseQuantLinear (one PrimFunc per variant and shape)."""
+    return {QUANT_LINEAR: _converter()}
+
+
+def quant_kernel(kind: str, mode: str, m: int, k: int, n: int, group: int, zero_points: bool, lanes: int):
+    """The PrimFunc an ActsparseQuantLinear node calls."""
+    from actsparse.codegen.kernels.cpu import quant
+
+    if kind == "int8":
+        if mode == "dense":
+            return quant.int8_dense_matmul(m, k, n, lanes=lanes)
+        return quant.int8_sparse_matmul(m, k, n, mode, lanes=lanes)
+    if mode == "dense":
+        return quant.int4_dense_matmul(m, k, n, group, zero_points=zero_points, lanes=lanes)
+    return quant.int4_sparse_matmul(m, k, n, group, mode, zero_points=zero_points, lanes=lanes)
+
+
+def _converter():
+    from tvm import relax
+
+    functions: dict[tuple, object] = {}
+
+    def text(value) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    class Converter:
+        @classmethod
+        def get_converter(cls, opset):
+            return cls.convert
+
+        @staticmethod
+        def convert(bb, inputs, attrs, params):
+            kind, mode = text(attrs["kind"]), text(attrs["mode"])
+            k, n, group = int(attrs["k"]), int(attrs["n"]), int(attrs["group"])
+            zero_points, lanes = bool(attrs["zero_points"]), int(attrs["lanes"])
+            x = inputs[0]
+            shape = [int(d) for d in x.ty.shape]
+            m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            x2 = bb.emit(relax.op.reshape(x, (m, k))) if shape != [m, k] else x
+            rest = list(inputs[1:])
+            if mode in ("threshold", "scaled"):  # the kernel takes the scalar threshold as f32[1]
+                rest[0] = bb.emit(relax.op.reshape(rest[0], (1,)))
+            key = (kind, mode, m, k, n, group, zero_points, lanes)
+            if key not in functions:
+                symbol = f"actsparse_{kind}_{mode}_m{m}_k{k}_n{n}" + (f"_g{group}{'_zp' if zero_points else ''}"
+                                                                     if kind == "int4" else "")
+                func = quant_kernel(*key)
+                functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
+            y = bb.emit(relax.call_tir(functions[key], [x2, *rest], relax.TensorType((m, n), "float32")))
+            return relax.op.reshape(y, (*shape[:-1], n)) if shape != [m, k] else y
+
+    return Converter
