@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -67,26 +68,48 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, source: str | os.Pat
         raise ActsparseError(f"{folder}: output folder does not exist")
     proto = ir.serde.serialize_model(model)
     large = proto.ByteSize() >= EXTERNAL_DATA_THRESHOLD if _fits_protobuf(proto) else True
+    if large:
+        _save_with_external_data(proto, path, folder, source)
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
-    tmp_data = None
     try:
-        if large:
-            tmp_data = tmp + ".data"
-            onnx.save_model(
-                proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=path.name + ".data", size_threshold=1024,
-            )
-        else:
-            onnx.save_model(proto, tmp)
-        if large:
-            os.replace(folder / (path.name + ".data"), folder / (path.name + ".data"))
+        onnx.save_model(proto, tmp)
         os.replace(tmp, path)
     except BaseException:
-        for leftover in (tmp, tmp_data):
-            if leftover and os.path.exists(leftover):
-                os.unlink(leftover)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+
+
+def _save_with_external_data(proto: onnx.ModelProto, path: Path, folder: Path, source) -> None:
+    """Write `path` and its tensors in `path.name + ".data"`: both are written in a private
+    temp folder beside them and renamed into place, the data first. Each file is replaced
+    atomically; a reader between the two renames sees the new data with the old model."""
+    data_name = path.name + ".data"
+    inputs = [Path(source), *_external_files(Path(source))] if source is not None else []
+    if any(_same_file(folder / data_name, f) for f in inputs):
+        raise ActsparseError(f"{folder / data_name}: the input model's data; refusing to overwrite it, choose another -o")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=folder))
+    try:
+        onnx.save_model(proto, str(staging / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        if (staging / data_name).exists():
+            os.replace(staging / data_name, folder / data_name)
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _external_files(model_path: Path) -> list[Path]:
+    """The external-data files an ONNX file refers to (none when it cannot be read)."""
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:
+        return []
+    locations = {e.value for t in _all_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    return [model_path.parent / location for location in locations]
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
