@@ -243,7 +243,7 @@ def _replace(new: Path, destination: Path) -> None:
     os.replace(destination, old)
     try:
         os.replace(new, destination)
-    except OSError:
+    except BaseException:  # also Ctrl-C or SIGTERM between the two renames
         os.replace(old, destination)  # put the previous artifact back
         raise
     artifact.remove_tree(old)
