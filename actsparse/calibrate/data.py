@@ -105,6 +105,8 @@ def feeds_from_arrays(arrays: dict[str, np.ndarray], model: ir.Model, *, source:
         if array.shape[0] == 0:
             raise ActsparseError(f"{source}: no samples for input {name!r}")
         _check_dims(array[0], value, source)
+        if array[0].size == 0:  # statistics over no values would be 0/0
+            raise ActsparseError(f"{source}: input {name!r} samples are empty (shape {array.shape[1:]})")
         stacked[name] = array
     counts = {name: a.shape[0] for name, a in stacked.items()}
     if len(set(counts.values())) > 1:
