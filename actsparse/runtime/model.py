@@ -225,8 +225,10 @@ class _InputSpec:
             self.dtype = np.dtype(spec["dtype"])
         except TypeError:
             raise ActsparseError(f"input {self.name!r}: dtype {spec['dtype']!r} is not supported by numpy") from None
-        if self.dtype.kind not in "biufc":  # what DLPack can pass: no objects, strings, dates or records
-            raise ActsparseError(f"input {self.name!r}: dtype {self.dtype} is not a numeric tensor type")
+        # What TVM tensors hold: no objects, strings, dates or records, and no complex numbers
+        # (TVM aborts the process formatting the dtype error for a complex tensor).
+        if self.dtype.kind not in "biuf":
+            raise ActsparseError(f"input {self.name!r}: dtype {self.dtype} is not a real-valued tensor type")
 
     def check(self, value, free_dims: dict[str, int]) -> np.ndarray:
         """The value as a C-contiguous, 64-byte-aligned array, or an ActsparseError saying what is wrong."""
@@ -239,6 +241,10 @@ class _InputSpec:
         if array.ndim != len(self.shape) or not self._dims_match(array.shape, free_dims):
             expected = "(" + ", ".join(str(d) for d in self.shape) + ")"
             raise ActsparseError(f"input {self.name!r}: shape {tuple(array.shape)}, expected {expected}")
+        # NaN has no meaning kernels agree on (ReLU's max and sparse thresholds turn it into 0,
+        # numpy keeps it): refuse it. +-Inf is legitimate (additive attention masks) and passes.
+        if array.dtype.kind in "fc" and np.isnan(array).any():
+            raise ActsparseError(f"input {self.name!r} contains NaN")
         return aligned(array)
 
     def shape_matches(self, shape: tuple, free_dims: dict[str, int]) -> bool:
