@@ -53,6 +53,12 @@ def specialize_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]])
         shape = tuple(int(d) for d in input_shapes[value.name])
         if value.shape is not None and len(value.shape) != len(shape):
             raise ActsparseError(f"input {value.name!r}: example has rank {len(shape)}, model expects {len(value.shape)}")
+        fixed = [(i, d) for i, d in enumerate(value.shape or []) if isinstance(d, int) and d != shape[i]]
+        if fixed:  # a static export bakes its sizes into Reshape/Expand constants: it cannot be re-sized
+            i, d = fixed[0]
+            raise ActsparseError(f"input {value.name!r} has the static shape {tuple(value.shape)}, the example "
+                                 f"{shape} (dim {i}: {shape[i]} != {d}); export the model at the shape to "
+                                 f"compile, or with that dim dynamic")
         value.shape = ir.Shape(shape)
     return CleanupPass()(model).model
 
@@ -167,7 +173,156 @@ def to_relax(model: ir.Model, target):
             first = str(exc).strip().splitlines()
             raise ActsparseError(f"TVM cannot import the model: {first[-1] if first else type(exc).__name__}") from None
     mod, params = detach_params(mod)
+    mod = schedule_tvm_ops(mod, target)
     return mod, {name: [p.numpy() for p in values] for name, values in params.items()}
+
+
+def schedule_tvm_ops(mod, target):
+    """Legalize and fuse the ops TVM lowers itself, then give them CPU schedules.
+
+    TVM's default lowering leaves them as plain serial loops. Measured on all-MiniLM-L6-v2
+    (batch 1, seq 128, 2 cores): attention's softmax @ V 10.7 ms -> 0.2 ms per layer, the
+    fused GELU ~4.7 ms -> ~1 ms. Rules, first match wins: batched matmul (+ elementwise
+    epilogue), dlight's CPU GEMV and Reduction (softmax, layer norm), elementwise.
+    A rule that cannot schedule a function leaves it as it was. `tvm.compile` then runs
+    its default pipeline on the result: legalizing again finds nothing left to do.
+    """
+    import tvm
+    from tvm.relax.backend.cpu_generic.pipeline import legalize_passes
+    from tvm.s_tir import dlight as dl
+
+    if target.kind.name != "llvm":
+        return mod
+    rules = [_MatmulRule(), dl.cpu.GEMV(), dl.cpu.Reduction(), _ElementwiseRule()]
+    with target:
+        mod = _fast_erf_tanh(mod)
+        mod = tvm.transform.Sequential(legalize_passes(target))(mod)
+        return dl.ApplyDefaultSchedule(*[_Guarded(rule) for rule in rules])(mod)
+
+
+def _fast_erf_tanh(mod):
+    """erf and tanh (the GELUs) as TVM's vectorizable polynomial forms (`topi.fast_erf`,
+    `topi.fast_tanh`, float32-accurate) instead of a libm call per element: the exact
+    erf took ~5 ms of MiniLM's ~6 ms GELU per layer at seq 128."""
+    from tvm import relax, topi
+    from tvm.relax import expr_functor
+
+    @expr_functor.mutator
+    class FastErfTanh(relax.PyExprMutator):
+        def visit_call_(self, call):
+            name = getattr(call.op, "name", None)
+            if name == "relax.erf" and call.args[0].ty.dtype == "float32":
+                return self.builder_.call_te(topi.fast_erf, call.args[0])
+            if name == "relax.tanh" and call.args[0].ty.dtype == "float32":
+                return self.builder_.call_te(topi.fast_tanh, call.args[0])
+            return super().visit_call_(call)
+
+    mutator = FastErfTanh(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+class _Guarded:
+    """A schedule rule (anything with dlight's `apply(func, target, tunable)`) whose failure on
+    one function leaves that function unscheduled instead of failing the compile."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception:  # TVM raises many error types from a schedule primitive
+            return None
+
+
+def _vector_lanes_f32(target) -> int:
+    from tvm.target.codegen import llvm_get_vector_width
+
+    bits = llvm_get_vector_width(target)
+    return max((bits if bits > 0 else 128) // 32, 4)
+
+
+def _loop_extent(sch, loop) -> int | None:
+    from tvm.s_tir.dlight.base import get_extent
+
+    extent = get_extent(sch, loop)
+    return extent if isinstance(extent, int) else None
+
+
+def _vectorize_inner(sch, loop, lanes: int) -> None:
+    """Vectorize `loop` in chunks of `lanes` when it divides evenly (no tail to predicate)."""
+    extent = _loop_extent(sch, loop)
+    if extent is None or extent < 2:
+        return
+    if extent <= lanes:
+        sch.vectorize(loop)
+    elif extent % lanes == 0:
+        sch.vectorize(sch.split(loop, [None, lanes])[1])
+
+
+_PARALLEL_MIN_ELEMENTS = 1 << 14  # below this, waking the thread pool costs more than it saves
+
+
+class _ElementwiseRule:
+    """Functions of injective blocks only: inline into the last, fuse its loops, parallel + vectorize."""
+
+    def apply(self, func, target, _tunable):
+        from tvm import s_tir
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+        sch = s_tir.Schedule(func)
+        blocks = normalize_prim_func(sch)
+        if not blocks or not all(block.is_injective() for block in blocks):
+            return None
+        for block in blocks[:-1]:
+            sch.compute_inline(block.block_rv)
+        loops = sch.get_loops(blocks[-1].block_rv)
+        if not loops:
+            return None
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        total = _loop_extent(sch, fused)
+        lanes = _vector_lanes_f32(target)
+        if total is None or total % lanes:
+            return None
+        outer, inner = sch.split(fused, [None, lanes])
+        sch.vectorize(inner)
+        if total >= _PARALLEL_MIN_ELEMENTS:
+            sch.parallel(outer)
+        return sch
+
+
+class _MatmulRule:
+    """C[b.., i, j] = sum_k A * B (+ elementwise epilogue): parallel over (b.., i), the k loop
+    outside a vectorized j loop (a row of C stays in L1), epilogue computed per row."""
+
+    def apply(self, func, target, _tunable):
+        from tvm import s_tir
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+        sch = s_tir.Schedule(func)
+        blocks = normalize_prim_func(sch)
+        if not blocks or blocks[0].is_injective() or not all(b.is_injective() for b in blocks[1:]):
+            return None
+        main = blocks[0]
+        kinds = main.dom_kind()
+        loops = sch.get_loops(main.block_rv)
+        if len(kinds) < 3 or not kinds.endswith("SSR") or kinds.count("R") != 1 or len(loops) != len(kinds):
+            return None
+        *batch, i, j, k = loops
+        sch.reorder(*batch, i, k, j)
+        rows = sch.fuse(*batch, i) if batch else i
+        sch.parallel(rows)
+        lanes = _vector_lanes_f32(target)
+        _vectorize_inner(sch, j, lanes)
+        sch.decompose_reduction(main.block_rv, k)
+        for block in blocks[1:]:
+            sch.reverse_compute_at(block.block_rv, rows, preserve_unit_loops=True)
+            inner = sch.get_loops(block.block_rv)[-1]
+            _vectorize_inner(sch, inner, lanes)
+        return sch
 
 
 def _pack_dense_weights(model: ir.Model, target) -> None:
