@@ -130,7 +130,7 @@ class CompiledArtifact:
 
 def compile(model: Any, target: str = "host", passes: PassesArg = None, *, example_inputs: Any = None,
             output: str | os.PathLike | None = None, recipe=None, calib=None, verify: bool = True, seed: int = 0,
-            bundle_runtime: bool = False, on_pass=None, on_step=None) -> CompiledArtifact:
+            bundle_runtime: bool | str = False, on_pass=None, on_step=None) -> CompiledArtifact:
     """Optimize (optional passes) and compile a model for `target` into an artifact.
 
     >>> art = actsparse.compile("model.onnx", target="host", passes="sparsify{method=teal,sparsity=0.5}",

@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host (default), x86, rpi4, aarch64, cuda[:sm_XX], or a JSON target")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0xD1x...",
                    help="static shape for a dynamic input, e.g. input_ids=1x128 (repeatable)")
-    p.add_argument("--bundle-runtime", action="store_true", help="put libtvm_runtime.so inside the artifact")
+    p.add_argument("--bundle-runtime", nargs="?", const=True, default=False, metavar="LIBTVM_RUNTIME_SO",
+                   help="put libtvm_runtime.so inside the artifact (this machine's, or the given file: "
+                        "for rpi4, the aarch64 one from scripts/arm/build_userland.sh)")
     p.add_argument("--report", help="write the pass and compile report as JSON")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_compile)

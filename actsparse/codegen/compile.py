@@ -30,7 +30,7 @@ class CompileResult:
 
 def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, *,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, passes: list[dict] | None = None,
-                  report: dict | None = None, bundle_runtime: bool = False,
+                  report: dict | None = None, bundle_runtime: bool | str = False,
                   on_step: Progress | None = None) -> CompileResult:
     """Lower `model` (not modified) for `target_name` and write the artifact at `output`."""
     from actsparse.codegen.lower import select_kernels, specialize_shapes, to_relax
