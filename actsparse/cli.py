@@ -67,7 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="ONNX model onnxruntime runs (default: the model the artifact was compiled from)")
     p.add_argument("--iters", type=int, default=50, help="runs per timing block (default 50)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="time on a remote board over TVM RPC (device-side timings)")
+    p.add_argument("--key", default="", help="RPC session key")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("deploy", help="upload an artifact to a board over TVM RPC, verify, run, compare")
+    p.add_argument("artifact", help="artifact directory or .tar")
+    p.add_argument("--rpc", required=True, metavar="HOST:PORT", help="the board's RPC server (python -m actsparse.deploy.server)")
+    p.add_argument("--key", default="", help="RPC session key")
+    p.add_argument("--inputs", help=".npz inputs (default: random, seeded)")
+    p.add_argument("--reference", help="ONNX model whose onnxruntime outputs the board must match "
+                                       "(default: the model the artifact was compiled from, if present)")
+    p.add_argument("--atol", type=float, default=1e-4, help="allowed max abs error against the reference")
+    p.add_argument("--timeout", type=float, default=10.0, help="connection timeout in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("example", help="write a built-in example model (ONNX) to try the tool on")
     p.add_argument("name", choices=["swiglu", "gelu_mlp"], help="swiglu: Llama-style FFN stack; gelu_mlp: BERT-style")
@@ -490,9 +504,102 @@ def _save_npz_atomic(path: str, arrays: dict) -> None:
         raise
 
 
+def _rpc_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ActsparseError(f"--rpc {text!r}: expected HOST:PORT, e.g. 192.168.1.20:9090")
+    return host, int(port)
+
+
+def _artifact_manifest(path: str) -> dict:
+    """The manifest of an artifact for another machine (it cannot be loaded here), checked."""
+    from actsparse.runtime.artifact import read_verified_manifest
+
+    return read_verified_manifest(path)
+
+
+def _reference_outputs(onnx_path: str, feeds: dict) -> dict:
+    from actsparse.frontend.onnx_file import load_model
+    from actsparse.passes.verify import ort_session
+
+    session = ort_session(load_model(onnx_path))
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+class _SpecModel:
+    """Just the input specs of a manifest, for generating inputs."""
+
+    def __init__(self, manifest: dict):
+        self.inputs = manifest["inputs"]
+
+
+def cmd_deploy(args) -> int:
+    from actsparse.deploy.rpc import deploy_and_run
+
+    host, port = _rpc_address(args.rpc)
+    manifest = _artifact_manifest(args.artifact)
+    feeds = _artifact_inputs(_SpecModel(manifest), args.inputs, args.seed)
+    reference_path = args.reference or manifest.get("report", {}).get("source")
+    reference = None
+    if reference_path and Path(reference_path).exists():
+        reference = _reference_outputs(reference_path, feeds)
+    elif args.reference:
+        raise ActsparseError(f"--reference {args.reference}: no such file")
+    result = deploy_and_run(args.artifact, feeds, host, port, key=args.key, timeout=args.timeout,
+                            reference=reference, atol=args.atol)
+    print(f"deployed to {host}:{port} ({result.device.get('machine', '?')}): checksums verified, "
+          f"ran in {min(result.seconds) * 1e3:.2f} ms", file=sys.stderr)
+    if result.max_abs_error is not None:
+        worst = max(result.max_abs_error.values()) if result.max_abs_error else 0.0
+        print(f"matches the reference ({reference_path}) to {worst:.2e} (atol {args.atol:g})", file=sys.stderr)
+    else:
+        print("no reference model: outputs not compared (give --reference model.onnx)", file=sys.stderr)
+    return 0
+
+
+def _bench_remote(args) -> int:
+    import numpy as np
+
+    from actsparse.deploy.rpc import connect
+
+    host, port = _rpc_address(args.rpc)
+    manifest = _artifact_manifest(args.artifact)
+    feeds = _artifact_inputs(_SpecModel(manifest), None, 0)
+    board = connect(host, port, key=args.key)
+    try:
+        name = board.upload_artifact(args.artifact)
+        board.run(name, feeds, repeat=3)  # warm-up: load once, first-touch the weights
+        board.run(name, feeds, repeat=args.iters)
+        seconds = sorted(board.last_seconds)
+    finally:
+        board.close()
+    median = float(np.median(seconds))
+    weight_bytes = manifest.get("report", {}).get("weight_bytes")
+    results = {"device": f"{host}:{port}", "runs": len(seconds), "ms_median": round(median * 1e3, 4),
+               "ms_best": round(seconds[0] * 1e3, 4)}
+    if weight_bytes:
+        results["weight_gbs"] = round(weight_bytes / median / 1e9, 3)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("device", "runs", "ms/run (median)", "ms (best)", "weight GB/s", title="remote timings (device side)")
+    table.add_row(results["device"], str(results["runs"]), f"{results['ms_median']:.3f}", f"{results['ms_best']:.3f}",
+                  str(results.get("weight_gbs", "-")))
+    Console().print(table)
+    if args.json_out:
+        from actsparse.api import write_json_atomic
+
+        write_json_atomic(args.json_out, results)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from actsparse.runtime import load
 
+    if args.rpc:
+        return _bench_remote(args)
     model = load(args.artifact)
     baselines = [b.strip() for b in args.against.split(",") if b.strip() and b.strip() != "none"]
     unknown = [b for b in baselines if b != "onnxruntime"]

@@ -345,3 +345,22 @@ def write_tar(source_dir: Path, tar_path: Path) -> None:
 def remove_tree(path: Path) -> None:
     """Remove a directory this package created; a failure to clean up is not the user's error."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def read_verified_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of the artifact at `path` (directory or .tar), every file's sha256 checked,
+    without loading its library: for artifacts built for another machine (deploy, remote bench)."""
+    import tempfile
+
+    source = Path(path)
+    if not source.exists():
+        raise ActsparseError(f"{source}: no such artifact")
+    if source.is_dir():
+        manifest = read_manifest(source)
+        verify_files(source, manifest)
+        return manifest
+    with tempfile.TemporaryDirectory(prefix="actsparse-manifest-") as work:
+        safe_extract_tar(source, Path(work))
+        manifest = read_manifest(Path(work))
+        verify_files(Path(work), manifest)
+        return manifest

@@ -1,0 +1,70 @@
+"""`actsparse deploy` and `actsparse bench --rpc` against RPC servers on loopback: a local one
+(x86 artifact) and the emulated Raspberry Pi (rpi4 artifact compiled with `actsparse compile`)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from actsparse.cli import main
+from actsparse.deploy.process import start_local_rpc_server
+from actsparse.zoo import swiglu_stack
+
+KEY = "actsparse-cli-test"
+
+
+@pytest.fixture(scope="module")
+def ffn_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("deploy") / "ffn.onnx"
+    onnx.save(swiglu_stack(layers=2, d=64, f=160), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def host_artifact(ffn_onnx):
+    out = ffn_onnx.with_name("ffn.host.actsparse")
+    assert main(["compile", str(ffn_onnx), "-o", str(out), "--passes", "sparsify{method=teal,sparsity=0.5,scope=ffn}"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_server():
+    with start_local_rpc_server(key=KEY) as server:
+        yield server
+
+
+def test_deploy_compares_with_the_source_model(local_server, host_artifact, ffn_onnx, capsys):
+    # The reference is the ONNX the artifact was compiled from; the sparsified artifact differs
+    # from the dense model, so a tight tolerance must fail and a loose one pass.
+    address = f"{local_server.host}:{local_server.port}"
+    assert main(["deploy", str(host_artifact), "--rpc", address, "--key", KEY, "--atol", "1e9"]) == 0
+    assert "checksums verified" in capsys.readouterr().err
+    assert main(["deploy", str(host_artifact), "--rpc", address, "--key", KEY, "--atol", "1e-9"]) == 2
+    assert capsys.readouterr().err.startswith("actsparse: error:")
+
+
+def test_deploy_errors_are_one_line(host_artifact, capsys):
+    assert main(["deploy", str(host_artifact), "--rpc", "localhost"]) == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
+    assert main(["deploy", str(host_artifact), "--rpc", "127.0.0.1:1", "--timeout", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("actsparse: error:")
+
+
+def test_bench_over_rpc(local_server, host_artifact, capsys):
+    address = f"{local_server.host}:{local_server.port}"
+    assert main(["bench", str(host_artifact), "--rpc", address, "--key", KEY, "--iters", "5"]) == 0
+    assert "remote timings" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compile_then_deploy_to_the_emulated_board(arm_board, arm_device_package, arm_userland, ffn_onnx,
+                                                   tmp_path, capsys):
+    artifact = tmp_path / "ffn.rpi4.actsparse"
+    runtime = arm_userland / "lib" / "libtvm_runtime.so"
+    assert main(["compile", str(ffn_onnx), "-o", str(artifact), "--target", "rpi4",
+                 "--bundle-runtime", str(runtime)]) == 0
+    with arm_board.start_rpc_server(package_dir=arm_device_package, key=KEY, workdir=tmp_path / "board") as server:
+        assert main(["deploy", str(artifact), "--rpc", f"{server.host}:{server.port}", "--key", KEY]) == 0
+    err = capsys.readouterr().err
+    assert "(aarch64)" in err and "matches the reference" in err
