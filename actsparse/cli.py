@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except ActsparseError as exc:
-        print(f"actsparse: error: {exc}", file=sys.stderr)
+        print(f"actsparse: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("actsparse: interrupted; nothing was written", file=sys.stderr)
@@ -137,11 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not the user's input: still one line unless asked
         if os.environ.get("ACTSPARSE_DEBUG"):
             raise
-        print(f"actsparse: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        print(f"actsparse: internal error: {type(exc).__name__}: {one_line(str(exc).splitlines()[0]) if str(exc) else ''} "
               f"(set ACTSPARSE_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
     finally:
         _handle_sigterm(previous)
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped: names from a hostile file
+    (a tar member called "\\r", a path with a newline) must not break the one-line error or
+    drive the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _handle_sigterm(handler):
