@@ -129,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"actsparse: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("actsparse: interrupted; nothing was written", file=sys.stderr)
+        print("actsparse: interrupted; no partial output was left", file=sys.stderr)
         return 130
     except Terminated:
-        print("actsparse: terminated; nothing was written", file=sys.stderr)
+        print("actsparse: terminated; no partial output was left", file=sys.stderr)
         return 143
     except Exception as exc:  # a bug, not the user's input: still one line unless asked
         if os.environ.get("ACTSPARSE_DEBUG"):
