@@ -90,7 +90,11 @@ def calibration_for(model: ir.Model, calib: Any = None, *, samples: int = 8, see
         return load_calibration(calib, model)
     if isinstance(calib, dict):
         return feeds_from_arrays({k: np.asarray(v) for k, v in calib.items()}, model)
-    return [{k: np.asarray(v) for k, v in feeds.items()} for feeds in calib]
+    samples = [sample for feeds in calib for sample in  # each feed checked like an .npz sample
+               feeds_from_arrays({k: np.asarray(v) for k, v in feeds.items()}, model)]
+    if not samples:
+        raise ActsparseError("calibration: no samples")
+    return samples
 
 
 def optimize(model: Any, example_inputs: Any = None, passes: PassesArg = None, *, recipe=None, calib=None,
