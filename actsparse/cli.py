@@ -485,7 +485,7 @@ def _artifact_inputs(model, path: str | None, seed: int) -> dict:
             feeds[spec["name"]] = (rng.integers(0, 100, shape).astype(dtype) if np.issubdtype(dtype, np.integer)
                                    else rng.standard_normal(shape).astype(dtype))
         return feeds
-    from actsparse.calibrate.data import read_npz
+    from actsparse.runtime.npz import read_npz
 
     if not Path(path).is_file():
         raise ActsparseError(f"{path}: no such inputs file")

@@ -15,7 +15,9 @@ from actsparse.errors import ActsparseError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # Paths relative to the actsparse package; folders are copied with their .py files only.
-DEVICE_FILES = ("__init__.py", "errors.py", "runtime", "deploy/__init__.py", "deploy/server.py", "deploy/rpc.py")
+# cli.py imports only the standard library at module level; its `run` command needs only the runtime.
+DEVICE_FILES = ("__init__.py", "errors.py", "cli.py", "runtime", "deploy/__init__.py", "deploy/server.py",
+                "deploy/rpc.py")
 
 
 def stage_device_package(dest: str | os.PathLike) -> Path:
@@ -34,3 +36,14 @@ def stage_device_package(dest: str | os.PathLike) -> Path:
             (target / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target / rel)
     return dest
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m actsparse.deploy.device DEST   (then copy DEST/actsparse to the board)")
+    try:
+        print(f"staged the device package in {stage_device_package(sys.argv[1]) / 'actsparse'}")
+    except ActsparseError as exc:
+        sys.exit(f"actsparse: error: {exc}")

@@ -68,3 +68,25 @@ def test_compile_then_deploy_to_the_emulated_board(arm_board, arm_device_package
         assert main(["deploy", str(artifact), "--rpc", f"{server.host}:{server.port}", "--key", KEY]) == 0
     err = capsys.readouterr().err
     assert "(aarch64)" in err and "matches the reference" in err
+
+
+@pytest.mark.slow
+def test_cli_run_on_the_emulated_board(run_on_arm, arm_userland, ffn_onnx, tmp_path):
+    """`python -m actsparse.cli run` on the board: the staged package needs no torch/onnx/tvm."""
+    import numpy as np
+
+    artifact = tmp_path / "ffn.rpi4.actsparse"
+    assert main(["compile", str(ffn_onnx), "-o", str(artifact), "--target", "rpi4",
+                 "--bundle-runtime", str(arm_userland / "lib" / "libtvm_runtime.so")]) == 0
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    code = ("import sys; from actsparse.cli import main; rc = main(['run', sys.argv[1], '--inputs', sys.argv[2], "
+            "'-o', sys.argv[3]]); heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'tvm')]; "
+            "print(heavy); sys.exit(rc)")
+    run = run_on_arm(code, artifact, tmp_path / "in.npz", tmp_path / "out.npz")
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(str(ffn_onnx)).run(None, {"x": x})[0]
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_allclose(out["y"], expected, rtol=1e-4, atol=1e-4)
