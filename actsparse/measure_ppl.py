@@ -128,7 +128,8 @@ def plot_curves(result: dict, path: str | Path, title: str = "") -> Path:
     for method, data in result["methods"].items():
         xs = [0.0] + [p["sparsity"] for p in data["curve"]]
         ys = [result["baseline_perplexity"]] + [p["perplexity"] for p in data["curve"]]
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{method} (PPL-{result['tolerance']:.0%}: {data['best_sparsity']:.0%})")
+        label = f"{method} (PPL-{result['tolerance']:.0%}: {data['best_sparsity']:.0%})"
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
     ax.axhline(result["limit"], color="gray", ls="--", lw=1, label=f"+{result['tolerance']:.0%} perplexity")
     ax.set_xlabel("FFN activation sparsity")
     ax.set_ylabel("held-out perplexity")

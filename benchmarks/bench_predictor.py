@@ -42,30 +42,29 @@ MEMORY_BUDGET = 2_000_000_000
 
 
 def lm_predictor_result() -> dict | None:
+    """The predictor's numbers on the relufied LM (examples/lm_sparsity.py), if they exist."""
     path = RESULTS / "lm.json"
-    if not path.exists():
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if "predictor" not in data:
         return None
-    data = json.loads(path.read_text())
-    modes = data.get("predictor", {}).get("modes", {})
-    return next(iter(modes.values()), None) and {"file": str(path.relative_to(RESULTS.parent.parent)),
-                                                  "base_perplexity": data.get("eval", {}).get("onnx_perplexity"),
-                                                  "relufied_perplexity": data["predictor"].get("relufied_perplexity"),
-                                                  "modes": {k: {f: v.get(f) for f in ("predicted_active_mean", "recall_mean",
-                                                                                       "perplexity", "change_vs_relufied")}
-                                                            for k, v in modes.items()}}
+    fields = ("predicted_active_mean", "recall_mean", "perplexity", "change_vs_relufied")
+    return {"file": "benchmarks/results/lm.json", "base_perplexity": data.get("eval", {}).get("onnx_perplexity"),
+            "relufied_perplexity": data["predictor"].get("relufied_perplexity"),
+            "modes": {name: {f: row.get(f) for f in fields} for name, row in data["predictor"]["modes"].items()}}
 
 
 def stack_proto(weights):
     """The dense stack in ONNX: h = down(relu(h @ Wg) * (h @ Wu)) per layer."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     d = weights[0][0].shape[0]
     nodes, inits, h = [], [], "x"
     for i, (wg, wu, wd) in enumerate(weights):
         inits += [numpy_helper.from_array(w, f"w{n}{i}") for n, w in (("g", wg), ("u", wu), ("d", wd))]
-        nodes += [helper.make_node("MatMul", [h, f"wg{i}"], [f"g{i}"]), helper.make_node("Relu", [f"g{i}"], [f"a{i}"]),
-                  helper.make_node("MatMul", [h, f"wu{i}"], [f"u{i}"]), helper.make_node("Mul", [f"a{i}", f"u{i}"], [f"h{i}"]),
+        nodes += [helper.make_node("MatMul", [h, f"wg{i}"], [f"g{i}"]),
+                  helper.make_node("Relu", [f"g{i}"], [f"a{i}"]),
+                  helper.make_node("MatMul", [h, f"wu{i}"], [f"u{i}"]),
+                  helper.make_node("Mul", [f"a{i}", f"u{i}"], [f"h{i}"]),
                   helper.make_node("MatMul", [f"h{i}", f"wd{i}"], [f"y{i}"])]
         h = f"y{i}"
     graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])],
@@ -118,7 +117,8 @@ def run(d: int, f: int, layers: int, active: float, rank: int, iters: int) -> di
     report = {"d": d, "f": f, "layers": layers, "active": active, "nnz": nnz, "rank": rank,
               "dense_weight_bytes": layer_bytes * layers, "l3_bytes": l3,
               "bytes_fraction_predicted": round((nnz / f * layer_bytes + predictor_bytes) / layer_bytes, 4),
-              "machine": platform.processor() or platform.machine(), "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 2)}
+              "machine": platform.processor() or platform.machine(),
+              "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 2)}
     print(f"D={d} F={f} x{layers} layers ({layer_bytes * layers / 1e6:.0f} MB), active {active:.3f} "
           f"(nnz {nnz}), predictor rank {rank}, L3 {l3 >> 20} MB", flush=True)
 

@@ -2,7 +2,8 @@
 
 Sizes: "small" (~10.7 M parameters: 6 layers, hidden 384, SwiGLU FFN 384 -> 1024 -> 384,
 6 heads of 64) is the reference model; "mini" (~0.9 M: 4 layers, hidden 128, FFN 384) is the one
-trained for the measurements when only minutes of a shared CPU are at hand; "tiny" (2 layers, hidden 32) trains in seconds in tests.
+trained for the measurements when only minutes of a shared CPU are at hand; "tiny" (2 layers,
+hidden 32) trains in seconds in tests.
 Checkpoints are safetensors plus a JSON config; no pickle.
 """
 

@@ -34,7 +34,6 @@ def _predict(model, **options):
     return p(model).model, p.report
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["threshold", "topk", "statistical"])
 def test_mask_multiplies_the_down_input(relufied_llama, mode):
     blocks = find_blocks(relufied_llama).ffn
