@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=1, help="rows of the input (default 1: batch-1 decode)")
     p.set_defaults(func=cmd_example)
 
+    p = sub.add_parser("measure", help="PPL-p%%: per method, the highest FFN sparsity whose perplexity rises "
+                                       "at most p%% (causal byte-level LMs, e.g. actsparse.lm)")
+    p.add_argument("model", help="ONNX causal LM: input_ids [1, L] -> logits")
+    p.add_argument("--ppl-tolerance", default="1%", help="allowed perplexity rise (1%% or 0.01)")
+    p.add_argument("--methods", default="teal,wina,chess", help="comma-separated sparsify methods")
+    p.add_argument("--out", default=".", help="folder for ppl_tolerance.json and .png")
+    p.set_defaults(func=cmd_measure)
+
     p = sub.add_parser("passes", help="list the passes with their options")
     p.add_argument("name", nargs="?", help="show one pass in full")
     p.set_defaults(func=cmd_passes)
@@ -659,6 +667,13 @@ def cmd_example(args) -> int:
     save_model(ir.serde.deserialize_model(proto), args.output)
     print(f"wrote {args.output} ({args.name}, {args.layers} layers, d={args.d}, f={args.f})", file=sys.stderr)
     return 0
+
+
+def cmd_measure(args) -> int:
+    from actsparse.measure_ppl import main as measure_main
+
+    return measure_main([args.model, "--ppl-tolerance", args.ppl_tolerance, "--methods", args.methods,
+                         "--out", args.out])
 
 
 # --- passes ----------------------------------------------------------------------------

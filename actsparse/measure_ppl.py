@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         result = ppl_tolerance(model, calibration, windows, tolerance=tolerance, methods=methods, levels=levels,
                                progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ActsparseError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"actsparse: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
