@@ -8,7 +8,8 @@ PrimFunc reading only the weight rows its active set needs:
 (b) ``ffn_gate_sparse``: gate computed densely; up and down only for neurons with
     |act(gate_f)| > t (for relu with t = 0: relu(gate) > 0; for silu: CATS).
 (c) ``ffn_indexed``: a predictor gives the active neurons (idx[0:nnz]); gate, up and
-    down are computed only for them.
+    down are computed only for them. ``predict_active`` is that predictor (the predictor
+    pass's PredictActive* ops): low-rank logits, selection and compaction into idx/nnz.
 
 Rows of W needed together are stored contiguously by the ``pack_*`` functions
 (run once at compile time).
@@ -193,11 +194,13 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
     return ffn_gate_sparse_kernel
 
 
-def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None):
+def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
+                shifted: bool = False):
     """(c) Signature: ``(x: f32[1, d], idx: i32[f], nnz: i32[1], wgu_t: f32[f, 2, d], wd: f32[f, d], y: f32[1, d])``.
 
     idx[0:nnz] are the active neurons (any order, no repeats; entries past nnz ignored).
-    Weights from ``pack_ffn_indexed``.
+    Weights from ``pack_ffn_indexed``. ``shifted``: a ``shift: f32[1]`` parameter follows
+    ``nnz`` and the activation is act(gate_f - shift) (shifted ReLU).
     """
     _check_act(act)
     R = ROWS_PER_STEP
@@ -207,16 +210,8 @@ def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, c
     pad = pad_macro(1, R)
     down = accumulate_macro(1, d, R, lanes, chunks)
 
-    @T.prim_func
-    def ffn_indexed_kernel(
-        x: T.Buffer((1, d), "float32"),
-        idx: T.Buffer((f,), "int32"),
-        nnz: T.Buffer((1,), "int32"),
-        wgu_t: T.Buffer((f, 2, d), "float32"),
-        wd: T.Buffer((f, d), "float32"),
-        y: T.Buffer((1, d), "float32"),
-    ):
-        T.func_attr({"tir.noalias": True})
+    @T.macro
+    def indexed(x, idx, nnz, shift, wgu_t, wd, y):
         rows = T.alloc_buffer((f + R,), "int32")
         coef = T.alloc_buffer((1, f + R), "float32")
         count = T.alloc_buffer((1,), "int32")
@@ -252,7 +247,156 @@ def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, c
                             sums[part] = sums[part] + x[0, d // vec * vec + c2] * wgu_t[
                                 rows[q * G + i], part, d // vec * vec + c2
                             ]
-                    coef[0, q * G + i] = T.Select(q * G + i < active, _act(act, sums[0]) * sums[1], T.float32(0))
+                    if shifted:
+                        a = T.bind(_act(act, sums[0] - shift[0]))
+                    else:
+                        a = T.bind(_act(act, sums[0]))
+                    coef[0, q * G + i] = T.Select(q * G + i < active, a * sums[1], T.float32(0))
         down(wd, y, rows, coef, count)
 
+    if shifted:
+
+        @T.prim_func
+        def ffn_indexed_shifted_kernel(
+            x: T.Buffer((1, d), "float32"),
+            idx: T.Buffer((f,), "int32"),
+            nnz: T.Buffer((1,), "int32"),
+            shift: T.Buffer((1,), "float32"),
+            wgu_t: T.Buffer((f, 2, d), "float32"),
+            wd: T.Buffer((f, d), "float32"),
+            y: T.Buffer((1, d), "float32"),
+        ):
+            T.func_attr({"tir.noalias": True})
+            indexed(x, idx, nnz, shift, wgu_t, wd, y)
+
+        return ffn_indexed_shifted_kernel
+
+    @T.prim_func
+    def ffn_indexed_kernel(
+        x: T.Buffer((1, d), "float32"),
+        idx: T.Buffer((f,), "int32"),
+        nnz: T.Buffer((1,), "int32"),
+        wgu_t: T.Buffer((f, 2, d), "float32"),
+        wd: T.Buffer((f, d), "float32"),
+        y: T.Buffer((1, d), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        indexed(x, idx, nnz, nnz, wgu_t, wd, y)
+
     return ffn_indexed_kernel
+
+
+PREDICT_MODES = ("threshold", "topk", "statistical")
+
+
+def pack_predictor(a: np.ndarray, b: np.ndarray, lanes: int = DEFAULT_LANES):
+    """-> (A [D, r] and B [r, F] each packed by ``pack_dense`` with block 2 x lanes)."""
+    return pack_dense(np.asarray(a, np.float32), 2 * lanes), pack_dense(np.asarray(b, np.float32), 2 * lanes)
+
+
+def predict_active(d: int, r: int, f: int, mode: str = "threshold", lanes: int = DEFAULT_LANES):
+    """The predictor pass's PredictActive* ops at batch 1, compacted for ``ffn_indexed``.
+
+    Signature: ``(x: f32[1, d], a: f32[ceil(r/B), d, B], b: f32[ceil(f/B), r, B], bias: f32[f],
+    param: f32[1] (i32[1] for topk), idx: i32[f], nnz: i32[1])`` with B = 2 x ``lanes`` and
+    a, b from ``pack_predictor``. logits = (x @ A) @ B + bias (dense, panel-parallel like
+    ``dense_matmul``); the kept neurons, in increasing order, go to idx[0:nnz]:
+    - threshold: logits > param;
+    - topk: logits >= the param-th largest logit (ties keep more, as the ONNX function does),
+      found by a 32-step bitwise search over order-preserving integer keys (no sort);
+    - statistical: logits > mean + param x std (population std over the f logits).
+    """
+    if mode not in PREDICT_MODES:
+        raise ValueError(f"mode must be one of {PREDICT_MODES}, got {mode!r}")
+    block = 2 * lanes
+    nr, nf = panel_count(r, block), panel_count(f, block)
+    padded = nf * block
+    param_dtype = "int32" if mode == "topk" else "float32"
+
+    @T.macro
+    def panel_gemv(v, w, out, panels, k):
+        for p in T.parallel(panels):
+            acc = T.alloc_buffer((block,), "float32")
+            for j in T.vectorized(block):
+                acc[j] = T.float32(0)
+            for kk in range(k):
+                value = T.bind(v[kk])
+                for j in T.vectorized(block):
+                    acc[j] = acc[j] + value * w[p, kk, j]
+            for j in T.vectorized(block):
+                out[p * block + j] = acc[j]
+
+    @T.macro
+    def kth_largest(logits, k, cut):
+        # Order-preserving uint32 keys (negatives flipped, positives offset), padding key 0 (never
+        # counted: every candidate has a bit set); the k-th largest key is built bit by bit.
+        keys = T.alloc_buffer((padded,), "uint32")
+        found = T.alloc_buffer((1,), "uint32")
+        for j in range(padded):
+            bits = T.bind(T.reinterpret("uint32", logits[T.min(j, f - 1)]))
+            key = T.bind(T.Select(bits >= T.uint32(0x80000000), bits ^ T.uint32(0xFFFFFFFF),
+                                  bits | T.uint32(0x80000000)))
+            keys[j] = T.Select(j < f, key, T.uint32(0))
+        found[0] = T.uint32(0)
+        for step in range(32):
+            candidate = T.bind(found[0] | T.shift_left(T.uint32(1), T.Cast("uint32", 31 - step)))
+            counts = T.alloc_buffer((block,), "int32")
+            for j in T.vectorized(block):
+                counts[j] = 0
+            for p in range(nf):
+                for j in T.vectorized(block):
+                    counts[j] = counts[j] + T.Select(keys[p * block + j] >= candidate, 1, 0)
+            total = T.alloc_buffer((1,), "int32")
+            total[0] = 0
+            for j in range(block):
+                total[0] = total[0] + counts[j]
+            if total[0] >= k:
+                found[0] = candidate
+        key = T.bind(found[0])
+        bits = T.bind(T.Select(key >= T.uint32(0x80000000), key ^ T.uint32(0x80000000), key ^ T.uint32(0xFFFFFFFF)))
+        cut[0] = T.reinterpret("float32", bits)
+
+    @T.prim_func
+    def predict_active_kernel(
+        x: T.Buffer((1, d), "float32"),
+        a: T.Buffer((nr, d, block), "float32"),
+        b: T.Buffer((nf, r, block), "float32"),
+        bias: T.Buffer((f,), "float32"),
+        param: T.Buffer((1,), param_dtype),
+        idx: T.Buffer((f,), "int32"),
+        nnz: T.Buffer((1,), "int32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        xv = T.decl_buffer((d,), "float32", data=x.data)
+        low = T.alloc_buffer((nr * block,), "float32")
+        logits = T.alloc_buffer((padded,), "float32")
+        cut = T.alloc_buffer((1,), "float32")
+        count = T.alloc_buffer((1,), "int32")
+        panel_gemv(xv, a, low, nr, d)
+        panel_gemv(low, b, logits, nf, r)
+        for j in range(f):
+            logits[j] = logits[j] + bias[j]
+        if mode == "threshold":
+            cut[0] = param[0]
+        elif mode == "topk":
+            kth_largest(logits, T.max(1, T.min(param[0], f)), cut)
+        else:
+            total = T.alloc_buffer((2,), "float32")
+            total[0] = T.float32(0)
+            for j in range(f):
+                total[0] = total[0] + logits[j]
+            mean = T.bind(total[0] / T.float32(f))
+            total[1] = T.float32(0)
+            for j in range(f):
+                total[1] = total[1] + (logits[j] - mean) * (logits[j] - mean)
+            cut[0] = mean + T.sqrt(total[1] / T.float32(f)) * param[0]
+        count[0] = 0
+        for j in range(f):
+            idx[count[0]] = j
+            if mode == "topk":
+                count[0] = count[0] + T.Select(logits[j] >= cut[0], 1, 0)
+            else:
+                count[0] = count[0] + T.Select(logits[j] > cut[0], 1, 0)
+        nnz[0] = count[0]
+
+    return predict_active_kernel
