@@ -14,6 +14,12 @@ them, so up and down skip the rows of inactive neurons. The patterns (after `spe
     TEAL (sparsify method=teal, scope=ffn):
         xs = Sparsify(x, t_in); Sparsify(silu(gate(xs)) * up(xs), t_down) -> down
                                                    => ffn_input_sparse(t_in, t_down)
+    predictor (passes/predictor.py, on a relufied or plain gated FFN):
+        (act(gate(x) [- b]) * up(x)) * PredictActive*(x, A, B, bias, p) -> down
+                                                   => predict_active(mode) then ffn_indexed
+       The predictor's low-rank logits, its selection (threshold / top-k / statistical) and
+       the compaction of the mask into idx/nnz are one kernel (`predict_active`: no mask
+       tensor in between); ffn_indexed then reads the gate, up and down rows of idx only.
 
 TEAL: measured on the 4-layer D=1024 F=2816 stack at 50 % (benchmarks/bench_ffn.py, 2 busy
 cores, interleaved blocks), the fused kernel beat the per-linear sparse kernels in every run
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from actsparse.ir.blocks import Linear, find_blocks, find_linears
+from actsparse.ir.blocks import Linear, find_blocks, find_linears, predicted_mask_input
 from actsparse.ir.activations import match_activation
 from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, add_initializer, unique_node_name
 
@@ -41,7 +47,9 @@ FUSED_FFN = "ActsparseFusedFFN"
 LOWERING_DOMAIN = "actsparse.lowering"
 GATE_SPARSE = "ffn_gate_sparse"
 INPUT_SPARSE = "ffn_input_sparse"
-FORMS = (GATE_SPARSE, INPUT_SPARSE)
+INDEXED = "ffn_indexed"
+FORMS = (GATE_SPARSE, INPUT_SPARSE, INDEXED)
+PREDICTOR_MODES = {"PredictActive": "threshold", "PredictActiveTopK": "topk", "PredictActiveStat": "statistical"}
 DEFAULT_FORMS = frozenset(FORMS)
 
 _enabled_forms: frozenset[str] = DEFAULT_FORMS
@@ -77,12 +85,17 @@ class GatedFFN:
     down_threshold: float | None = None
     weighted: bool = False  # a SparsifyWeighted (WINA) sits in the block
     nodes: set[ir.Node] = field(default_factory=set)  # every node the fused kernel replaces
+    predictor: ir.Node | None = None  # the actsparse.PredictActive* op whose mask multiplies the hidden
 
     def form(self) -> str | None:
         """The fused kernel this block fits, or None (it keeps per-linear kernels)."""
         if self.weighted:
             return None
         thresholds = (self.input_threshold, self.down_threshold)
+        if self.predictor is not None:
+            plain = self.cats_threshold is None and thresholds == (None, None)
+            fits = plain and self.predictor.inputs[0] is self.x and _predictor_constants(self.predictor) is not None
+            return INDEXED if fits and (self.act == "relu" or self.shift is None) else None
         if self.act == "relu" and self.cats_threshold is None and thresholds == (None, None):
             return GATE_SPARSE
         if self.act == "silu" and self.shift is None and self.cats_threshold is not None and thresholds == (None, None):
@@ -124,6 +137,13 @@ def match_gated_ffn(down: Linear, by_output: dict[ir.Value, Linear]) -> GatedFFN
         return None
     nodes = {down.node}
     hidden, down_threshold, weighted = _through_sparsify(down.input, nodes)
+    predictor = None
+    mask_mul = hidden.producer()
+    masked = predicted_mask_input(mask_mul) if mask_mul is not None else None
+    if masked is not None:
+        predictor = next(v.producer() for v in mask_mul.inputs if v is not masked)
+        nodes |= {mask_mul, predictor}
+        hidden = masked
     mul = hidden.producer()
     if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.inputs) != 2:
         return None
@@ -142,7 +162,7 @@ def match_gated_ffn(down: Linear, by_output: dict[ir.Value, Linear]) -> GatedFFN
             continue
         return GatedFFN(gate, up, down, x, act, shift, cats, input_threshold, down_threshold,
                         weighted or cats_weighted or input_weighted,
-                        nodes | act_nodes | {gate.node, up.node})
+                        nodes | act_nodes | {gate.node, up.node}, predictor)
     return None
 
 
@@ -185,6 +205,25 @@ def _through_sparsify(value: ir.Value, nodes: set[ir.Node]) -> tuple[ir.Value, f
     if threshold is None:  # a threshold given at run time: not a constant we can fold
         return producer.inputs[0], None, True
     return producer.inputs[0], threshold, False
+
+
+def _predictor_constants(node: ir.Node) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, float] | None:
+    """(mode, A [D, r], B [r, F], bias [F], parameter) of a PredictActive* op whose operands are
+    constants, else None."""
+    mode = PREDICTOR_MODES.get(node.op_type)
+    if mode is None or len(node.inputs) != 5:
+        return None
+    arrays = []
+    for value in node.inputs[1:4]:
+        tensor = None if value is None or value.is_graph_input() else value.const_value
+        if tensor is None:
+            return None
+        arrays.append(tensor.numpy().astype(np.float32))
+    param = _scalar(node.inputs[4])
+    a, b, bias = arrays
+    if param is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or bias.size != b.shape[1]:
+        return None
+    return mode, a, b, bias.reshape(-1), param
 
 
 def _plain(linear: Linear) -> bool:
@@ -242,7 +281,8 @@ def _common_prefix(names: list[str]) -> str:
 # ------------------------------------------------------------------------------ rewriting
 
 def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> dict:
-    from actsparse.codegen.kernels.cpu.ffn import pack_ffn_gate_sparse, pack_ffn_input_sparse
+    from actsparse.codegen.kernels.cpu.ffn import (pack_ffn_gate_sparse, pack_ffn_indexed, pack_ffn_input_sparse,
+                                                   pack_predictor)
 
     wg, wu, wd = (np.ascontiguousarray(lin.weight_array("KN"), dtype=np.float32)
                   for lin in (block.gate, block.up, block.down))
@@ -262,6 +302,20 @@ def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> dict:
             entry["shift"] = block.shift
         entry["threshold"] = threshold
         weight_names = ("gate_packed", "up_t", "down")
+    elif form == INDEXED:
+        mode, a, b, bias, param = _predictor_constants(block.predictor)
+        a_packed, b_packed = pack_predictor(a, b)
+        param_array = np.array([int(param)], np.int32) if mode == "topk" else np.array([param], np.float32)
+        inputs = [block.x, add_initializer(model, f"{name}.predictor_a", a_packed),
+                  add_initializer(model, f"{name}.predictor_b", b_packed),
+                  add_initializer(model, f"{name}.predictor_bias", bias),
+                  add_initializer(model, f"{name}.predictor_param", param_array)]
+        if block.shift is not None:
+            inputs.append(scalar("shift", block.shift))
+            entry["shift"] = block.shift
+        entry["predictor"] = {"mode": mode, "rank": int(a.shape[1]), "parameter": param}
+        packed = pack_ffn_indexed(wg, wu, wd)
+        weight_names = ("gate_up_t", "down")
     else:
         packed = pack_ffn_input_sparse(wg, wu, wd)
         inputs = [block.x, scalar("input_threshold", block.input_threshold),
@@ -272,6 +326,9 @@ def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> dict:
     attributes = {"kernel": ir.AttrString("kernel", form), "act": ir.AttrString("act", block.act),
                   "d": ir.AttrInt64("d", d), "f": ir.AttrInt64("f", f),
                   "shifted": ir.AttrInt64("shifted", int(block.shift is not None))}
+    if form == INDEXED:
+        attributes["mode"] = ir.AttrString("mode", entry["predictor"]["mode"])
+        attributes["rank"] = ir.AttrInt64("rank", entry["predictor"]["rank"])
     node = ir.Node(LOWERING_DOMAIN, FUSED_FFN, inputs, attributes=attributes,
                    name=unique_node_name(model, f"{name}.fused_ffn"))
     out = block.down.output
@@ -291,7 +348,7 @@ def fused_ffn_converters(target) -> dict:
 def _converter(target):
     from tvm import relax
 
-    from actsparse.codegen.kernels.cpu.ffn import ffn_gate_sparse, ffn_input_sparse
+    from actsparse.codegen.kernels.cpu.ffn import ffn_gate_sparse, ffn_indexed, ffn_input_sparse, predict_active
 
     functions: dict[tuple, object] = {}
 
@@ -300,11 +357,37 @@ def _converter(target):
         if key not in functions:
             if form == GATE_SPARSE:
                 func = ffn_gate_sparse(d, f, act, lanes=lanes, shifted=shifted)
+            elif form == INDEXED:
+                func = ffn_indexed(d, f, act, lanes=lanes, shifted=shifted)
             else:
                 func = ffn_input_sparse(d, f, act, lanes=lanes)
             symbol = f"actsparse_{form}_{act}{'_shifted' if shifted else ''}_d{d}_f{f}"
             functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
         return functions[key]
+
+    def predictor(bb, mode: str, d: int, rank: int, f: int, lanes: int):
+        key = ("predict_active", mode, d, rank, f, lanes)
+        if key not in functions:
+            symbol = f"actsparse_predict_active_{mode}_d{d}_r{rank}_f{f}"
+            func = predict_active(d, rank, f, mode, lanes=lanes)
+            functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
+        return functions[key]
+
+    def predicted_ffn(bb, x2, rest, attrs, act: str, d: int, f: int, shifted: bool):
+        """predict_active -> (idx, nnz) -> ffn_indexed."""
+        mode, rank = text(attrs["mode"]), int(attrs["rank"])
+        a, b, bias, param = rest[:4]
+        lanes = int(a.ty.shape[2]) // 2  # the predictor panels were packed 2 x lanes wide
+        selected = bb.emit(relax.call_tir(predictor(bb, mode, d, rank, f, lanes),
+                                          [x2, a, b, bias, bb.emit(relax.op.reshape(param, (1,)))],
+                                          [relax.TensorType((f,), "int32"), relax.TensorType((1,), "int32")]))
+        shift = [bb.emit(relax.op.reshape(rest[4], (1,)))] if shifted else []
+        from actsparse.codegen.kernels.cpu.dense import vector_lanes
+
+        func = kernel(bb, INDEXED, act, d, f, shifted, vector_lanes(target))
+        args = [x2, bb.emit(relax.TupleGetItem(selected, 0)), bb.emit(relax.TupleGetItem(selected, 1)), *shift,
+                *rest[4 + int(shifted):]]
+        return bb.emit(relax.call_tir(func, args, relax.TensorType((1, d), "float32")))
 
     def text(value) -> str:
         return value.decode() if isinstance(value, bytes) else str(value)
@@ -323,6 +406,9 @@ def _converter(target):
             x = inputs[0]
             shape = [int(dim) for dim in x.ty.shape]
             x2 = bb.emit(relax.op.reshape(x, (1, d))) if shape != [1, d] else x
+            if form == INDEXED:
+                y = predicted_ffn(bb, x2, list(inputs[1:]), attrs, act, d, f, shifted)
+                return relax.op.reshape(y, shape) if shape != [1, d] else y
             scalars = 1 + int(shifted) if form == GATE_SPARSE else 2
             rest = [bb.emit(relax.op.reshape(v, (1,))) for v in inputs[1:1 + scalars]] + list(inputs[1 + scalars:])
             # The gate panels were packed with a fixed width (2 x lanes): the kernel follows it.

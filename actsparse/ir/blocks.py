@@ -27,7 +27,7 @@ from actsparse.ir.activations import Activation, match_activation
 from actsparse.ir.graph import dataflow_graph, nearest_downstream, nearest_upstream
 
 __all__ = [
-    "Linear", "FFNBlock", "AttentionBlock", "Blocks", "find_linears", "find_blocks",
+    "Linear", "FFNBlock", "AttentionBlock", "Blocks", "find_linears", "find_blocks", "predicted_mask_input",
 ]
 
 # Ops that only move or relabel data: walked through between a block's pieces.
@@ -311,17 +311,32 @@ def find_blocks(model: ir.Model) -> Blocks:
 
 
 def _skip_shape_ops_back(value: ir.Value) -> ir.Value:
-    """Walk back through Reshape/Squeeze/... and actsparse.Sparsify* (it only zeroes entries)
-    to the value that carries the data."""
+    """Walk back through Reshape/Squeeze/..., actsparse.Sparsify* and a predictor's mask multiply
+    `Mul(h, actsparse.PredictActive*(x))` (both only zero entries) to the value that carries the data."""
     for _ in range(16):
         producer = value.producer()
         if producer is None or not producer.inputs:
             break
+        masked = predicted_mask_input(producer)
+        if masked is not None:
+            value = masked
+            continue
         sparsify = producer.domain == "actsparse" and producer.op_type.startswith("Sparsify")
         if producer.op_type not in _SHAPE_ONLY and not sparsify:
             break
         value = producer.inputs[0]
     return value
+
+
+def predicted_mask_input(node: ir.Node) -> ir.Value | None:
+    """h when `node` is Mul(h, m) or Mul(m, h) with m from an actsparse.PredictActive* op, else None."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    for index, value in enumerate(node.inputs):
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.domain == "actsparse" and producer.op_type.startswith("PredictActive"):
+            return node.inputs[1 - index]
+    return None
 
 
 def _linear_producing(value: ir.Value, by_output: dict[ir.Value, Linear]) -> Linear | None:
