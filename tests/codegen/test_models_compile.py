@@ -63,6 +63,8 @@ def test_model_compiles_and_matches_onnxruntime(name, passes, request, tmp_path)
     feeds = _feeds(path, vocab, pad_from=11)  # MiniLM: a padded attention mask
     got, want, kernels = _compiled_vs_ort(path, feeds, passes, tmp_path)
     assert got.shape == want.shape
+    # TEAL thresholds are discontinuities: at these sizes and seeds no channel sits within float
+    # rounding of its threshold; at MiniLM seq 128 some inputs do (benchmarks/bench_minilm.py).
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     # Every linear got one of our kernels; seq 8-16 is more rows than the sparse kernels pay off at.
     assert {k["kernel"] for k in kernels} == {"dense"}
