@@ -113,7 +113,7 @@ def fuse_ffn_blocks(model: ir.Model) -> list[dict]:
     names = _block_names(model)
     linears = find_linears(model)
     by_output = {lin.output: lin for lin in linears}
-    plan = []
+    matched = []  # all matched on the unmodified graph: a replacement changes the values later blocks read
     for down in linears:
         block = match_gated_ffn(down, by_output)
         if block is None:
@@ -121,8 +121,15 @@ def fuse_ffn_blocks(model: ir.Model) -> list[dict]:
         form = block.form()
         if form is None or form not in _enabled_forms or not _single_token(block.x) or not _self_contained(block):
             continue
-        name = names.get(down.node) or _common_prefix([block.gate.name, block.up.name, down.name])
-        plan.append(_replace(model, block, form, name))
+        matched.append((block, form))
+    plan = []
+    replaced: dict[ir.Value, ir.Value] = {}  # a replaced block's output -> the fused node's output
+    for block, form in matched:
+        block.x = replaced.get(block.x, block.x)  # blocks back to back: the previous one's output
+        name = names.get(block.down.node) or _common_prefix([block.gate.name, block.up.name, block.down.name])
+        entry, fused_output = _replace(model, block, form, name)
+        replaced[block.down.output] = fused_output
+        plan.append(entry)
     if plan:
         common.RemoveUnusedNodesPass()(model)
         model.opset_imports.setdefault(LOWERING_DOMAIN, 1)
@@ -280,7 +287,8 @@ def _common_prefix(names: list[str]) -> str:
 
 # ------------------------------------------------------------------------------ rewriting
 
-def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> dict:
+def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> tuple[dict, ir.Value]:
+    """Insert the fused node in place of `block`: (its kernel-plan entry, its output)."""
     from actsparse.codegen.kernels.cpu.ffn import (pack_ffn_gate_sparse, pack_ffn_indexed, pack_ffn_input_sparse,
                                                    pack_predictor)
 
@@ -334,8 +342,12 @@ def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> dict:
     out = block.down.output
     node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
     model.graph.insert_before(block.down.node, node)
+    output_name = out.name if out.is_graph_output() else None
     ir.convenience.replace_all_uses_with(out, node.outputs[0], replace_graph_outputs=True)
-    return entry
+    if output_name:  # the model keeps its output names
+        out.name = f"{output_name}.replaced"
+        node.outputs[0].name = output_name
+    return entry, node.outputs[0]
 
 
 # ------------------------------------------------------------------------------ TVM import

@@ -101,6 +101,23 @@ def test_plan_names_the_indexed_kernel(compiled):
         assert ("shift" in entry) == (name == "shifted_relu")
 
 
+def test_blocks_back_to_back(tmp_path):
+    """Without the residual add, layer 1 reads layer 0's down output directly: both still fuse."""
+    proto = swiglu_stack()
+    for node in proto.graph.node:
+        if node.op_type == "Add":  # h + down(...) -> down(...)
+            node.op_type = "Identity"
+            del node.input[0]
+    optimized = actsparse.optimize(proto, passes=VARIANTS["topk"][0], calib=_calibration())
+    result = compile_model(optimized.model, "host", tmp_path / "model.actsparse", input_shapes={"x": (1, D)})
+    assert [entry["kernel"] for entry in result.kernels] == [INDEXED, INDEXED]
+    model = actsparse.load(result.path)
+    assert [o["name"] for o in model.outputs] == [v.name for v in optimized.model.graph.outputs]
+    for x in _inputs(3):
+        (y,) = model.run(x=x).values()
+        np.testing.assert_allclose(y, _ort(optimized.to_onnx(), x), atol=ATOL, rtol=0)
+
+
 # ------------------------------------------------------------------ structural (no TVM build)
 
 def test_find_blocks_walks_through_the_predicted_mask():
