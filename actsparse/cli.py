@@ -7,7 +7,6 @@ to a temp file and renamed, and the input is never overwritten.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections import Counter
@@ -457,66 +456,15 @@ def _parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def cmd_run(args) -> int:
-    import numpy as np
+    from actsparse.runtime.run_command import run_artifact_command
 
-    from actsparse.runtime import load
-
-    model = load(args.artifact)
-    feeds = _artifact_inputs(model, args.inputs, args.seed)
-    outputs = model.run(feeds)
-    if args.output:
-        _save_npz_atomic(args.output, outputs)
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        for name, value in outputs.items():
-            print(f"{name}: {value.dtype}{list(value.shape)} mean={float(np.mean(value)):.6g} "
-                  f"std={float(np.std(value)):.6g}")
-    return 0
-
-
-# `run` without --inputs makes random inputs up to this size; larger ones need --inputs.
-MAX_RANDOM_INPUT_BYTES = 1 << 30
+    return run_artifact_command(args.artifact, args.inputs, args.output, args.seed)
 
 
 def _artifact_inputs(model, path: str | None, seed: int) -> dict:
-    import numpy as np
+    from actsparse.runtime.run_command import artifact_inputs
 
-    if path is None:
-        rng = np.random.default_rng(seed)
-        feeds = {}
-        for spec in model.inputs:
-            shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
-            dtype = np.dtype(spec["dtype"])
-            if math.prod(shape) * dtype.itemsize > MAX_RANDOM_INPUT_BYTES:  # checked before allocating
-                raise ActsparseError(f"input {spec['name']!r} of shape {shape} is too large for random data; "
-                                     f"give --inputs")
-            feeds[spec["name"]] = (rng.integers(0, 100, shape).astype(dtype) if np.issubdtype(dtype, np.integer)
-                                   else rng.standard_normal(shape).astype(dtype))
-        return feeds
-    from actsparse.runtime.npz import read_npz
-
-    if not Path(path).is_file():
-        raise ActsparseError(f"{path}: no such inputs file")
-    return read_npz(path, "inputs file")
-
-
-def _save_npz_atomic(path: str, arrays: dict) -> None:
-    import tempfile
-
-    import numpy as np
-
-    target = Path(path)
-    if target.suffix != ".npz":
-        raise ActsparseError(f"{path}: the outputs file must end in .npz")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent if str(target.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return artifact_inputs(model, path, seed)
 
 
 def _rpc_address(text: str) -> tuple[str, int]:

@@ -72,7 +72,7 @@ def test_compile_then_deploy_to_the_emulated_board(arm_board, arm_device_package
 
 @pytest.mark.slow
 def test_cli_run_on_the_emulated_board(run_on_arm, arm_userland, ffn_onnx, tmp_path):
-    """`python -m actsparse.cli run` on the board: the staged package needs no torch/onnx/tvm."""
+    """`python -m actsparse.runtime run` on the board: the staged package needs no torch/onnx/tvm."""
     import numpy as np
 
     artifact = tmp_path / "ffn.rpi4.actsparse"
@@ -80,7 +80,7 @@ def test_cli_run_on_the_emulated_board(run_on_arm, arm_userland, ffn_onnx, tmp_p
                  "--bundle-runtime", str(arm_userland / "lib" / "libtvm_runtime.so")]) == 0
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
-    code = ("import sys; from actsparse.cli import main; rc = main(['run', sys.argv[1], '--inputs', sys.argv[2], "
+    code = ("import sys; from actsparse.runtime.__main__ import main; rc = main(['run', sys.argv[1], '--inputs', sys.argv[2], "
             "'-o', sys.argv[3]]); heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'tvm')]; "
             "print(heavy); sys.exit(rc)")
     run = run_on_arm(code, artifact, tmp_path / "in.npz", tmp_path / "out.npz")

@@ -1,0 +1,31 @@
+"""`python -m actsparse.runtime run ARTIFACT [--inputs in.npz] [-o out.npz] [--seed N]`: the thin
+runtime's command line, for devices that have only numpy, safetensors and apache-tvm-ffi."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from actsparse.errors import ActsparseError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m actsparse.runtime", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a compiled artifact once")
+    run.add_argument("artifact")
+    run.add_argument("--inputs", help=".npz with one array per input name (default: random inputs)")
+    run.add_argument("-o", "--output", help="write the outputs to this .npz (default: print a summary)")
+    run.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from actsparse.runtime.run_command import run_artifact_command
+
+    try:
+        return run_artifact_command(args.artifact, args.inputs, args.output, args.seed)
+    except ActsparseError as exc:
+        print(f"actsparse: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
