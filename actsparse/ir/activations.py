@@ -54,7 +54,7 @@ _REFERENCES = {
     "tanh": np.tanh,
     "sigmoid": _sigmoid,
 }
-ACTIVATION_KINDS = (*_REFERENCES, "leaky_relu")
+ACTIVATION_KINDS = (*_REFERENCES, "leaky_relu", "shifted_relu")
 
 
 @dataclass(eq=False)
@@ -96,8 +96,24 @@ def match_activation(value_or_node: ir.Value | ir.Node) -> Activation | None:
             continue
         kind, params = _classify(values)
         if kind is not None:
-            return Activation(kind, candidate, output, _with_constants(ordered, nodes), params)
+            activation = Activation(kind, candidate, output, _with_constants(ordered, nodes), params)
+            return _with_shift(activation) if kind == "relu" else activation
     return None
+
+
+def _with_shift(relu: Activation) -> Activation:
+    """Relu(x - b) (or Relu(x + c)) with a scalar constant is a shifted ReLU of x: the
+    smallest-subgraph rule alone would stop at Relu and hide the linear layer feeding x."""
+    producer = relu.input.producer()
+    if producer is None or producer.op_type not in ("Sub", "Add") or len(producer.inputs) != 2:
+        return relu
+    x, constant = producer.inputs
+    offset = _scalar_constant(constant)
+    if offset is None or x is None or len(relu.input.uses()) != 1:
+        return relu
+    shift = offset if producer.op_type == "Sub" else -offset
+    nodes = [*([constant.producer()] if constant.producer() is not None else []), producer, *relu.nodes]
+    return Activation("shifted_relu", x, relu.output, nodes, {"shift": shift})
 
 
 class _NotEvaluable(Exception):
@@ -299,6 +315,11 @@ def _classify(values: np.ndarray) -> tuple[str | None, dict[str, float]]:
     for kind, reference in _REFERENCES.items():
         if _close(values, reference(_SAMPLES)):
             return kind, {}
+    kept = values > 0
+    if kept.sum() > 2:  # shifted ReLU (ProSparse): max(x - b, 0) with a scalar b != 0
+        shift = float(np.median(_SAMPLES[kept] - values[kept]))
+        if abs(shift) > 1e-6 and _close(values, np.maximum(_SAMPLES - shift, 0.0)):
+            return "shifted_relu", {"shift": float(np.float32(shift))}
     positive, negative = _SAMPLES > 0, _SAMPLES < -0.1
     if _close(values[positive], _SAMPLES[positive]):
         alpha = float(np.median(values[negative] / _SAMPLES[negative]))
