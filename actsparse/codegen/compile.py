@@ -53,7 +53,7 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     step("specializing shapes")
     model = specialize_shapes(model, input_shapes or {})
     step("selecting kernels")
-    plan = select_kernels(model)
+    plan = select_kernels(model, target)
     timings["prepare"] = time.perf_counter() - start
     step("importing into TVM Relax")
     mark = time.perf_counter()

@@ -69,12 +69,22 @@ def specialize_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]])
     return CleanupPass()(model).model
 
 
-def select_kernels(model: ir.Model) -> KernelPlan:
+def select_kernels(model: ir.Model, target=None) -> KernelPlan:
     """Rewrite linears into kernel nodes in place (see the module docstring)."""
-    from actsparse.codegen.ffn_fusion import fuse_ffn_blocks
+    import dataclasses
 
-    plan = KernelPlan(fuse_ffn_blocks(model))  # gated FFN blocks that fit one fused kernel, first
+    from actsparse.codegen.ffn_fusion import fuse_ffn_blocks
+    from actsparse.codegen.quant_lowering import select_quant_kernels
+
+    # Quantized linears (QDQ, dynamic, MatMulNBits) first, then gated FFN blocks that fit
+    # one fused kernel, then every remaining float linear.
+    quant_layers = select_quant_kernels(model, lanes=kernel_lanes(target, "dense") if target is not None else 16)
+    plan = KernelPlan(fuse_ffn_blocks(model))
+    plan.layers += quant_layers
     for linear in find_linears(model):
+        # A linear fed by one rewritten above reads the rewrite's output now.
+        if linear.node.inputs and linear.node.inputs[0] is not linear.input and linear.node.inputs[0] is not None:
+            linear = dataclasses.replace(linear, input=linear.node.inputs[0])
         if not _lowerable(linear):
             plan.layers.append({"name": linear.name, "kernel": "tvm", "reason": "not a 2-D float32 weight on the right"})
             continue
@@ -334,11 +344,25 @@ class _MatmulRule:
         return sch
 
 
+def kernel_lanes(target, kind: str) -> int:
+    """fp32 lanes per register block for a kernel kind on `target`. On 128-bit NEON (4 lanes)
+    wider blocks pay: counted under qemu (docs/arm.md), the sparse kernel at 4 lanes spends 3-4
+    scalar instructions per 2 FMAs on the row index and coefficient; 16 lanes spread them over 8
+    FMAs (0.55x the dense instructions at 50 % sparsity instead of 0.92x), and dense does best
+    at 8 lanes."""
+    from actsparse.codegen.kernels.cpu.dense import vector_lanes
+
+    lanes = vector_lanes(target)
+    if lanes == 4:
+        return 16 if kind == "sparse" else 8
+    return lanes
+
+
 def _pack_dense_weights(model: ir.Model, target) -> None:
     """W [K, N] of every dense kernel node -> column panels of 2 x the target's vector lanes."""
-    from actsparse.codegen.kernels.cpu.dense import pack_dense, vector_lanes
+    from actsparse.codegen.kernels.cpu.dense import pack_dense
 
-    block = 2 * vector_lanes(target)
+    block = 2 * kernel_lanes(target, "dense")
     for node in model.graph:
         if node.domain != LOWERING_DOMAIN or node.op_type != DENSE_LINEAR or node.inputs[1].const_value is None:
             continue
@@ -389,10 +413,11 @@ def _our_converters(target):
     from tvm.relax.frontend.onnx import onnx_frontend
 
     from actsparse.codegen.ffn_fusion import fused_ffn_converters
+    from actsparse.codegen.quant_lowering import quant_converters
 
     original = onnx_frontend._get_convert_map
     kernels = _KernelCache(target)
-    fused = fused_ffn_converters(target)
+    fused = fused_ffn_converters(target) | quant_converters(target)
 
     def extended():
         table = dict(original()) | fused
@@ -411,9 +436,7 @@ class _KernelCache:
     """One PrimFunc per (kind, mode, m, k, n), added to the module once."""
 
     def __init__(self, target):
-        from actsparse.codegen.kernels.cpu.dense import vector_lanes
-
-        self.lanes = vector_lanes(target)
+        self.lanes = {kind: kernel_lanes(target, kind) for kind in ("dense", "sparse")}
         self.functions: dict[tuple, object] = {}
 
     def get(self, bb, kind: str, mode: str, m: int, k: int, n: int):
@@ -423,9 +446,9 @@ class _KernelCache:
         key = (kind, mode, m, k, n)
         if key not in self.functions:
             if kind == "dense":
-                func = dense_matmul(m, k, n, lanes=self.lanes)
+                func = dense_matmul(m, k, n, lanes=self.lanes["dense"])
             else:
-                func = sparse_matmul(m, k, n, mode=mode, lanes=self.lanes)
+                func = sparse_matmul(m, k, n, mode=mode, lanes=self.lanes["sparse"])
             name = f"actsparse_{kind}_{mode}_m{m}_k{k}_n{n}"
             self.functions[key] = bb.add_func(func.with_attr("global_symbol", name), name)
         return self.functions[key]

@@ -1,0 +1,68 @@
+"""Kernel selection in lower.py: chained linears, quantized linears, NEON lane widths."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import actsparse
+from actsparse.codegen.lower import kernel_lanes
+from actsparse.codegen.targets import resolve_target
+from actsparse.zoo import swiglu_stack
+
+
+def _chain(widths=(32, 48, 40, 24)) -> onnx.ModelProto:
+    """x -> MatMul -> MatMul -> MatMul, each linear reading the previous one's output directly."""
+    rng = np.random.default_rng(0)
+    nodes, inits, h = [], [], "x"
+    for i, (k, n) in enumerate(zip(widths, widths[1:])):
+        inits.append(numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"h{i}"], name=f"linear{i}"))
+        h = f"h{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, widths[0]])],
+                              [helper.make_tensor_value_info(h, TensorProto.FLOAT, [1, widths[-1]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_chained_linears_all_get_our_kernels():
+    model = _chain()
+    x = np.random.default_rng(1).standard_normal((1, 32)).astype(np.float32)
+    art = actsparse.compile(model, target="host", example_inputs={"x": x})
+    assert [layer["kernel"] for layer in art.kernels] == ["dense", "dense", "dense"]
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(art.run(x=x)["h2"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("passes, kernel, tolerance", [
+    ("quantize{bits=8}", "int8_dense", 0.05),  # ours keeps activations in fp32: ORT rounds them to int8
+    ("quantize{bits=4,group=32,accuracy_level=0}", "int4_dense", 1e-4),
+])
+def test_quantized_linears_compile_to_our_kernels(passes, kernel, tolerance):
+    model = actsparse.optimize(ir.serde.deserialize_model(swiglu_stack(layers=1, d=64, f=128)), passes=passes).model
+    x = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
+    art = actsparse.compile(model, target="host", example_inputs={"x": x})
+    assert {layer["kernel"] for layer in art.kernels} == {kernel}
+    expected = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})[0]
+    error = np.abs(art.run(x=x)["y"] - expected).max() / np.abs(expected).max()
+    assert error <= tolerance
+
+
+def test_neon_gets_wider_register_blocks():
+    rpi4 = resolve_target("rpi4")
+    assert (kernel_lanes(rpi4, "dense"), kernel_lanes(rpi4, "sparse")) == (8, 16)
+    x86 = resolve_target("x86")  # AVX2: 8 lanes for both
+    assert (kernel_lanes(x86, "dense"), kernel_lanes(x86, "sparse")) == (8, 8)
+
+
+@pytest.mark.parametrize("passes", [None, "sparsify{method=teal,sparsity=0.5,scope=ffn}", "relufy"])
+def test_portable_x86_target_runs_here(passes):
+    """x86 (AVX2, 8 lanes) packs and builds for 8 lanes; this machine runs AVX2 code."""
+    model = ir.serde.deserialize_model(swiglu_stack(layers=2, d=64, f=160))
+    if passes:
+        model = actsparse.optimize(model, passes=passes).model
+    x = np.random.default_rng(3).standard_normal((1, 64)).astype(np.float32)
+    art = actsparse.compile(model, target="x86", example_inputs={"x": x})
+    expected = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(art.run(x=x)["y"], expected, rtol=1e-4, atol=1e-4)
