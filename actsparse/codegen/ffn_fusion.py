@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from actsparse.codegen.relax_util import as_converter, attr_text
 from actsparse.ir.blocks import Linear, find_blocks, find_linears, predicted_mask_input
 from actsparse.ir.activations import match_activation
 from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, add_initializer, unique_node_name
@@ -387,7 +388,7 @@ def _converter(target):
 
     def predicted_ffn(bb, x2, rest, attrs, act: str, d: int, f: int, shifted: bool):
         """predict_active -> (idx, nnz) -> ffn_indexed."""
-        mode, rank = text(attrs["mode"]), int(attrs["rank"])
+        mode, rank = attr_text(attrs["mode"]), int(attrs["rank"])
         a, b, bias, param = rest[:4]
         lanes = int(a.ty.shape[2]) // 2  # the predictor panels were packed 2 x lanes wide
         selected = bb.emit(relax.call_tir(predictor(bb, mode, d, rank, f, lanes),
@@ -401,32 +402,23 @@ def _converter(target):
                 *rest[4 + int(shifted):]]
         return bb.emit(relax.call_tir(func, args, relax.TensorType((1, d), "float32")))
 
-    def text(value) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value)
+    def convert(bb, inputs, attrs, params):
+        from actsparse.codegen.kernels.cpu.dense import vector_lanes
 
-    class Converter:
-        @classmethod
-        def get_converter(cls, opset):
-            return cls.convert
-
-        @staticmethod
-        def convert(bb, inputs, attrs, params):
-            from actsparse.codegen.kernels.cpu.dense import vector_lanes
-
-            form, act = text(attrs["kernel"]), text(attrs["act"])
-            d, f, shifted = int(attrs["d"]), int(attrs["f"]), bool(attrs.get("shifted", 0))
-            x = inputs[0]
-            shape = [int(dim) for dim in x.ty.shape]
-            x2 = bb.emit(relax.op.reshape(x, (1, d))) if shape != [1, d] else x
-            if form == INDEXED:
-                y = predicted_ffn(bb, x2, list(inputs[1:]), attrs, act, d, f, shifted)
-                return relax.op.reshape(y, shape) if shape != [1, d] else y
-            scalars = 1 + int(shifted) if form == GATE_SPARSE else 2
-            rest = [bb.emit(relax.op.reshape(v, (1,))) for v in inputs[1:1 + scalars]] + list(inputs[1 + scalars:])
-            # The gate panels were packed with a fixed width (2 x lanes): the kernel follows it.
-            lanes = int(rest[scalars].ty.shape[2]) // 2 if form == GATE_SPARSE else vector_lanes(target)
-            func = kernel(bb, form, act, d, f, shifted, lanes)
-            y = bb.emit(relax.call_tir(func, [x2, *rest], relax.TensorType((1, d), "float32")))
+        form, act = attr_text(attrs["kernel"]), attr_text(attrs["act"])
+        d, f, shifted = int(attrs["d"]), int(attrs["f"]), bool(attrs.get("shifted", 0))
+        x = inputs[0]
+        shape = [int(dim) for dim in x.ty.shape]
+        x2 = bb.emit(relax.op.reshape(x, (1, d))) if shape != [1, d] else x
+        if form == INDEXED:
+            y = predicted_ffn(bb, x2, list(inputs[1:]), attrs, act, d, f, shifted)
             return relax.op.reshape(y, shape) if shape != [1, d] else y
+        scalars = 1 + int(shifted) if form == GATE_SPARSE else 2
+        rest = [bb.emit(relax.op.reshape(v, (1,))) for v in inputs[1:1 + scalars]] + list(inputs[1 + scalars:])
+        # The gate panels were packed with a fixed width (2 x lanes): the kernel follows it.
+        lanes = int(rest[scalars].ty.shape[2]) // 2 if form == GATE_SPARSE else vector_lanes(target)
+        func = kernel(bb, form, act, d, f, shifted, lanes)
+        y = bb.emit(relax.call_tir(func, [x2, *rest], relax.TensorType((1, d), "float32")))
+        return relax.op.reshape(y, shape) if shape != [1, d] else y
 
-    return Converter
+    return as_converter(convert)

@@ -22,6 +22,7 @@ import onnx
 import onnx.inliner
 import onnx_ir as ir
 
+from actsparse.codegen.relax_util import as_converter, attr_text
 from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import Linear, find_linears
 from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, SPARSIFY_WEIGHTED, add_initializer, unique_node_name
@@ -457,26 +458,19 @@ class _KernelCache:
 def _converter(kernels: _KernelCache, kind: str):
     from tvm import relax
 
-    class Converter:
-        @classmethod
-        def get_converter(cls, opset):
-            return cls.convert
+    def convert(bb, inputs, attrs, params):
+        x = inputs[0]
+        n = int(attrs["n"])
+        mode = attr_text(attrs.get("mode", "dense"))
+        shape = [int(d) for d in attrs["x_shape"]]  # from ONNX: TVM may have lost a static shape
+        k = shape[-1]
+        m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        x2 = bb.emit(relax.op.reshape(x, (m, k))) if len(shape) != 2 else x
+        func = kernels.get(bb, kind, mode, m, k, n)
+        rest = list(inputs[1:])
+        if mode in ("threshold", "scaled"):  # the kernel takes the scalar threshold as f32[1]
+            rest[0] = bb.emit(relax.op.reshape(rest[0], (1,)))
+        y = bb.emit(relax.call_tir(func, [x2, *rest], relax.TensorType((m, n), "float32")))
+        return relax.op.reshape(y, (*shape[:-1], n)) if len(shape) != 2 else y
 
-        @staticmethod
-        def convert(bb, inputs, attrs, params):
-            x = inputs[0]
-            n = int(attrs["n"])
-            mode = attrs.get("mode", "dense")
-            mode = mode.decode() if isinstance(mode, bytes) else mode
-            shape = [int(d) for d in attrs["x_shape"]]  # from ONNX: TVM may have lost a static shape
-            k = shape[-1]
-            m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-            x2 = bb.emit(relax.op.reshape(x, (m, k))) if len(shape) != 2 else x
-            func = kernels.get(bb, kind, mode, m, k, n)
-            rest = list(inputs[1:])
-            if mode in ("threshold", "scaled"):  # the kernel takes the scalar threshold as f32[1]
-                rest[0] = bb.emit(relax.op.reshape(rest[0], (1,)))
-            y = bb.emit(relax.call_tir(func, [x2, *rest], relax.TensorType((m, n), "float32")))
-            return relax.op.reshape(y, (*shape[:-1], n)) if len(shape) != 2 else y
-
-    return Converter
+    return as_converter(convert)

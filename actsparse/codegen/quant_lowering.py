@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES
+from actsparse.codegen.relax_util import as_converter, attr_text
 from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, SPARSIFY_WEIGHTED, add_initializer, unique_node_name
 
 QUANT_LINEAR = "ActsparseQuantLinear"
@@ -314,33 +315,24 @@ def _converter():
 
     functions: dict[tuple, object] = {}
 
-    def text(value) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value)
+    def convert(bb, inputs, attrs, params):
+        kind, mode = attr_text(attrs["kind"]), attr_text(attrs["mode"])
+        k, n, group = int(attrs["k"]), int(attrs["n"]), int(attrs["group"])
+        zero_points, lanes = bool(attrs["zero_points"]), int(attrs["lanes"])
+        x = inputs[0]
+        shape = [int(d) for d in x.ty.shape]
+        m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        x2 = bb.emit(relax.op.reshape(x, (m, k))) if shape != [m, k] else x
+        rest = list(inputs[1:])
+        if mode in ("threshold", "scaled"):  # the kernel takes the scalar threshold as f32[1]
+            rest[0] = bb.emit(relax.op.reshape(rest[0], (1,)))
+        key = (kind, mode, m, k, n, group, zero_points, lanes)
+        if key not in functions:
+            symbol = f"actsparse_{kind}_{mode}_m{m}_k{k}_n{n}" + (f"_g{group}{'_zp' if zero_points else ''}"
+                                                                 if kind == "int4" else "")
+            func = quant_kernel(*key)
+            functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
+        y = bb.emit(relax.call_tir(functions[key], [x2, *rest], relax.TensorType((m, n), "float32")))
+        return relax.op.reshape(y, (*shape[:-1], n)) if shape != [m, k] else y
 
-    class Converter:
-        @classmethod
-        def get_converter(cls, opset):
-            return cls.convert
-
-        @staticmethod
-        def convert(bb, inputs, attrs, params):
-            kind, mode = text(attrs["kind"]), text(attrs["mode"])
-            k, n, group = int(attrs["k"]), int(attrs["n"]), int(attrs["group"])
-            zero_points, lanes = bool(attrs["zero_points"]), int(attrs["lanes"])
-            x = inputs[0]
-            shape = [int(d) for d in x.ty.shape]
-            m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-            x2 = bb.emit(relax.op.reshape(x, (m, k))) if shape != [m, k] else x
-            rest = list(inputs[1:])
-            if mode in ("threshold", "scaled"):  # the kernel takes the scalar threshold as f32[1]
-                rest[0] = bb.emit(relax.op.reshape(rest[0], (1,)))
-            key = (kind, mode, m, k, n, group, zero_points, lanes)
-            if key not in functions:
-                symbol = f"actsparse_{kind}_{mode}_m{m}_k{k}_n{n}" + (f"_g{group}{'_zp' if zero_points else ''}"
-                                                                     if kind == "int4" else "")
-                func = quant_kernel(*key)
-                functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
-            y = bb.emit(relax.call_tir(functions[key], [x2, *rest], relax.TensorType((m, n), "float32")))
-            return relax.op.reshape(y, (*shape[:-1], n)) if shape != [m, k] else y
-
-    return Converter
+    return as_converter(convert)
