@@ -213,7 +213,7 @@ def schedule_tvm_ops(mod, target):
 
     if target.kind.name != "llvm":
         return mod
-    rules = [_MatmulRule(), dl.cpu.GEMV(), dl.cpu.Reduction(), _ElementwiseRule()]
+    rules = [_MatmulRule(), dl.cpu.GEMV(), _RowReductionRule(dl.cpu.Reduction()), _ElementwiseRule()]
     with target:
         mod = _fast_erf_tanh(mod)
         mod = tvm.transform.Sequential(legalize_passes(target))(mod)
@@ -256,6 +256,33 @@ class _Guarded:
             return self.rule.apply(func, target, tunable)
         except Exception:  # TVM raises many error types from a schedule primitive
             return None
+
+
+class _RowReductionRule:
+    """dlight's CPU Reduction, only where every block has the same leading spatial (row) domain.
+
+    It parallelizes the last block's leading axes and computes the reductions under them; when
+    the reduction has no rows of its own (RMSNorm of one token: mean over [1, 1, 1024] feeding
+    a [1, 1, 1024] output) it recomputed the whole mean for every output element: 0.8 ms
+    instead of ~1 us, 7 of the 14 ms of a 4-layer decode step.
+    """
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        from tvm import s_tir
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+        blocks = normalize_prim_func(s_tir.Schedule(func))
+        if not blocks:
+            return None
+        kinds = [block.dom_kind() for block in blocks]
+        leading = min(len(k) - len(k.lstrip("S")) for k in kinds)
+        if leading == 0:
+            return None
+        rows = {tuple(str(d) for d in block.dom()[:leading]) for block in blocks}
+        return self.rule.apply(func, target, tunable) if len(rows) == 1 else None
 
 
 def _vector_lanes_f32(target) -> int:
