@@ -178,13 +178,13 @@ def _default_fcompile(machine: str, cross_compiler: str | None):
     """None (TVM's host compiler) unless a cross compiler is needed or named."""
     if cross_compiler is None and artifact.normalize_machine(machine) == artifact.host_machine():
         return None
-    if cross_compiler is None:
-        if artifact.normalize_machine(machine) != "aarch64":
-            raise ActsparseError(f"no default cross compiler for {machine}; pass lib_cross_compiler")
-        cross_compiler = DEFAULT_AARCH64_CROSS_COMPILER
-    if shutil.which(cross_compiler) is None:
-        raise ActsparseError(f"cross compiler {cross_compiler!r} not found on PATH (needed to link for {machine})")
+    if cross_compiler is None and artifact.normalize_machine(machine) != "aarch64":
+        raise ActsparseError(f"no default cross compiler for {machine}; pass lib_cross_compiler")
+    from actsparse.codegen.cross import find_cross_compiler
     from tvm.support import cc
+
+    # Raises with the install command (apt-get install g++-aarch64-linux-gnu) when missing.
+    cross_compiler = find_cross_compiler(artifact.normalize_machine(machine), cross_compiler)
 
     return cc.cross_compiler(cross_compiler)
 
