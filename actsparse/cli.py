@@ -123,12 +123,30 @@ class Terminated(BaseException):
     files) runs as for Ctrl-C. A BaseException: no `except Exception` may swallow it."""
 
 
+# The signal this run received, if any: a library may turn the exception a signal raises
+# inside it into one of its own errors, which must still read as the interruption it is.
+_received: list[int] = []
+
+
 def _on_sigterm(signum, frame):
+    _received.append(143)
     raise Terminated()
 
 
+def _on_sigint(signum, frame):
+    _received.append(130)
+    raise KeyboardInterrupt()
+
+
+def _interrupted_message(status: int) -> str:
+    what = "terminated" if status == 143 else "interrupted"
+    return f"actsparse: {what}; no partial output was left"
+
+
 def main(argv: list[str] | None = None) -> int:
+    _received.clear()
     previous = _handle_sigterm(_on_sigterm)
+    previous_int = _handle_signal("SIGINT", _on_sigint)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args) or 0
@@ -142,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         print("actsparse: terminated; no partial output was left", file=sys.stderr)
         return 143
     except Exception as exc:  # a bug, not the user's input: still one line unless asked
+        if _received:  # raised by the interruption, inside a library that re-wrapped it
+            print(_interrupted_message(_received[0]), file=sys.stderr)
+            return _received[0]
         if os.environ.get("ACTSPARSE_DEBUG"):
             raise
         print(f"actsparse: internal error: {type(exc).__name__}: {one_line(str(exc).splitlines()[0]) if str(exc) else ''} "
@@ -149,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _handle_sigterm(previous)
+        _handle_signal("SIGINT", previous_int)
 
 
 def one_line(text: str) -> str:
@@ -161,12 +183,16 @@ def one_line(text: str) -> str:
 def _handle_sigterm(handler):
     """Install `handler` for SIGTERM and return the previous one (None off the main thread,
     where Python cannot set signal handlers)."""
+    return _handle_signal("SIGTERM", handler)
+
+
+def _handle_signal(name: str, handler):
     import signal
     import threading
 
     if handler is None or threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, handler)
+    return signal.signal(getattr(signal, name), handler)
 
 
 # --- inspect ---------------------------------------------------------------------------

@@ -131,7 +131,8 @@ def _concrete_shape(value: ir.Value, sequence_length: int) -> tuple[int, ...]:
             dims.append(dim)
         else:  # symbolic: batch 1 on the first axis, the sequence length elsewhere
             dims.append(1 if axis == 0 and len(value.shape) > 1 else sequence_length)
-    if any(d < 0 for d in dims) or math.prod(dims) > MAX_GENERATED_ELEMENTS:
+    # Each dim too: (0, 2**62) has no elements, yet numpy refuses to create it.
+    if any(d < 0 or d > MAX_GENERATED_ELEMENTS for d in dims) or math.prod(dims) > MAX_GENERATED_ELEMENTS:
         raise ActsparseError(f"input {value.name!r} has shape {tuple(dims)}: negative or too large to generate "
                              f"calibration data for; give calibration data with --calib")
     return tuple(dims)

@@ -56,9 +56,12 @@ def examples(default: int, *, share: float = 1.0) -> int:
 
 def fuzz_settings(default: int, *, share: float = 1.0) -> settings:
     """Hypothesis settings for a fuzz test: no example database (nothing written to the
-    repository), our own deadline instead of Hypothesis's (imports make first calls slow)."""
+    repository), our own deadline instead of Hypothesis's (imports make first calls slow).
+    Under CI the cases are derandomized (the same every run, so a landing never depends on
+    luck); elsewhere they are random, and ACTSPARSE_FUZZ_EXAMPLES runs more of them."""
     return settings(
         max_examples=examples(default, share=share),
+        derandomize=bool(os.environ.get("CI")),
         deadline=None,
         database=None,
         print_blob=True,
