@@ -32,6 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth_gbs, l3_cache_bytes  # noqa: E402
 
+from actsparse.bench import interleaved_best  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 1024
 TEAL = "sparsify{method=teal,sparsity=0.5}"
@@ -84,27 +86,6 @@ def tvm_default(path: Path, feeds_names: list[str]):
         return vm["main"](*[tvm.runtime.tensor(feeds[n]) for n in feeds_names], *weights).numpy()
 
     return run
-
-
-def interleaved_best(engines: dict, iters: dict, blocks: int) -> dict[str, float]:
-    """Seconds per call of each engine: the best block, blocks taken round-robin across engines.
-
-    Other processes load this shared machine in waves; interleaving gives every engine the
-    same chances, where timing one engine after the other let a wave land on one of them.
-    """
-    for call in engines.values():
-        for i in range(2):
-            call(i)
-    best = {name: float("inf") for name in engines}
-    counter = 0
-    for _ in range(blocks):
-        for name, call in engines.items():
-            start = time.perf_counter()
-            for _ in range(iters[name]):
-                call(counter)
-                counter += 1
-            best[name] = min(best[name], (time.perf_counter() - start) / iters[name])
-    return best
 
 
 def main(argv=None) -> dict:

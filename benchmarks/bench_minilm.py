@@ -20,10 +20,11 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from actsparse.bench import interleaved_best
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEAL = "sparsify{method=teal,sparsity=0.5}"
@@ -122,27 +123,6 @@ def bench_batch(model, batch: int, seq: int, iters: int, blocks: int, work: Path
         "kernels": {"dense": sorted({k["kernel"] for k in dense_art.kernels}),
                     "teal50": sorted({k["kernel"] for k in teal_art.kernels})},
     }
-
-
-def interleaved_best(engines: dict, iters: dict, blocks: int) -> dict[str, float]:
-    """Seconds per call of each engine: the best block, blocks taken round-robin across engines.
-
-    Other processes load this shared machine in waves; interleaving gives every engine the
-    same chances, where timing one engine after the other let a wave land on one of them.
-    """
-    for call in engines.values():
-        for i in range(2):
-            call(i)
-    best = {name: float("inf") for name in engines}
-    counter = 0
-    for _ in range(blocks):
-        for name, call in engines.items():
-            start = time.perf_counter()
-            for _ in range(iters[name]):
-                call(counter)
-                counter += 1
-            best[name] = min(best[name], (time.perf_counter() - start) / iters[name])
-    return best
 
 
 def main(argv=None) -> dict:
