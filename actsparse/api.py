@@ -159,7 +159,8 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     if output is None:
         output = Path(tempfile.mkdtemp(prefix="actsparse-")) / "model.actsparse"
     result = compile_model(ir_model, target, output, input_shapes=shapes, passes=[r.to_json() for r in records],
-                           report=_accuracy_report(records), bundle_runtime=bundle_runtime, on_step=on_step)
+                           report=_accuracy_report(records), bundle_runtime=bundle_runtime, on_step=on_step,
+                           copy=False)  # ir_model is ours: to_ir_model copied or loaded it
     return CompiledArtifact(result.path, result.target, result.kernels, records, result.seconds)
 
 

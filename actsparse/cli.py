@@ -459,7 +459,7 @@ def cmd_compile(args) -> int:
     with _status() as step:
         result = compile_model(model, args.target, args.output, input_shapes=shapes,
                                passes=[r.to_json() for r in records], report=report,
-                               bundle_runtime=args.bundle_runtime, on_step=step)
+                               bundle_runtime=args.bundle_runtime, on_step=step, copy=False)
     kernels = Counter(layer["kernel"] for layer in result.kernels)
     print(f"compiled for {args.target} in {result.seconds['total']:.1f}s; linear kernels: "
           + (", ".join(f"{k} x{v}" for k, v in kernels.items()) or "none"), file=sys.stderr)

@@ -31,8 +31,9 @@ class CompileResult:
 def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, *,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, passes: list[dict] | None = None,
                   report: dict | None = None, bundle_runtime: bool | str = False,
-                  on_step: Progress | None = None) -> CompileResult:
-    """Lower `model` (not modified) for `target_name` and write the artifact at `output`."""
+                  on_step: Progress | None = None, copy: bool = True) -> CompileResult:
+    """Lower `model` for `target_name` and write the artifact at `output`. The model is not
+    modified unless `copy=False` (for callers that own it and will not use it again)."""
     from actsparse.codegen.lower import select_kernels, specialize_shapes, to_relax
     from actsparse.codegen.package import write_artifact
     from actsparse.codegen.targets import resolve_target, target_summary
@@ -49,7 +50,8 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     if target.kind.name not in ("llvm", "cuda"):
         raise ActsparseError(f"target {target_name!r}: only CPU targets (host, x86, rpi4, aarch64) and cuda "
                              "compile models so far")
-    model = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # work on a copy
+    if copy:  # lowering rewrites the graph; callers that own a fresh model skip this copy
+        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     step("specializing shapes")
     model = specialize_shapes(model, input_shapes or {})
     step("selecting kernels")
