@@ -58,6 +58,7 @@ def time_per_call(call: Callable[[int], None], iters: int, blocks: int = 5, warm
     ``call(i)`` receives the iteration number so it can rotate weights and inputs.
     The best block is the one least disturbed by other processes on the machine.
     """
+    settle()
     for i in range(warmup):
         call(i)
     best = float("inf")
@@ -76,11 +77,23 @@ def copies_to_exceed_cache(bytes_per_copy: int, factor: float = 4.0, minimum: in
     return max(minimum, int(np.ceil(factor * l3_cache_bytes() / bytes_per_copy)))
 
 
+# Idle workers of onnxruntime (~45 ms) and TVM (~10 ms with actsparse's spin count, ~150 ms with
+# TVM's) keep spinning after a call; timing the next engine inside that window halved its speed.
+SETTLE_SECONDS = 0.2
+
+
+def settle(seconds: float = SETTLE_SECONDS) -> None:
+    """Wait until the thread pools of the engine timed before have stopped spinning."""
+    time.sleep(seconds)
+
+
 def interleaved_best(engines: dict, iters: dict, blocks: int) -> dict[str, float]:
     """Seconds per call of each engine: the best block, blocks taken round-robin across engines.
 
     Other processes load this shared machine in waves; interleaving gives every engine the
     same chances, where timing one engine after the other let a wave land on one of them.
+    Before each block the previous engine's thread pool is left to go idle (``settle``) and
+    one untimed call wakes this engine's own.
     """
     for call in engines.values():
         for i in range(2):
@@ -89,6 +102,8 @@ def interleaved_best(engines: dict, iters: dict, blocks: int) -> dict[str, float
     counter = 0
     for _ in range(blocks):
         for name, call in engines.items():
+            settle()
+            call(counter)
             start = time.perf_counter()
             for _ in range(iters[name]):
                 call(counter)

@@ -1,0 +1,52 @@
+"""How many threads TVM's runtime uses for our kernels, set before its thread pool exists.
+
+TVM sizes its pool from ``TVM_NUM_THREADS``, else from ``std::thread::hardware_concurrency()``
+halved on x86 on the assumption that every core runs two hardware threads. On a machine
+without SMT (this project's 2-core VM, most cloud vCPU slices) that gives half the cores:
+every ``T.parallel`` kernel ran on one thread and the dense GEMV read at one core's
+bandwidth. We count physical cores among the CPUs this process may run on instead.
+
+TVM's idle workers also spin (``sched_yield``) for 300,000 rounds, ~150 ms here, after
+every parallel call, holding a core the rest of the program (or a second engine in a
+benchmark) wants; 20,000 rounds (~10 ms) still covers the gaps between the kernels of one
+model run. Both are defaults: a value already in the environment wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+NUM_THREADS_VAR = "TVM_NUM_THREADS"
+SPIN_COUNT_VAR = "TVM_THREAD_POOL_SPIN_COUNT"
+DEFAULT_SPIN_COUNT = 20_000
+
+
+def usable_cpus() -> list[int]:
+    """CPUs this process may run on (its affinity mask), or all of them where there is none."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: list[int] | None = None, sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Distinct (package, core) pairs among ``cpus``; the CPU count where sysfs does not say."""
+    cpus = usable_cpus() if cpus is None else cpus
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+        except OSError:
+            return max(1, len(cpus))
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def configure_tvm_threads(environ=os.environ) -> dict[str, str]:
+    """Set TVM's thread-pool defaults in ``environ`` unless they are set; returns the values in force."""
+    environ.setdefault(NUM_THREADS_VAR, str(physical_cores()))
+    environ.setdefault(SPIN_COUNT_VAR, str(DEFAULT_SPIN_COUNT))
+    return {NUM_THREADS_VAR: environ[NUM_THREADS_VAR], SPIN_COUNT_VAR: environ[SPIN_COUNT_VAR]}
