@@ -15,10 +15,12 @@ Model: `swiglu_stack` (h += down(silu(gate(h)) * up(h)) per layer), D=1024, F=28
 Engines whose reads fit in the cache rotate over several loaded copies (4x the L3 of bytes
 actually read). GB/s counts the weight bytes an engine must read (all of them for the dense
 engines; for sparse ones the fraction measured on the benchmark inputs with numpy); "% bw" is
-that over a numpy copy probe measured in the same run (read + write bytes). Each time is the
-best of several blocks (other processes share the 2 cores); "speed vs ORT dense" divides by the
-best onnxruntime dense time seen (spinning or not, start or end of the run). Writes benchmarks/results/ffn.json
-and ffn_speed_vs_sparsity.png.
+that over a numpy copy probe measured in the same run (read + write bytes). Every engine is
+timed in blocks alternating with onnxruntime dense (its default spinning pool), each block after
+the other engine's thread pool has gone idle; a time is the best block, and "speed vs ORT dense"
+divides the onnxruntime time from the blocks paired with that engine (this machine's bandwidth
+drifts by tens of percent within a run; the "onnxruntime dense" row, a second session paired with
+the first, shows the noise floor). Writes benchmarks/results/ffn.json and ffn_speed_vs_sparsity.png.
 
     .venv/bin/python benchmarks/bench_ffn.py [--layers 4] [--quick]
 """
@@ -40,6 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth_gbs, l3_cache_bytes, time_per_call  # noqa: E402
+
+from actsparse.bench import interleaved_best  # noqa: E402
 
 D, F = 1024, 2816
 SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.9)
@@ -135,14 +139,15 @@ def copies_for(weight_bytes: int, fraction: float) -> int:
     return max(1, min(needed, MEMORY_BUDGET // weight_bytes))
 
 
-def time_artifact(path: Path, inputs, weight_bytes: int, fraction: float, iters: int) -> tuple[float, int, np.ndarray]:
+def time_artifact(path: Path, inputs, weight_bytes: int, fraction: float, iters: int,
+                  timer=time_per_call) -> tuple[float, int, np.ndarray]:
     import actsparse
 
     copies = copies_for(weight_bytes, fraction)
     models = [actsparse.load(path) for _ in range(copies)]
     xs = coprime_inputs(inputs, copies)
     y0 = models[0].run(x=inputs[0])["y"]
-    seconds = time_per_call(lambda i: models[i % copies].run(x=xs[i % len(xs)]), iters)
+    seconds = timer(lambda i: models[i % copies].run(x=xs[i % len(xs)]), iters)
     del models
     gc.collect()
     return seconds, copies, y0
@@ -159,14 +164,14 @@ def ort_session(proto, spinning: bool = True):
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def time_ort(proto, inputs, iters: int, spinning: bool = True) -> tuple[float, np.ndarray]:
+def time_ort(proto, inputs, iters: int, spinning: bool = True, timer=time_per_call) -> tuple[float, np.ndarray]:
     session = ort_session(proto, spinning)
     y0 = session.run(None, {"x": inputs[0]})[0]
-    seconds = time_per_call(lambda i: session.run(None, {"x": inputs[i % len(inputs)]}), iters)
+    seconds = timer(lambda i: session.run(None, {"x": inputs[i % len(inputs)]}), iters)
     return seconds, y0
 
 
-def time_torch(weights, inputs, iters: int) -> tuple[float, np.ndarray]:
+def time_torch(weights, inputs, iters: int, timer=time_per_call) -> tuple[float, np.ndarray]:
     import torch
 
     torch.set_num_threads(2)
@@ -195,11 +200,11 @@ def time_torch(weights, inputs, iters: int) -> tuple[float, np.ndarray]:
     xs = [torch.from_numpy(x) for x in inputs]
     with torch.inference_mode():
         y0 = module(xs[0]).numpy()
-        seconds = time_per_call(lambda i: module(xs[i % len(xs)]), iters)
+        seconds = timer(lambda i: module(xs[i % len(xs)]), iters)
     return seconds, y0
 
 
-def time_tvm_default(proto, inputs) -> tuple[float, np.ndarray]:
+def time_tvm_default(proto, inputs, timer=None) -> tuple[float, np.ndarray]:
     """TVM's own pipeline on the dense ONNX (none of our kernels): very slow, so few iterations."""
     import tvm
     from tvm import relax
@@ -212,11 +217,12 @@ def time_tvm_default(proto, inputs) -> tuple[float, np.ndarray]:
     vm = relax.VirtualMachine(executable, tvm.cpu())
     xs = [tvm.runtime.tensor(x) for x in inputs]
     y0 = vm["main"](xs[0]).numpy()
-    seconds = time_per_call(lambda i: vm["main"](xs[i % len(xs)]), iters=2, blocks=2, warmup=1)
+    call = lambda i: vm["main"](xs[i % len(xs)])  # noqa: E731
+    seconds = timer(call, 2, blocks=2) if timer else time_per_call(call, iters=2, blocks=2, warmup=1)
     return seconds, y0
 
 
-def time_indexed(weights, inputs, active: float, iters: int) -> tuple[float, int]:
+def time_indexed(weights, inputs, active: float, iters: int, timer=time_per_call) -> tuple[float, int]:
     """The ffn_indexed kernel per layer, chained (layer l's output is layer l+1's input, no
     residual add), the active set (random, `active` of the neurons) given up front."""
     import tvm
@@ -250,7 +256,7 @@ def time_indexed(weights, inputs, active: float, iters: int) -> tuple[float, int
             kernel(current, *slot[layer], wgu, wd, outs[layer])
             current = outs[layer]
 
-    seconds = time_per_call(call, iters)
+    seconds = timer(call, iters)
     del sets
     gc.collect()
     return seconds, copies
@@ -272,11 +278,26 @@ class Bench:
         self.calibration = [{"x": rng.standard_normal((1, D)).astype(np.float32)} for _ in range(CALIBRATION_SAMPLES)]
         self.rows: list[dict] = []
         self.actsparse = actsparse
+        # The yardstick: onnxruntime dense with its default (spinning) pool, timed interleaved with
+        # every engine (`paired`), so that each ratio comes from one stretch of this drifting machine.
+        self.reference = ort_session(self.proto)
+        self.paired_ort_seconds: float | None = None
+
+    def paired(self, call, iters: int, blocks: int = 5) -> float:
+        """Seconds per `call`, timed in blocks alternating with onnxruntime dense (kept for `add`)."""
+        xs = self.inputs
+        ort_call = lambda i: self.reference.run(None, {"x": xs[i % len(xs)]})  # noqa: E731
+        best = interleaved_best({"onnxruntime": ort_call, "engine": call}, {"onnxruntime": iters, "engine": iters}, blocks)
+        self.paired_ort_seconds = best["onnxruntime"]
+        return best["engine"]
 
     def add(self, engine: str, seconds: float, *, fraction: float = 1.0, sparsity: float | None = None,
             sweep: str | None = None, error: float | None = None, **extra) -> dict:
         row = {"engine": engine, "ms": seconds * 1e3, "bytes_fraction": fraction, "sparsity": sparsity,
                "sweep": sweep, "max_abs_error": error, **extra}
+        if self.paired_ort_seconds is not None:
+            row["ort_dense_paired_ms"] = self.paired_ort_seconds * 1e3
+            self.paired_ort_seconds = None
         self.rows.append(row)
         print(f"  {engine:58s} {row['ms']:9.3f} ms  bytes read {fraction:5.2f}", flush=True)
         return row
@@ -291,7 +312,7 @@ class Bench:
 
     def artifact(self, engine: str, optimized, name: str, fraction: float, reference: np.ndarray, **extra):
         seconds, copies, y0 = time_artifact(self.compile(optimized, name), self.inputs, self.weight_bytes, fraction,
-                                            self.iters)
+                                            self.iters, timer=self.paired)
         return self.add(engine, seconds, fraction=fraction, copies=copies,
                         error=float(np.abs(y0 - reference).max()), **extra)
 
@@ -306,13 +327,13 @@ def run(layers: int, iters: int, workdir: Path) -> dict:
     print(f"copy probe {bandwidth:.1f} GB/s", flush=True)
     dense_ref = simulate(b.inputs[0], b.weights)[0]
 
-    t_ort, y = time_ort(b.proto, b.inputs, iters)
+    t_ort, y = time_ort(b.proto, b.inputs, iters, timer=b.paired)  # a second session: the noise floor
     b.add("onnxruntime dense", t_ort, error=float(np.abs(y - dense_ref).max()))
-    t, _ = time_ort(b.proto, b.inputs, iters, spinning=False)
+    t, _ = time_ort(b.proto, b.inputs, iters, spinning=False, timer=b.paired)
     b.add("onnxruntime dense, no spinning", t)
-    t, y = time_torch(b.weights, b.inputs, iters)
+    t, y = time_torch(b.weights, b.inputs, iters, timer=b.paired)
     b.add("torch eager (2 threads)", t, error=float(np.abs(y - dense_ref).max()))
-    t, y = time_tvm_default(b.proto, b.inputs)
+    t, y = time_tvm_default(b.proto, b.inputs, timer=b.paired)
     b.add("TVM default build (from_onnx + tvm.compile)", t, error=float(np.abs(y - dense_ref).max()))
     b.artifact("actsparse dense", b.optimize("cleanup"), "dense", 1.0, dense_ref)
 
@@ -326,7 +347,7 @@ def run(layers: int, iters: int, workdir: Path) -> dict:
         name = "actsparse TEAL 50%" if s == 0.5 else f"actsparse TEAL {s:.0%}"
         b.artifact(name, optimized, f"teal{s}", fraction, reference, sparsity=s, sweep="teal")
         if s == 0.5:
-            t, y = time_ort(optimized.to_onnx(), b.inputs, iters)
+            t, y = time_ort(optimized.to_onnx(), b.inputs, iters, timer=b.paired)
             b.add("onnxruntime TEAL 50% ONNX", t, error=float(np.abs(y - reference).max()))
             with enabled_forms({GATE_SPARSE}):  # TEAL keeps the per-linear sparse kernels
                 b.artifact("actsparse TEAL 50% per-linear sparse kernels", optimized, "teal_per_linear", fraction,
@@ -356,20 +377,16 @@ def run(layers: int, iters: int, workdir: Path) -> dict:
 
     # Active set given up front: the ffn_indexed kernel called directly (no graph path yet).
     for s in SPARSITIES:
-        seconds, copies = time_indexed(b.weights, b.inputs, 1 - s, iters)
+        seconds, copies = time_indexed(b.weights, b.inputs, 1 - s, iters, timer=b.paired)
         name = "active set up front 90%" if s == 0.9 else f"active set up front {s:.0%}"
         b.add(name, seconds, fraction=1 - s, sparsity=s, sweep="indexed", copies=copies,
               note="ffn_indexed kernel called directly per layer (no residual add, random active set)")
 
-    # The machine is shared: measure the baseline and the bandwidth again. The baseline is the
-    # best onnxruntime time seen (with or without spinning), the conservative choice for our ratios.
-    t_again, _ = time_ort(b.proto, b.inputs, iters)
-    print(f"  onnxruntime dense again: {t_again * 1e3:.3f} ms", flush=True)
-    b.rows[0]["ms"] = min(b.rows[0]["ms"], t_again * 1e3)
-    t_ort = min(b.rows[0]["ms"], b.rows[1]["ms"]) * 1e-3
+    # Each ratio divides the onnxruntime dense time measured in the blocks interleaved with that
+    # engine; the machine's bandwidth drifts by tens of percent over a run.
     bandwidth = max(bandwidth, copy_bandwidth_gbs())
     for row in b.rows:
-        row["speed_vs_ort_dense"] = t_ort * 1e3 / row["ms"]
+        row["speed_vs_ort_dense"] = row["ort_dense_paired_ms"] / row["ms"]
         row["gbs"] = b.weight_bytes * row["bytes_fraction"] / (row["ms"] * 1e-3) / 1e9
         row["bandwidth_fraction"] = row["gbs"] / bandwidth
     return {
@@ -406,10 +423,11 @@ def check_targets(rows: list[dict]) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n| engine | ms | speed vs ORT dense | GB/s | % of bandwidth ({report['machine']['copy_bandwidth_gbs']:.1f} GB/s) |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\n| engine | ms | ORT dense ms (paired) | speed vs ORT dense | GB/s | % of bandwidth "
+          f"({report['machine']['copy_bandwidth_gbs']:.1f} GB/s) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in report["rows"]:
-        print(f"| {r['engine']} | {r['ms']:.3f} | {r['speed_vs_ort_dense']:.2f}x | {r['gbs']:.1f} | "
+        print(f"| {r['engine']} | {r['ms']:.3f} | {r['ort_dense_paired_ms']:.3f} | {r['speed_vs_ort_dense']:.2f}x | {r['gbs']:.1f} | "
               f"{100 * r['bandwidth_fraction']:.0f} % |")
     print("\nfits (time ~ fixed + slope x fraction of weight bytes read):")
     for sweep, fit in report["fits"].items():

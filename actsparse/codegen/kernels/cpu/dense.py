@@ -42,10 +42,20 @@ def pack_dense(w: np.ndarray, block: int = 2 * DEFAULT_LANES) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, nb, block).transpose(1, 0, 2))
 
 
+# TVM turns a buffer of 1024 bytes or more (kMaxStackAlloca) into a heap workspace; LLVM cannot
+# keep that in registers and stores every accumulator on every k step. An 8 x 32 fp32 tile is
+# exactly 1024 bytes: it ran at 87 GFLOP/s where 6 x 32 reached 222 (M=128, K=384, N=1536).
+STACK_ALLOCA_LIMIT = 1024
+
+
 def default_row_tile(m: int, lanes: int = DEFAULT_LANES) -> int:
-    """Rows of y held in registers at once: two vectors per row, within the register file."""
-    accumulator_vectors = 16 if lanes >= 16 else 12
-    return max(1, min(m, accumulator_vectors // 2))
+    """Rows of y held in registers at once: two vectors per row, within the register file and
+    below TVM's stack-allocation limit."""
+    accumulator_vectors = 12
+    rows = accumulator_vectors // 2
+    while rows > 1 and rows * 2 * lanes * 4 >= STACK_ALLOCA_LIMIT:
+        rows -= 1
+    return max(1, min(m, rows))
 
 
 def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: int | None = None):
