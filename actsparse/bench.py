@@ -87,7 +87,7 @@ def settle(seconds: float = SETTLE_SECONDS) -> None:
     time.sleep(seconds)
 
 
-def interleaved_best(engines: dict, iters: dict, blocks: int) -> dict[str, float]:
+def interleaved_best(engines: dict, iters: dict, blocks: int, settle_seconds: float = SETTLE_SECONDS) -> dict[str, float]:
     """Seconds per call of each engine: the best block, blocks taken round-robin across engines.
 
     Other processes load this shared machine in waves; interleaving gives every engine the
@@ -102,7 +102,7 @@ def interleaved_best(engines: dict, iters: dict, blocks: int) -> dict[str, float
     counter = 0
     for _ in range(blocks):
         for name, call in engines.items():
-            settle()
+            settle(settle_seconds)
             call(counter)
             start = time.perf_counter()
             for _ in range(iters[name]):

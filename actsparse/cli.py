@@ -388,12 +388,15 @@ def print_records(records) -> None:
     if not console.is_terminal:
         console.width = 160
     console.print(table)
+    for r in records:
+        if isinstance(r.report.get("warning"), str):
+            console.print(f"[yellow]warning[/yellow] ({r.name}): {r.report['warning']}", markup=True, highlight=False)
 
 
 def _short_report(report: dict) -> str:
     parts = []
     for key, value in report.items():
-        if isinstance(value, (int, float, str, bool)):
+        if isinstance(value, (int, float, str, bool)) and key != "warning":  # warnings get their own line
             parts.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
     return " ".join(parts)[:160]
 

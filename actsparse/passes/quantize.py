@@ -6,10 +6,16 @@ range calibrated on the calibration set (minmax, percentile or entropy), as stan
     After:  y = DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x) @ DequantizeLinear(W_q, s_w[N], axis)
 onnxruntime fuses the DQ pair with the MatMul into an integer matmul (MatMulIntegerToFloat).
 
-mode=dynamic (bits=8): weights as above; the activation range is measured per call (per tensor),
-in the form onnxruntime's own quantize_dynamic writes (ORT fuses it to DynamicQuantizeMatMul):
+mode=dynamic (bits=8): weights as above; the activation range is measured per call. Per tensor
+(granularity=tensor, the default) in the form onnxruntime's own quantize_dynamic writes (ORT fuses
+it to DynamicQuantizeMatMul):
     After:  (x_q, s_x, z_x) = DynamicQuantizeLinear(x)
             y = Cast(MatMulInteger(x_q, W_q, z_x, 0), float) * (s_x * s_w[N])
+or per token (granularity=token: one symmetric int8 scale per row of x, so that one outlier
+token does not coarsen every other token's grid):
+    After:  s_x[.., T, 1] = max(ReduceMax(|x|, axis=-1), eps) / 127
+            x_q = Cast(Clip(Round(x / s_x), -127, 127), int8)
+            y = Cast(MatMulInteger(x_q, W_q), float) * s_x * s_w[N]
 
 mode=weight_only (bits=4, or bits=8): group-wise weights along K (group 32/64/128), symmetric or
 asymmetric, rounded to nearest (rtn) or error-minimizing on the layer's calibration inputs (gptq,
@@ -21,10 +27,16 @@ with H = XᵀX); activations stay float:
 Linears stay float (and the report says why) when the weight is shared with other nodes, the
 input is not float32, or the weight is not float. MatMuls with a non-constant or non-2-D second
 operand are listed as float too. Approximate: the pipeline reports cosine / max error.
+
+Speed on the spot (speed_check=true, the default): the model before and after is timed in
+onnxruntime on the first calibration sample, interleaved, and the report gives
+``speedup_vs_float``; a quantized model slower than float32 (onnxruntime issues #6732, #12854,
+#20052, #23004) gets a ``warning`` in the report and on the command line.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -62,6 +74,10 @@ class QuantizeOptions:
                                     "activations per block: the fast CPU path)")
     format: Literal["matmulnbits", "qdq"] = option("matmulnbits", "weight-only: com.microsoft.MatMulNBits or "
                                                                   "blocked DequantizeLinear (opset 21)")
+    granularity: Literal["tensor", "token"] = option("tensor", "mode=dynamic: one activation scale per tensor "
+                                                               "(uint8, ORT's fused form) or per token (int8)")
+    speed_check: bool = option(True, "time the model before and after in onnxruntime and report the speed "
+                                     "against float32")
 
     def validate(self) -> None:
         where = "pass 'quantize'"
@@ -79,6 +95,8 @@ class QuantizeOptions:
             raise ActsparseError(f"{where}: accuracy_level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
         if self.format == "qdq" and self.bits != 4 and self.resolved_mode == "weight_only":
             raise ActsparseError(f"{where}: format=qdq weight-only needs bits=4")
+        if self.granularity == "token" and self.resolved_mode != "dynamic":
+            raise ActsparseError(f"{where}: granularity=token is for mode=dynamic, not mode={self.resolved_mode}")
 
     @property
     def resolved_mode(self) -> str:
@@ -111,6 +129,7 @@ class QuantizePass(ActsparsePass):
         if not linears:
             raise ActsparseError("pass 'quantize': no linear layer with a constant float32 weight to quantize")
         inputs = _group_by_input(linears)
+        float_proto = ir.serde.serialize_model(model) if self._speed_sample() is not None else None
         bytes_before = _initializer_bytes(model)
         weight_bytes_before = sum(l.in_features * l.out_features * int(l.weight.dtype.itemsize) for l in linears)
         if mode == "weight_only" and opts.format == "qdq":
@@ -120,6 +139,8 @@ class QuantizePass(ActsparsePass):
         for group in inputs:
             if mode == "static":
                 layers += self._static(model, group, rows[group.value.name])
+            elif mode == "dynamic" and opts.granularity == "token":
+                layers += self._dynamic_per_token(model, group)
             elif mode == "dynamic":
                 layers += self._dynamic(model, group)
             else:
@@ -135,7 +156,13 @@ class QuantizePass(ActsparsePass):
             "model_bytes_before": bytes_before, "model_bytes_after": bytes_after,
             "layers": layers, "stayed_float": skipped,
         }
+        if float_proto is not None:
+            self.report.update(_speed_vs_float(float_proto, ir.serde.serialize_model(model), self._speed_sample()))
         return ir.passes.PassResult(model, modified=True)
+
+    def _speed_sample(self) -> dict[str, np.ndarray] | None:
+        samples = self.context.calibration if self.options.speed_check else None
+        return samples[0] if samples else None
 
     # --- calibration -------------------------------------------------------------------
 
@@ -211,6 +238,55 @@ class QuantizePass(ActsparsePass):
                                        out.type, int_shape))
             _replace_node(model, linear.node, new_nodes)
             layers.append(_layer_entry(linear, "int8 dynamic", w_q.nbytes + w_scale.nbytes + w_q.shape[1]))
+        return layers
+
+    def _dynamic_per_token(self, model: ir.Model, group: _Input) -> list[dict]:
+        base = group.linears[0].name or group.value.name
+        x = group.value
+        float_type = ir.TensorType(ir.DataType.FLOAT)
+
+        def const(suffix: str, value, dtype=np.float32) -> ir.Value:
+            return add_initializer(model, f"{base}.{suffix}", np.array(value, dtype))
+
+        def node(op: str, inputs, suffix: str, out_type=float_type, shape=None, **attrs) -> ir.Node:
+            return _node(model, "", op, inputs, f"{base}.{suffix}", out_type, shape, attributes=attrs or None)
+
+        row_shape = ir.Shape([*list(x.shape)[:-1], 1]) if x.shape is not None else None
+        magnitude = node("Abs", [x], "input_abs", shape=x.shape)
+        if model.opset_imports.get("", 1) >= 18:  # axes became an input in opset 18
+            row_max = node("ReduceMax", [magnitude.outputs[0], const("reduce_axes", [-1], np.int64)],
+                           "input_row_max", shape=row_shape, keepdims=1)
+        else:
+            row_max = node("ReduceMax", [magnitude.outputs[0]], "input_row_max", shape=row_shape, keepdims=1,
+                           axes=[-1])
+        floor = node("Max", [row_max.outputs[0], const("scale_floor", 1e-8)], "input_row_max_floor", shape=row_shape)
+        scale = node("Div", [floor.outputs[0], const("int8_max", 127.0)], "input_scale", shape=row_shape)
+        scaled = node("Div", [x, scale.outputs[0]], "input_scaled", shape=x.shape)
+        rounded = node("Round", [scaled.outputs[0]], "input_round", shape=x.shape)
+        clipped = node("Clip", [rounded.outputs[0], const("clip_low", -127.0), const("clip_high", 127.0)],
+                       "input_clip", shape=x.shape)
+        x_q = node("Cast", [clipped.outputs[0]], "input_quantize", ir.TensorType(ir.DataType.INT8), x.shape,
+                   to=ir.DataType.INT8)
+        _insert_after_producer(model, x, [magnitude, row_max, floor, scale, scaled, rounded, clipped, x_q])
+        layers = []
+        for linear in group.linears:
+            w_q, w_scale = quantize_per_channel(linear.weight_array("KN").astype(np.float32))
+            wq = add_initializer(model, f"{linear.name}.weight_quantized", w_q)
+            ws = add_initializer(model, f"{linear.name}.weight_scale", w_scale)
+            out = linear.node.outputs[0]
+            mm = _node(model, "", "MatMulInteger", [x_q.outputs[0], wq], f"{linear.name}.matmul_integer",
+                       ir.TensorType(ir.DataType.INT32), out.shape)
+            cast = _node(model, "", "Cast", [mm.outputs[0]], f"{linear.name}.cast", float_type, out.shape,
+                         attributes={"to": ir.DataType.FLOAT})
+            per_token = _node(model, "", "Mul", [cast.outputs[0], scale.outputs[0]], f"{linear.name}.token_scale",
+                              float_type, out.shape)
+            mul = _node(model, "", "Mul", [per_token.outputs[0], ws], f"{linear.name}.dequantize", out.type, out.shape)
+            new_nodes = [mm, cast, per_token, mul]
+            if linear.node.op_type == "Gemm" and linear.bias is not None:
+                new_nodes.append(_node(model, "", "Add", [mul.outputs[0], linear.node.inputs[2]], f"{linear.name}.bias",
+                                       out.type, out.shape))
+            _replace_node(model, linear.node, new_nodes)
+            layers.append(_layer_entry(linear, "int8 dynamic per token", w_q.nbytes + w_scale.nbytes))
         return layers
 
     # --- weight-only ----------------------------------------------------------------------
@@ -636,3 +712,34 @@ def _raise_opset(model: ir.Model, version: int) -> None:
     for function in model.functions.values():
         if "" in function.opset_imports:
             function.opset_imports[""] = version
+
+
+def _speed_vs_float(float_proto, quantized_proto, sample: dict[str, np.ndarray], budget_seconds: float = 0.3) -> dict:
+    """onnxruntime time of the float and the quantized model on ``sample``, interleaved; a
+    ``warning`` when the quantized one is slower."""
+    import onnxruntime as ort
+
+    from actsparse.bench import interleaved_best
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = {name: ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                for name, proto in (("float", float_proto), ("quantized", quantized_proto))}
+    feeds = {name: {i.name: sample[i.name] for i in session.get_inputs() if i.name in sample}
+             for name, session in sessions.items()}
+    calls = {name: (lambda s, f: lambda _i: s.run(None, f))(session, feeds[name]) for name, session in sessions.items()}
+    once = {}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call(0)
+        once[name] = time.perf_counter() - start
+    iters = {name: max(1, int(budget_seconds / 3 / max(t, 1e-6))) for name, t in once.items()}
+    best = interleaved_best(calls, iters, blocks=3, settle_seconds=0.05)
+    speedup = best["float"] / best["quantized"]
+    out = {"speedup_vs_float": round(speedup, 3),
+           "speed_check": {"engine": "onnxruntime", "float_ms": round(best["float"] * 1e3, 4),
+                           "quantized_ms": round(best["quantized"] * 1e3, 4), "iterations": iters}}
+    if speedup < 1.0:
+        out["warning"] = (f"the quantized model runs {1 / speedup:.2f}x slower than float32 in onnxruntime on "
+                          f"this machine; weigh the size saving against it, or try another mode")
+    return out

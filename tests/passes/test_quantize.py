@@ -189,6 +189,62 @@ def test_dynamic_gemm_keeps_bias():
     assert np.corrcoef(run(quantized, x).ravel(), (x["x"] @ w_nk.T + b).ravel())[0, 1] > 0.999
 
 
+def test_dynamic_per_token_structure_and_numerics():
+    model = linear_model(rows=6)
+    w, b = weight(model), weight(model, "b")
+    quantized, report = run_pass(model, {"bits": 8, "mode": "dynamic", "granularity": "token"})
+    assert "MatMulInteger" in ops(quantized) and "DynamicQuantizeLinear" not in ops(quantized)
+    x = samples(model, 1)[0]["x"]
+    x[2] *= 50  # an outlier token: per-token scales keep the other rows' resolution
+    s = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-8) / 127
+    x_dq = np.clip(np.round(x / s), -127, 127) * s
+    ws = np.abs(w).max(axis=0) / 127
+    expected = x_dq @ (np.round(w / ws) * ws) + b
+    got = run(quantized, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    assert report["layers"][0]["kind"] == "int8 dynamic per token"
+    # the rows beside the outlier are as accurate as without it; per tensor they are not
+    per_tensor, _ = run_pass(linear_model(rows=6), {"bits": 8, "mode": "dynamic"})
+    exact = x @ w + b
+    quiet = [0, 1, 3, 4, 5]
+    assert np.abs(got - exact)[quiet].max() < np.abs(run(per_tensor, {"x": x}) - exact)[quiet].max() / 5
+
+
+def test_dynamic_per_token_before_opset_18():
+    model = linear_model()
+    model.opset_imports[""] = 13
+    x = samples(model, 1)[0]
+    exact = x["x"] @ weight(model) + weight(model, "b")
+    quantized, _ = run_pass(model, {"bits": 8, "mode": "dynamic", "granularity": "token"})
+    assert "axes" in next(n for n in quantized.graph if n.op_type == "ReduceMax").attributes
+    assert np.corrcoef(run(quantized, x).ravel(), exact.ravel())[0, 1] > 0.999
+
+
+def test_speed_against_float_is_measured_on_the_spot():
+    model = linear_model(k=256, n=256, rows=8)
+    _, report = run_pass(model, {"bits": 8, "mode": "dynamic"}, samples(model, 2))
+    check = report["speed_check"]
+    assert check["engine"] == "onnxruntime" and check["float_ms"] > 0 and check["quantized_ms"] > 0
+    assert report["speedup_vs_float"] == pytest.approx(check["float_ms"] / check["quantized_ms"], rel=0.01)
+    assert ("warning" in report) == (report["speedup_vs_float"] < 1.0)
+    _, quiet = run_pass(linear_model(), {"bits": 8, "mode": "dynamic", "speed_check": False}, samples(model, 1))
+    assert "speed_check" not in quiet
+
+
+def test_slower_than_float_warns_on_the_command_line(tmp_path, monkeypatch, capsys):
+    from actsparse.cli import main
+    from onnx import save
+
+    import actsparse.bench
+    monkeypatch.setattr(actsparse.bench, "interleaved_best", lambda calls, iters, blocks, settle_seconds: {
+        "float": 1e-3, "quantized": 2e-3})
+    save(ir.serde.serialize_model(linear_model()), tmp_path / "m.onnx")
+    assert main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
+                 "--passes", "quantize{bits=8,mode=dynamic}"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "2.00x slower than float32" in err
+
+
 # ------------------------------------------------------------------------- weight-only
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -300,6 +356,7 @@ def test_coverage_report_lists_float_layers():
     ({"bits": "4", "group": "48"}, "group must be one of 32, 64, 128, got 48"),
     ({"bits": "4", "mode": "static"}, "bits=4 is weight-only"),
     ({"bits": "4", "mode": "dynamic"}, "bits=4 is weight-only"),
+    ({"bits": "8", "granularity": "token"}, "granularity=token is for mode=dynamic"),
     ({"calib": "kl"}, "'kl' is not one of minmax, percentile, entropy"),
     ({"percentile": "20"}, r"percentile must be in \(50, 100\]"),
     ({"bits": "4", "accuracy_level": "7"}, "accuracy_level must be"),
@@ -351,4 +408,5 @@ def test_minilm_int8_and_int4_embeddings(minilm_onnx, monkeypatch):
 
     assert cosine({"bits": 8}) >= 0.99
     assert cosine({"bits": 8, "mode": "dynamic"}) >= 0.99
+    assert cosine({"bits": 8, "mode": "dynamic", "granularity": "token"}) >= 0.99
     assert cosine({"bits": 4, "group": 128, "symmetric": False, "rounding": "gptq"}) >= 0.98
