@@ -75,11 +75,13 @@ def select_kernels(model: ir.Model, target=None) -> KernelPlan:
     import dataclasses
 
     from actsparse.codegen.ffn_fusion import fuse_ffn_blocks
+    from actsparse.codegen.kernels.cpu.quant import has_int8_dot_product
     from actsparse.codegen.quant_lowering import select_quant_kernels
 
     # Quantized linears (QDQ, dynamic, MatMulNBits) first, then gated FFN blocks that fit
     # one fused kernel, then every remaining float linear.
-    quant_layers = select_quant_kernels(model, lanes=kernel_lanes(target, "dense") if target is not None else 16)
+    quant_layers = select_quant_kernels(model, lanes=kernel_lanes(target, "dense") if target is not None else 16,
+                                        int8_dot=has_int8_dot_product(target))
     plan = KernelPlan(fuse_ffn_blocks(model))
     plan.layers += quant_layers
     for linear in find_linears(model):

@@ -50,10 +50,13 @@ class QuantLinear:
     weights: tuple            # int8: (q [K, N], scale [N]); int4: (codes [N, Kp], scales [N, G], zeros [N, G] or None)
     group: int = 0
     name: str = ""
+    int8_activations: bool = False  # MatMulNBits accuracy_level=4: x may be quantized to int8 per block
 
 
-def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES) -> list[dict]:
+def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: bool = False) -> list[dict]:
     """Rewrite every matched quantized linear into an ActsparseQuantLinear node, in place.
+    ``int8_dot``: the target has AVX-512 VNNI; dense int4 layers whose MatMulNBits allows int8
+    activations (accuracy_level=4) take ``int4_dense_matmul_vnni``.
 
     Returns one plan entry per rewritten layer ({"name", "kernel", "shape"}), in the form of
     ``lower.KernelPlan.layers``. Nodes left without users are removed.
@@ -64,7 +67,7 @@ def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES) -> list[di
         match = match_quant_linear(node)
         if match is None:
             continue
-        layers.append(_replace(model, match, lanes))
+        layers.append(_replace(model, match, lanes, int8_dot))
     if layers:
         import onnx_ir.passes.common as common
 
@@ -210,7 +213,7 @@ def _match_matmulnbits(node: ir.Node) -> QuantLinear | None:
     zeros = None if zp is None else unpack_nibbles(zp.reshape(n, -1))[:, :blocks]
     return QuantLinear(node.outputs[0], x, k, n, "int4",
                        (codes, scales.reshape(n, blocks).astype(np.float32), zeros), group=group,
-                       name=node.name or node.outputs[0].name)
+                       name=node.name or node.outputs[0].name, int8_activations=attrs.get_int("accuracy_level", 0) == 4)
 
 
 def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
@@ -254,7 +257,7 @@ def _activity(match: QuantLinear) -> tuple[str, list[ir.Value]]:
     return "dense", [match.x]
 
 
-def _packed_weights(match: QuantLinear, sparse: bool, lanes: int) -> list[np.ndarray]:
+def _packed_weights(match: QuantLinear, sparse: bool, lanes: int, vnni: bool = False) -> list[np.ndarray]:
     from actsparse.codegen.kernels.cpu import quant
 
     if match.kind == "int8":
@@ -262,19 +265,23 @@ def _packed_weights(match: QuantLinear, sparse: bool, lanes: int) -> list[np.nda
         pack = quant.pack_int8_sparse if sparse else quant.pack_int8_dense
         return list(pack(q, scale, lanes))
     codes, scales, zeros = match.weights
+    if vnni:
+        return list(quant.pack_int4_dense_vnni(codes, scales, zeros, k=match.k, group=match.group))
     pack = quant.pack_int4_sparse if sparse else quant.pack_int4_dense
     return list(pack(codes, scales, zeros, k=match.k, lanes=lanes))
 
 
-def _replace(model: ir.Model, match: QuantLinear, lanes: int) -> dict:
+def _replace(model: ir.Model, match: QuantLinear, lanes: int, int8_dot: bool = False) -> dict:
     mode, inputs = _activity(match)
-    arrays = _packed_weights(match, mode != "dense", lanes)
+    # The VNNI kernel quantizes x to int8 per group: only where the model allows it (accuracy_level=4).
+    vnni = int8_dot and match.int8_activations and mode == "dense" and match.group % 32 == 0
+    arrays = _packed_weights(match, mode != "dense", lanes, vnni)
     base = match.name or "quant_linear"
     for suffix, array in zip(("weight", "scale", "zero"), arrays):
         inputs.append(add_initializer(model, f"{base}.{suffix}_{match.kind}_packed", array))
     zero_points = match.kind == "int4" and match.weights[2] is not None
     attributes = {"kind": match.kind, "mode": mode, "k": match.k, "n": match.n, "group": match.group,
-                  "zero_points": int(zero_points), "lanes": lanes}
+                  "zero_points": int(zero_points), "lanes": lanes, "int8_dot": int(vnni)}
     node = ir.Node(LOWERING_DOMAIN, QUANT_LINEAR, inputs,
                    attributes=ir.convenience.convert_attributes(attributes),
                    name=unique_node_name(model, f"{base}.kernel"))
@@ -286,7 +293,7 @@ def _replace(model: ir.Model, match: QuantLinear, lanes: int) -> dict:
     if any(v is out for v in model.graph.outputs):  # keep the graph output's name
         match.output.name = f"{name}_replaced"
         out.name = name
-    kernel = f"{match.kind}_{'dense' if mode == 'dense' else 'sparse_' + mode}"
+    kernel = f"{match.kind}_{'dense' if mode == 'dense' else 'sparse_' + mode}{'_vnni' if vnni else ''}"
     return {"name": match.name, "kernel": kernel, "shape": [match.k, match.n]}
 
 
@@ -297,10 +304,13 @@ def quant_converters(target) -> dict:
     return {QUANT_LINEAR: _converter()}
 
 
-def quant_kernel(kind: str, mode: str, m: int, k: int, n: int, group: int, zero_points: bool, lanes: int):
+def quant_kernel(kind: str, mode: str, m: int, k: int, n: int, group: int, zero_points: bool, lanes: int,
+                 int8_dot: bool = False):
     """The PrimFunc an ActsparseQuantLinear node calls."""
     from actsparse.codegen.kernels.cpu import quant
 
+    if int8_dot:
+        return quant.int4_dense_matmul_vnni(m, k, n, group, zero_points=zero_points)
     if kind == "int8":
         if mode == "dense":
             return quant.int8_dense_matmul(m, k, n, lanes=lanes)
@@ -319,6 +329,7 @@ def _converter():
         kind, mode = attr_text(attrs["kind"]), attr_text(attrs["mode"])
         k, n, group = int(attrs["k"]), int(attrs["n"]), int(attrs["group"])
         zero_points, lanes = bool(attrs["zero_points"]), int(attrs["lanes"])
+        int8_dot = bool(attrs.get("int8_dot", 0))
         x = inputs[0]
         shape = [int(d) for d in x.ty.shape]
         m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
@@ -326,10 +337,10 @@ def _converter():
         rest = list(inputs[1:])
         if mode in ("threshold", "scaled"):  # the kernel takes the scalar threshold as f32[1]
             rest[0] = bb.emit(relax.op.reshape(rest[0], (1,)))
-        key = (kind, mode, m, k, n, group, zero_points, lanes)
+        key = (kind, mode, m, k, n, group, zero_points, lanes, int8_dot)
         if key not in functions:
             symbol = f"actsparse_{kind}_{mode}_m{m}_k{k}_n{n}" + (f"_g{group}{'_zp' if zero_points else ''}"
-                                                                 if kind == "int4" else "")
+                                                                 if kind == "int4" else "") + ("_vnni" if int8_dot else "")
             func = quant_kernel(*key)
             functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
         y = bb.emit(relax.call_tir(functions[key], [x2, *rest], relax.TensorType((m, n), "float32")))

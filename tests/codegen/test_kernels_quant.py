@@ -89,6 +89,44 @@ def test_int4_dense_matches_numpy(kernels, shape, symmetric):
     np.testing.assert_allclose(y, expected, atol=ATOL, rtol=RTOL)
 
 
+def _int4_vnni_reference(x, codes, scales, zeros, group, k):
+    """What int4_dense_matmul_vnni computes: x rounded to int8 per group (scale max|x|/127), integer
+    dot products with the codes, then scale * s_x * (dot - zero * sum x_q) per group."""
+    m = x.shape[0]
+    n, kp = codes.shape
+    xp = np.zeros((m, kp), np.float64)
+    xp[:, :k] = x
+    y = np.zeros((m, n))
+    for g in range(kp // group):
+        xg = xp[:, g * group:(g + 1) * group]
+        sx = np.abs(xg).max(axis=1, keepdims=True) / 127
+        xq = np.round(np.divide(xg, sx, out=np.zeros_like(xg), where=sx > 0)).astype(np.int64)
+        dots = xq @ codes[:, g * group:(g + 1) * group].T.astype(np.int64)
+        y += scales[:, g] * sx * (dots - zeros[:, g].astype(np.float64) * xq.sum(axis=1, keepdims=True))
+    return y.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape,group", [((1, 37, 45), 32), ((1, 256, 96), 64), ((2, 300, 70), 128)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_dense_vnni_matches_numpy(kernels, shape, group, symmetric):
+    if not quant.has_int8_dot_product(resolve_target("host")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    m, k, n = shape
+    x, w = _case(*shape, k + n + group)
+    codes, scales, zeros = quantize_blockwise(w, 4, group, symmetric)
+    packed = quant.pack_int4_dense_vnni(codes, scales, None if symmetric else zeros, k=k, group=group)
+    y = kernels(quant.int4_dense_matmul_vnni, m, k, n, group, zero_points=not symmetric)(x, *packed)
+    np.testing.assert_allclose(y, _int4_vnni_reference(x, codes, scales, zeros, group, k), atol=ATOL, rtol=RTOL)
+    # and the int8 rounding of x costs little against the float weights it stands for
+    exact = dense_matmul_reference(x, dequantize_blockwise(codes, scales, zeros, group, k))
+    assert np.abs(y - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+def test_int4_vnni_rejects_groups_it_cannot_vectorize():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.int4_dense_matmul_vnni(1, 64, 64, 16)
+
+
 SPARSE_CASES = [("threshold", (1, 37, 45)), ("threshold", (3, 300, 70)), ("nonzero", (1, 64, 96)),
                 ("scaled", (2, 70, 33))]
 

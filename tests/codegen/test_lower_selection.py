@@ -49,6 +49,23 @@ def test_quantized_linears_compile_to_our_kernels(passes, kernel, tolerance):
     assert error <= tolerance
 
 
+def test_int4_with_int8_activations_takes_the_vnni_kernel_where_the_cpu_has_it():
+    """accuracy_level=4 (the quantize default) lets x be int8 per block, as in onnxruntime: on a
+    CPU with AVX-512 VNNI that selects int4_dense_vnni; elsewhere, and for x86/rpi4, the float one."""
+    from actsparse.codegen.kernels.cpu.quant import has_int8_dot_product
+
+    model = actsparse.optimize(ir.serde.deserialize_model(swiglu_stack(layers=1, d=64, f=128)),
+                               passes="quantize{bits=4,group=32}").model
+    x = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
+    expected = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})[0]
+    for target in ("host", "x86"):
+        art = actsparse.compile(model, target=target, example_inputs={"x": x})
+        vnni = has_int8_dot_product(resolve_target(target))
+        assert {layer["kernel"] for layer in art.kernels} == {"int4_dense_vnni" if vnni else "int4_dense"}
+        error = np.abs(art.run(x=x)["y"] - expected).max() / np.abs(expected).max()
+        assert error <= 0.03  # both round x to int8 per block, in blocks of different sizes
+
+
 def test_neon_gets_wider_register_blocks():
     rpi4 = resolve_target("rpi4")
     assert (kernel_lanes(rpi4, "dense"), kernel_lanes(rpi4, "sparse")) == (8, 16)
