@@ -57,14 +57,14 @@ BENCH_INPUTS = 7
 MEMORY_BUDGET = 2_000_000_000
 
 
-def lm_predictor_result() -> dict | None:
+def lm_predictor_result(path: Path = RESULTS / "lm.json") -> dict | None:
     """The predictor's numbers on the relufied LM (examples/lm_sparsity.py), if they exist."""
-    path = RESULTS / "lm.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     if "predictor" not in data:
         return None
     fields = ("predicted_active_mean", "recall_mean", "perplexity", "change_vs_relufied")
-    return {"file": "benchmarks/results/lm.json", "base_perplexity": data.get("eval", {}).get("onnx_perplexity"),
+    return {"file": str(path.relative_to(RESULTS.parents[1])) if path.is_relative_to(RESULTS.parents[1]) else str(path),
+            "base_perplexity": data.get("eval", {}).get("onnx_perplexity"),
             "relufied_perplexity": data["predictor"].get("relufied_perplexity"),
             "modes": {name: {f: row.get(f) for f in fields} for name, row in data["predictor"]["modes"].items()}}
 
@@ -344,9 +344,11 @@ def main(argv=None) -> int:
     parser.add_argument("--compiled-actives", type=float, nargs="*", default=None,
                         help="active fractions of the compiled path (default: --active and 0.30)")
     parser.add_argument("--skip-direct", action="store_true", help="only the compiled end-to-end path")
+    parser.add_argument("--lm", default=str(RESULTS / "lm.json"),
+                        help="examples/lm_sparsity.py results whose predictor sets --active (lm_small.json: the small LM)")
     parser.add_argument("--out", default=str(RESULTS / "lm_predictor_bench.json"))
     args = parser.parse_args(argv)
-    lm = lm_predictor_result()
+    lm = lm_predictor_result(Path(args.lm).resolve())
     active = args.active
     if active is None:
         active = lm["modes"]["threshold r95"]["predicted_active_mean"] if lm else 0.3
