@@ -176,10 +176,19 @@ def accumulate_rows_macro(n: int, rows_per_step: int, lanes: int, chunks: int):
                     for r in range(R):
                         part[c, blocks * cb + t] = part[c, blocks * cb + t] + xa[0, s * R + r] * w[
                             idx[s * R + r], blocks * cb + t]
-        for j in range(n):
-            y[0, j] = part[0, j]
+        for b in range(blocks):
+            total = T.alloc_buffer((cb,), "float32")
+            for j in T.vectorized(cb):
+                total[j] = part[0, b * cb + j]
             for c in range(1, P):
-                y[0, j] = y[0, j] + part[c, j]
+                for j in T.vectorized(cb):
+                    total[j] = total[j] + part[c, b * cb + j]
+            for j in T.vectorized(cb):
+                y[0, b * cb + j] = total[j]
+        for t in range(tail):
+            y[0, blocks * cb + t] = part[0, blocks * cb + t]
+            for c in range(1, P):
+                y[0, blocks * cb + t] = y[0, blocks * cb + t] + part[c, blocks * cb + t]
 
     return accumulate
 
