@@ -25,7 +25,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, panel_count
-from actsparse.codegen.kernels.cpu.sparse import MODES, ROW_CHUNKS, compact_macro, default_chunks
+from actsparse.codegen.kernels.cpu.sparse import MODES, ROW_CHUNKS, accumulate_rows_macro, compact_macro, default_chunks
 
 INT4_SYMMETRIC_ZERO = 8
 ROWS_PER_STEP = 16
@@ -326,7 +326,7 @@ def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per
         compact(x, threshold, act_scale, idx, xa, count)
         steps = T.bind((count[0] + R - 1) // R)
         if m == 1:
-            int8_rows(wq, scale, y, idx, xa, steps)
+            int8_rows(wq, scale, y, idx, xa, count)
         else:
             int8_columns(wq, scale, y, idx, xa, steps)
 
@@ -335,44 +335,16 @@ def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per
 
 def _int8_sparse_rows_macro(n: int, width: int, R: int, lanes: int, P: int):
     """Batch 1: the active list split over ``P`` tasks, whole int8 rows (1-3 KB) summed into a
-    partial y per task, partials added and scaled at the end (1.3-1.7x the column split)."""
-    cb = 2 * lanes
-    blocks = width // cb
+    partial y per task (``sparse.accumulate_rows_macro``), then scaled per column (1.3-1.7x the
+    column split)."""
+    accumulate = accumulate_rows_macro(width, R, lanes, P)
 
     @T.macro
-    def rows(wq, scale, y, idx, xa, steps):
-        part = T.alloc_buffer((P, width), "float32")
-        for c in T.parallel(P):
-            for b in range(blocks):
-                for j in T.vectorized(cb):
-                    part[c, b * cb + j] = T.float32(0)
-            for s in range(c * steps // P, (c + 1) * steps // P):
-                for b in range(blocks):
-                    acc = T.alloc_buffer((2, cb), "float32")
-                    for j in T.vectorized(cb):
-                        acc[0, j] = part[c, b * cb + j]
-                        acc[1, j] = T.float32(0)
-                    for r in T.unroll(R):
-                        row = T.bind(idx[s * R + r])
-                        coef = T.bind(xa[0, s * R + r])
-                        for j in T.vectorized(cb):
-                            acc[r % 2, j] = acc[r % 2, j] + coef * T.Cast("float32", wq[row, b * cb + j])
-                    for j in T.vectorized(cb):
-                        part[c, b * cb + j] = acc[0, j] + acc[1, j]
-        for b in range(blocks):
-            total = T.alloc_buffer((cb,), "float32")
-            for j in T.vectorized(cb):
-                total[j] = part[0, b * cb + j]
-            for c in range(1, P):
-                for j in T.vectorized(cb):
-                    total[j] = total[j] + part[c, b * cb + j]
-            if b * cb + cb <= n:
-                for j in T.vectorized(cb):
-                    y[0, b * cb + j] = total[j] * scale[b * cb + j]
-            else:
-                for j in range(cb):
-                    if b * cb + j < n:
-                        y[0, b * cb + j] = total[j] * scale[b * cb + j]
+    def rows(wq, scale, y, idx, xa, count):
+        unscaled = T.alloc_buffer((1, width), "float32")
+        accumulate(wq, unscaled, idx, xa, count)
+        for j in range(n):
+            y[0, j] = unscaled[0, j] * scale[j]
 
     return rows
 

@@ -168,14 +168,14 @@ def accumulate_rows_macro(n: int, rows_per_step: int, lanes: int, chunks: int):
                     for r in T.unroll(R):
                         row = T.bind(idx[s * R + r])
                         coef = T.bind(xa[0, s * R + r])
-                        for j in T.vectorized(cb):
-                            acc[r % 2, j] = acc[r % 2, j] + coef * w[row, b * cb + j]
+                        for j in T.vectorized(cb):  # the cast reads int8 weights too (quant.py)
+                            acc[r % 2, j] = acc[r % 2, j] + coef * T.Cast("float32", w[row, b * cb + j])
                     for j in T.vectorized(cb):
                         part[c, b * cb + j] = acc[0, j] + acc[1, j]
                 for t in range(tail):
                     for r in range(R):
-                        part[c, blocks * cb + t] = part[c, blocks * cb + t] + xa[0, s * R + r] * w[
-                            idx[s * R + r], blocks * cb + t]
+                        part[c, blocks * cb + t] = part[c, blocks * cb + t] + xa[0, s * R + r] * T.Cast(
+                            "float32", w[idx[s * R + r], blocks * cb + t])
         for b in range(blocks):
             total = T.alloc_buffer((cb,), "float32")
             for j in T.vectorized(cb):
