@@ -11,7 +11,7 @@ Llama-style SwiGLU layers (D=1024, F=2816 by default; ReLU-family after relufy),
                          the bytes actually read are >= 4x the L3
 
 `--active` defaults to the predicted-active fraction the predictor pass reached on the relufied
-LM (benchmarks/results/lm.json, threshold mode), whose end perplexity is reported alongside.
+LM (benchmarks/results/lm_small.json, threshold mode), whose end perplexity is reported alongside.
 
 Then the compiled end-to-end path (`"compiled"` in the JSON), at `--active` and at each of
 `--compiled-actives` (default: the LM's fraction and 0.30), all engines on the same inputs:
@@ -57,7 +57,7 @@ BENCH_INPUTS = 7
 MEMORY_BUDGET = 2_000_000_000
 
 
-def lm_predictor_result(path: Path = RESULTS / "lm.json") -> dict | None:
+def lm_predictor_result(path: Path = RESULTS / "lm_small.json") -> dict | None:
     """The predictor's numbers on the relufied LM (examples/lm_sparsity.py), if they exist."""
     data = json.loads(path.read_text()) if path.exists() else {}
     if "predictor" not in data:
@@ -344,8 +344,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compiled-actives", type=float, nargs="*", default=None,
                         help="active fractions of the compiled path (default: --active and 0.30)")
     parser.add_argument("--skip-direct", action="store_true", help="only the compiled end-to-end path")
-    parser.add_argument("--lm", default=str(RESULTS / "lm.json"),
-                        help="examples/lm_sparsity.py results whose predictor sets --active (lm_small.json: the small LM)")
+    parser.add_argument("--lm", default=str(RESULTS / "lm_small.json"),
+                        help="examples/lm_sparsity.py results whose predictor sets --active (lm_mini.json: the mini LM)")
     parser.add_argument("--out", default=str(RESULTS / "lm_predictor_bench.json"))
     args = parser.parse_args(argv)
     lm = lm_predictor_result(Path(args.lm).resolve())
