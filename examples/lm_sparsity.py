@@ -171,6 +171,8 @@ def main(argv=None) -> int:
         predictor_calib = windows_as_samples(eval_windows(train_tokens, args.eval_len, 48))
         rows = {}
         for name, opts in {"threshold r95": {"mode": "threshold", "recall": 0.97},
+                           "threshold r99": {"mode": "threshold", "recall": 0.995},
+                           "topk 15%": {"mode": "topk", "active": 0.15},
                            "topk 30%": {"mode": "topk", "active": 0.3},
                            "statistical 30%": {"mode": "statistical", "active": 0.3}}.items():
             copy = ir.serde.deserialize_model(ir.serde.serialize_model(relu_onnx))
