@@ -325,3 +325,19 @@ def test_script_error_is_one_line_without_traceback(work):
     assert result.stderr.splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(ERROR_PREFIX) and not result.stdout
     assert not (work.path / "out.onnx").exists()
+
+
+def test_bench_times_the_artifact_against_onnxruntime(work):
+    """`actsparse bench`: both engines timed in alternating blocks, ratios and GB/s in the JSON."""
+    assert work.run("compile", "m.onnx", "-o", "m.actsparse", "--target", "host").code == 0
+    result = work.run("bench", "m.actsparse", "--iters", "3", "--json", "bench.json")
+    assert result.code == 0, result.err
+    report = json.loads((work.path / "bench.json").read_text())
+    rows = {row["engine"]: row for row in report["rows"]}
+    assert set(rows) == {"actsparse", "onnxruntime"}
+    assert rows["onnxruntime"]["speedup_vs_onnxruntime"] == 1.0
+    assert rows["actsparse"]["speedup_vs_onnxruntime"] == pytest.approx(
+        rows["onnxruntime"]["seconds"] / rows["actsparse"]["seconds"], rel=1e-2)
+    assert all(row["weight_gbs"] > 0 for row in rows.values()) and report["copy_bandwidth_gbs"] > 0
+    assert "speed vs ORT" in result.out
+    assert work.run("bench", "m.actsparse", "--against", "torch").code == 2
