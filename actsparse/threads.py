@@ -4,7 +4,8 @@ TVM sizes its pool from ``TVM_NUM_THREADS``, else from ``std::thread::hardware_c
 halved on x86 on the assumption that every core runs two hardware threads. On a machine
 without SMT (this project's 2-core VM, most cloud vCPU slices) that gives half the cores:
 every ``T.parallel`` kernel ran on one thread and the dense GEMV read at one core's
-bandwidth. We count physical cores among the CPUs this process may run on instead.
+bandwidth. We count physical cores among the CPUs this process may run on instead, capped by a
+container's CPU quota.
 
 TVM's idle workers also spin (``sched_yield``) for 300,000 rounds, ~150 ms here, after
 every parallel call, holding a core the rest of the program (or a second engine in a
@@ -45,8 +46,34 @@ def physical_cores(cpus: list[int] | None = None, sysfs: Path = Path("/sys/devic
     return max(1, len(cores))
 
 
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs a container's CFS quota allows (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``),
+    rounded up; None without a quota. A container limited to 2 CPUs on a 64-core host must not
+    start 64 threads."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return max(1, -(-int(quota) // int(period)))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return max(1, -(-quota // period)) if quota > 0 and period > 0 else None
+
+
+def default_thread_count() -> int:
+    """Physical cores we may run on, capped by the container's CPU quota."""
+    cores = physical_cores()
+    quota = cpu_quota()
+    return min(cores, quota) if quota else cores
+
+
 def configure_tvm_threads(environ=os.environ) -> dict[str, str]:
     """Set TVM's thread-pool defaults in ``environ`` unless they are set; returns the values in force."""
-    environ.setdefault(NUM_THREADS_VAR, str(physical_cores()))
+    environ.setdefault(NUM_THREADS_VAR, str(default_thread_count()))
     environ.setdefault(SPIN_COUNT_VAR, str(DEFAULT_SPIN_COUNT))
     return {NUM_THREADS_VAR: environ[NUM_THREADS_VAR], SPIN_COUNT_VAR: environ[SPIN_COUNT_VAR]}

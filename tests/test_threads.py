@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from actsparse.threads import DEFAULT_SPIN_COUNT, configure_tvm_threads, physical_cores
+from actsparse.threads import DEFAULT_SPIN_COUNT, configure_tvm_threads, cpu_quota, default_thread_count, physical_cores
 
 
 def _fake_sysfs(tmp_path, topology: dict[int, tuple[int, int]]):
@@ -52,3 +52,30 @@ def test_importing_actsparse_gives_tvm_every_core():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     tvm_threads, cores = out.split()
     assert tvm_threads == cores
+
+
+def test_cpu_quota_from_cgroup_v2_and_v1(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cpu_quota(v2) == 2
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    assert cpu_quota(v1) == 4
+    assert cpu_quota(tmp_path / "missing") is None
+
+
+def test_default_thread_count_is_capped_by_the_quota(monkeypatch):
+    import actsparse.threads as threads
+
+    monkeypatch.setattr(threads, "physical_cores", lambda: 64)
+    monkeypatch.setattr(threads, "cpu_quota", lambda: 2)
+    assert default_thread_count() == 2
+    monkeypatch.setattr(threads, "cpu_quota", lambda: None)
+    assert default_thread_count() == 64
