@@ -22,6 +22,7 @@ from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, pack_dense, panel_count
 from actsparse.codegen.kernels.cpu.sparse import accumulate_macro, compact_macro, pad_macro
+from actsparse.codegen.kernels.params import without_params
 
 ACTIVATIONS = ("silu", "relu")
 ROWS_PER_STEP = 16
@@ -162,36 +163,20 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
                     coef[0, q * G + i] = coef[0, q * G + i] * total[0]
         down(wd, y, idx, coef, count)
 
-    if shifted:
-
-        @T.prim_func
-        def ffn_gate_sparse_shifted_kernel(
-            x: T.Buffer((1, d), "float32"),
-            threshold: T.Buffer((1,), "float32"),
-            shift: T.Buffer((1,), "float32"),
-            wg: T.Buffer((nb, d, block), "float32"),
-            wu_t: T.Buffer((f, d), "float32"),
-            wd: T.Buffer((f, d), "float32"),
-            y: T.Buffer((1, d), "float32"),
-        ):
-            T.func_attr({"tir.noalias": True})
-            gate_sparse(x, threshold, shift, wg, wu_t, wd, y)
-
-        return ffn_gate_sparse_shifted_kernel
-
     @T.prim_func
     def ffn_gate_sparse_kernel(
         x: T.Buffer((1, d), "float32"),
         threshold: T.Buffer((1,), "float32"),
+        shift: T.Buffer((1,), "float32"),
         wg: T.Buffer((nb, d, block), "float32"),
         wu_t: T.Buffer((f, d), "float32"),
         wd: T.Buffer((f, d), "float32"),
         y: T.Buffer((1, d), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
-        gate_sparse(x, threshold, threshold, wg, wu_t, wd, y)
+        gate_sparse(x, threshold, shift, wg, wu_t, wd, y)
 
-    return ffn_gate_sparse_kernel
+    return without_params(ffn_gate_sparse_kernel, set() if shifted else {"shift"})
 
 
 def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
@@ -254,36 +239,20 @@ def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, c
                     coef[0, q * G + i] = T.Select(q * G + i < active, a * sums[1], T.float32(0))
         down(wd, y, rows, coef, count)
 
-    if shifted:
-
-        @T.prim_func
-        def ffn_indexed_shifted_kernel(
-            x: T.Buffer((1, d), "float32"),
-            idx: T.Buffer((f,), "int32"),
-            nnz: T.Buffer((1,), "int32"),
-            shift: T.Buffer((1,), "float32"),
-            wgu_t: T.Buffer((f, 2, d), "float32"),
-            wd: T.Buffer((f, d), "float32"),
-            y: T.Buffer((1, d), "float32"),
-        ):
-            T.func_attr({"tir.noalias": True})
-            indexed(x, idx, nnz, shift, wgu_t, wd, y)
-
-        return ffn_indexed_shifted_kernel
-
     @T.prim_func
     def ffn_indexed_kernel(
         x: T.Buffer((1, d), "float32"),
         idx: T.Buffer((f,), "int32"),
         nnz: T.Buffer((1,), "int32"),
+        shift: T.Buffer((1,), "float32"),
         wgu_t: T.Buffer((f, 2, d), "float32"),
         wd: T.Buffer((f, d), "float32"),
         y: T.Buffer((1, d), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
-        indexed(x, idx, nnz, nnz, wgu_t, wd, y)
+        indexed(x, idx, nnz, shift, wgu_t, wd, y)
 
-    return ffn_indexed_kernel
+    return without_params(ffn_indexed_kernel, set() if shifted else {"shift"})
 
 
 PREDICT_MODES = ("threshold", "topk", "statistical")

@@ -25,6 +25,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, panel_count
+from actsparse.codegen.kernels.params import without_params
 from actsparse.codegen.kernels.cpu.sparse import MODES, ROW_CHUNKS, accumulate_rows_macro, compact_macro, default_chunks
 
 INT4_SYMMETRIC_ZERO = 8
@@ -234,47 +235,21 @@ def int4_dense_matmul(m: int, k: int, n: int, group: int, zero_points: bool = Fa
                             if b * block + h * lanes + j < n:
                                 y[i, b * block + h * lanes + j] = acc[h, j]
 
-    if zero_points:
-
-        @T.prim_func
-        def int4_dense_zp_kernel(
-            x: T.Buffer((m, k), "float32"),
-            wq: T.Buffer((nb, k, lanes), "uint8"),
-            scales: T.Buffer((nb, G, block), "float32"),
-            zeros: T.Buffer((nb, G, block), "float32"),
-            y: T.Buffer((m, n), "float32"),
-        ):
-            T.func_attr({"tir.noalias": True})
-            body(x, wq, scales, zeros, y)
-
-        return int4_dense_zp_kernel
-
     @T.prim_func
     def int4_dense_kernel(
         x: T.Buffer((m, k), "float32"),
         wq: T.Buffer((nb, k, lanes), "uint8"),
         scales: T.Buffer((nb, G, block), "float32"),
+        zeros: T.Buffer((nb, G, block), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
-        body(x, wq, scales, scales, y)
+        body(x, wq, scales, zeros, y)
 
-    return int4_dense_kernel
+    return without_params(int4_dense_kernel, set() if zero_points else {"zeros"})
 
 
 # ------------------------------------------------------------------------ sparse inputs
-
-def _without_params(func, unused: set[str]):
-    """The PrimFunc without the buffer parameters named in ``unused`` (the body must not use them).
-
-    One TVMScript body serves every activity mode; the modes differ only in which of the
-    threshold / per-channel scale / zero-point buffers they read.
-    """
-    from tvm import tirx
-
-    kept = [p for p in func.params if p.name not in unused]
-    return tirx.PrimFunc(kept, func.body, func.ret_type, func.attrs)
-
 
 def _mode_unused(mode: str) -> set[str]:
     if mode not in MODES:
@@ -330,7 +305,7 @@ def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per
         else:
             int8_columns(wq, scale, y, idx, xa, steps)
 
-    return _without_params(int8_sparse_kernel, unused)
+    return without_params(int8_sparse_kernel, unused)
 
 
 def _int8_sparse_rows_macro(n: int, width: int, R: int, lanes: int, P: int):
@@ -521,7 +496,7 @@ def int4_sparse_matmul(m: int, k: int, n: int, group: int, mode: str = "threshol
                             if b * cb + j < n:
                                 y[i, b * cb + j] = yacc[i, b * cb + j]
 
-    return _without_params(int4_sparse_kernel, unused)
+    return without_params(int4_sparse_kernel, unused)
 
 
 # ------------------------------------------------------------------ int4 dense, AVX-512 VNNI
@@ -651,29 +626,15 @@ def int4_dense_matmul_vnni(m: int, k: int, n: int, group: int, zero_points: bool
                         if b * block + j < n:
                             y[i, b * block + j] = acc[j]
 
-    if zero_points:
-
-        @T.prim_func
-        def int4_dense_vnni_zp_kernel(
-            x: T.Buffer((m, k), "float32"),
-            wq: T.Buffer((nb, kp // 4, 64), "uint8"),
-            scales: T.Buffer((nb, G, block), "float32"),
-            zeros: T.Buffer((nb, G, block), "float32"),
-            y: T.Buffer((m, n), "float32"),
-        ):
-            T.func_attr({"tir.noalias": True})
-            body(x, wq, scales, zeros, y)
-
-        return int4_dense_vnni_zp_kernel
-
     @T.prim_func
     def int4_dense_vnni_kernel(
         x: T.Buffer((m, k), "float32"),
         wq: T.Buffer((nb, kp // 4, 64), "uint8"),
         scales: T.Buffer((nb, G, block), "float32"),
+        zeros: T.Buffer((nb, G, block), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
-        body(x, wq, scales, scales, y)
+        body(x, wq, scales, zeros, y)
 
-    return int4_dense_vnni_kernel
+    return without_params(int4_dense_vnni_kernel, set() if zero_points else {"zeros"})

@@ -28,6 +28,7 @@ from actsparse.codegen.kernels.cuda.common import (
     vector_width,
 )
 from actsparse.codegen.kernels.cuda.dense import panel_macro
+from actsparse.codegen.kernels.params import without_params
 
 ACTIVATIONS = ("silu", "relu")
 
@@ -117,36 +118,20 @@ def ffn_gate_sparse_cuda(d: int, f: int, act: str = "relu", block: int = 32, war
                 for lane in T.thread_binding(WARP, thread="threadIdx.x"):
                     down(coef, coef, coef, wd, y, c, 0, wi, lane)
 
-    if shifted:
-
-        @T.prim_func
-        def ffn_gate_sparse_shifted_cuda(
-            x: T.Buffer((1, d), "float32"),
-            threshold: T.Buffer((1,), "float32"),
-            shift: T.Buffer((1,), "float32"),
-            wg: T.Buffer((nb, d, block), "float32"),
-            wu_t: T.Buffer((f, d), "float32"),
-            wd: T.Buffer((f, d), "float32"),
-            y: T.Buffer((1, d), "float32"),
-        ):
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            body(x, threshold, shift, wg, wu_t, wd, y)
-
-        return ffn_gate_sparse_shifted_cuda
-
     @T.prim_func
     def ffn_gate_sparse_cuda_kernel(
         x: T.Buffer((1, d), "float32"),
         threshold: T.Buffer((1,), "float32"),
+        shift: T.Buffer((1,), "float32"),
         wg: T.Buffer((nb, d, block), "float32"),
         wu_t: T.Buffer((f, d), "float32"),
         wd: T.Buffer((f, d), "float32"),
         y: T.Buffer((1, d), "float32"),
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-        body(x, threshold, threshold, wg, wu_t, wd, y)
+        body(x, threshold, shift, wg, wu_t, wd, y)
 
-    return ffn_gate_sparse_cuda_kernel
+    return without_params(ffn_gate_sparse_cuda_kernel, set() if shifted else {"shift"})
 
 
 def ffn_input_sparse_cuda(d: int, f: int, act: str = "silu", warps: int = DEFAULT_WARPS):
