@@ -115,6 +115,19 @@ def coprime_prefix(inputs: list, copies: int) -> list:
     return inputs[:n]
 
 
+def random_stack(d: int, f: int, layers: int, rank: int):
+    """(rng, FFN weights (Wg, Wu, Wd) per layer, predictors (A, B, bias) per layer, rotating inputs),
+    seeded: both benchmarks here run the same stack; the rng goes on for more samples."""
+    rng = np.random.default_rng(0)
+    weights = [tuple((rng.standard_normal(shape) / math.sqrt(shape[0])).astype(np.float32)
+                     for shape in ((d, f), (d, f), (f, d))) for _ in range(layers)]
+    predictors = [((rng.standard_normal((d, rank)) / math.sqrt(d)).astype(np.float32),
+                   (rng.standard_normal((rank, f)) / math.sqrt(rank)).astype(np.float32),
+                   np.zeros(f, np.float32)) for _ in range(layers)]
+    inputs = [rng.standard_normal((1, d)).astype(np.float32) for _ in range(BENCH_INPUTS)]
+    return rng, weights, predictors, inputs
+
+
 def run(d: int, f: int, layers: int, active: float, rank: int, iters: int) -> dict:
     import onnxruntime as ort
     import tvm
@@ -123,13 +136,7 @@ def run(d: int, f: int, layers: int, active: float, rank: int, iters: int) -> di
     from actsparse.codegen.kernels.cpu.build import aligned_array, build_kernel
     from actsparse.codegen.kernels.cpu.ffn import ffn_indexed, pack_ffn_indexed
 
-    rng = np.random.default_rng(0)
-    weights = [tuple((rng.standard_normal(shape) / math.sqrt(shape[0])).astype(np.float32)
-                     for shape in ((d, f), (d, f), (f, d))) for _ in range(layers)]
-    predictors = [((rng.standard_normal((d, rank)) / math.sqrt(d)).astype(np.float32),
-                   (rng.standard_normal((rank, f)) / math.sqrt(rank)).astype(np.float32),
-                   np.zeros(f, np.float32)) for _ in range(layers)]
-    inputs = [rng.standard_normal((1, d)).astype(np.float32) for _ in range(BENCH_INPUTS)]
+    _, weights, predictors, inputs = random_stack(d, f, layers, rank)
     layer_bytes = 3 * d * f * 4
     predictor_bytes = (d * rank + rank * f + f) * 4
     nnz = max(1, int(round(active * f)))
@@ -263,13 +270,7 @@ def run_compiled(d: int, f: int, layers: int, actives: list[float], rank: int, i
     from actsparse.bench import l3_cache_bytes, time_per_call
     from actsparse.codegen.compile import compile_model
 
-    rng = np.random.default_rng(0)
-    weights = [tuple((rng.standard_normal(shape) / math.sqrt(shape[0])).astype(np.float32)
-                     for shape in ((d, f), (d, f), (f, d))) for _ in range(layers)]
-    predictors = [((rng.standard_normal((d, rank)) / math.sqrt(d)).astype(np.float32),
-                   (rng.standard_normal((rank, f)) / math.sqrt(rank)).astype(np.float32),
-                   np.zeros(f, np.float32)) for _ in range(layers)]
-    inputs = [rng.standard_normal((1, d)).astype(np.float32) for _ in range(BENCH_INPUTS)]
+    rng, weights, predictors, inputs = random_stack(d, f, layers, rank)
     calibration = [rng.standard_normal((1, d)).astype(np.float32) for _ in range(64)]
     l3 = l3_cache_bytes()
     layer_bytes, predictor_bytes = 3 * d * f * 4, (d * rank + rank * f + f) * 4
