@@ -129,7 +129,8 @@ class QuantizePass(ActsparsePass):
         if not linears:
             raise ActsparseError("pass 'quantize': no linear layer with a constant float32 weight to quantize")
         inputs = _group_by_input(linears)
-        float_proto = ir.serde.serialize_model(model) if self._speed_sample() is not None else None
+        speed_sample = self._speed_sample()
+        float_proto = ir.serde.serialize_model(model) if speed_sample is not None else None
         bytes_before = _initializer_bytes(model)
         weight_bytes_before = sum(l.in_features * l.out_features * int(l.weight.dtype.itemsize) for l in linears)
         if mode == "weight_only" and opts.format == "qdq":
@@ -157,7 +158,7 @@ class QuantizePass(ActsparsePass):
             "layers": layers, "stayed_float": skipped,
         }
         if float_proto is not None:
-            self.report.update(_speed_vs_float(float_proto, ir.serde.serialize_model(model), self._speed_sample()))
+            self.report.update(_speed_vs_float(float_proto, ir.serde.serialize_model(model), speed_sample))
         return ir.passes.PassResult(model, modified=True)
 
     def _speed_sample(self) -> dict[str, np.ndarray] | None:
