@@ -74,6 +74,7 @@ def default_thread_count() -> int:
 
 def configure_tvm_threads(environ=os.environ) -> dict[str, str]:
     """Set TVM's thread-pool defaults in ``environ`` unless they are set; returns the values in force."""
-    environ.setdefault(NUM_THREADS_VAR, str(default_thread_count()))
+    if NUM_THREADS_VAR not in environ:  # no sysfs / cgroup reads at import when the user set it
+        environ[NUM_THREADS_VAR] = str(default_thread_count())
     environ.setdefault(SPIN_COUNT_VAR, str(DEFAULT_SPIN_COUNT))
     return {NUM_THREADS_VAR: environ[NUM_THREADS_VAR], SPIN_COUNT_VAR: environ[SPIN_COUNT_VAR]}
