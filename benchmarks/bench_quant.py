@@ -4,7 +4,9 @@ FFN-size GEMVs (K=1024 N=2816 and K=2816 N=1024), weights rotating over several 
 the L3, inputs rotating too. Engines: ORT fp32 MatMul, ORT int8 static QDQ
 (MatMulIntegerToFloat after ORT's fusion), ORT int8 dynamic (DynamicQuantizeMatMul),
 ORT MatMulNBits int4 (symmetric, group 128, accuracy_level 4 and 0); our fp32 dense,
-int8 dense, int8 sparse-input at 50 %, int4 dense, int4 sparse-input at 50 %. Each ORT
+int8 dense, int8 sparse-input at 50 %, int4 dense, int4 sparse-input at 50 % (on CPUs with
+AVX-512 VNNI, the int8-activation kernels the compiler picks there, plus the float-activation
+ones as ``*_float`` rows). Each ORT
 engine is one session holding one node per weight copy (shared/NOTES.md).
 
 Every engine is timed in ``--rounds`` rounds (best block of each, best round kept): the
@@ -205,9 +207,19 @@ class Bench:
                   for q, s in self.int8[:self.copies["int8_sparse"]]]
         thresholds = [[_tensor(_threshold(x, SPARSITY))] for x in self.inputs]
         x_sparse = np.where(np.abs(ref) > thresholds[0][0].numpy()[0], ref, 0)
-        self._time_kernel("ours_int8_sparse50", kern, packed, thresholds, int8_bytes * (1 - SPARSITY),
-                          rel(x_sparse @ w8))
+        vnni = quant.has_int8_dot_product(self.target)
+        # Where the CPU has VNNI, the compiler lowers int8 graphs with quantized activations (QDQ or
+        # dynamic) at batch 1 to the VNNI kernel (x rounded to int8 per token): "ours_int8_sparse50" then.
+        self._time_kernel("ours_int8_sparse50_float" if vnni else "ours_int8_sparse50", kern, packed, thresholds,
+                          int8_bytes * (1 - SPARSITY), rel(x_sparse @ w8))
         del packed
+        if vnni:
+            kern = build_kernel(quant.int8_sparse_matmul_vnni(k, n, "threshold"), self.target).raw
+            packed = [[_tensor(a) for a in quant.pack_int8_sparse_vnni(q, s)]
+                      for q, s in self.int8[:self.copies["int8_sparse"]]]
+            self._time_kernel("ours_int8_sparse50", kern, packed, thresholds, int8_bytes * (1 - SPARSITY),
+                              rel(x_sparse @ w8))
+            del packed
 
         # ours int4 (symmetric, group 128)
         from actsparse.passes.quantize import dequantize_blockwise

@@ -16,9 +16,11 @@ packed once, here, as initializers; ``quant_converters`` turns it into a ``call_
 matching kernel in ``kernels/cpu/quant.py``.
 
 Numerics: the activation's QuantizeLinear/DequantizeLinear (a) and DynamicQuantizeLinear (b) are
-dropped: the kernels compute float32 x times the dequantized int8 weights, where onnxruntime
-multiplies integers. The results differ by the activation rounding (~1e-2 relative), which is
-the quantization error itself, not a kernel error.
+dropped: the float kernels compute float32 x times the dequantized int8 weights, where
+onnxruntime multiplies integers; the VNNI kernels (x86 with AVX-512 VNNI) round x to int8 per
+token (int8 sparse, batch 1) or per group (int4 dense) themselves, with scale max|x| / 127
+instead of the graph's calibrated one. Either way the results differ from onnxruntime's by the
+activation rounding (~1e-2 relative), which is the quantization error itself, not a kernel error.
 """
 
 from __future__ import annotations
@@ -50,13 +52,16 @@ class QuantLinear:
     weights: tuple            # int8: (q [K, N], scale [N]); int4: (codes [N, Kp], scales [N, G], zeros [N, G] or None)
     group: int = 0
     name: str = ""
-    int8_activations: bool = False  # MatMulNBits accuracy_level=4: x may be quantized to int8 per block
+    # the graph itself rounds x to 8 bits (int8 QDQ on the activation, DynamicQuantizeLinear, or
+    # MatMulNBits accuracy_level=4), so a kernel may too
+    int8_activations: bool = False
 
 
 def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: bool = False) -> list[dict]:
     """Rewrite every matched quantized linear into an ActsparseQuantLinear node, in place.
-    ``int8_dot``: the target has AVX-512 VNNI; dense int4 layers whose MatMulNBits allows int8
-    activations (accuracy_level=4) take ``int4_dense_matmul_vnni``.
+    ``int8_dot``: the target has AVX-512 VNNI; where the graph rounds the activations to 8 bits
+    anyway, dense int4 layers (MatMulNBits accuracy_level=4) take ``int4_dense_matmul_vnni`` and
+    batch-1 sparse-input int8 layers (activation QDQ or dynamic) ``int8_sparse_matmul_vnni``.
 
     Returns one plan entry per rewritten layer ({"name", "kernel", "shape"}), in the form of
     ``lower.KernelPlan.layers``. Nodes left without users are removed.
@@ -154,7 +159,7 @@ def _match_qdq(matmul: ir.Node) -> QuantLinear | None:
         return None
     k, n = q.shape
     return QuantLinear(matmul.outputs[0], x, k, n, "int8", (q, scale.reshape(n).astype(np.float32)),
-                       name=matmul.name or matmul.outputs[0].name)
+                       name=matmul.name or matmul.outputs[0].name, int8_activations=x is not a)
 
 
 def _through_activation_qdq(a: ir.Value) -> ir.Value:
@@ -190,7 +195,7 @@ def _match_dynamic(mul: ir.Node) -> QuantLinear | None:
             continue
         k, n = q.shape
         return QuantLinear(mul.outputs[0], x, k, n, "int8", (q, scale.reshape(n).astype(np.float32)),
-                           name=mm.name or mul.outputs[0].name)
+                           name=mm.name or mul.outputs[0].name, int8_activations=True)
     return None
 
 
@@ -257,11 +262,22 @@ def _activity(match: QuantLinear) -> tuple[str, list[ir.Value]]:
     return "dense", [match.x]
 
 
+def _uses_int8_dot(match: QuantLinear, mode: str, int8_dot: bool) -> bool:
+    """Whether the VNNI kernel (x rounded to int8 in the kernel) takes this layer."""
+    if not (int8_dot and match.int8_activations):
+        return False
+    if match.kind == "int4":
+        return mode == "dense" and match.group % 32 == 0
+    return mode != "dense" and _rows(match.x) == 1
+
+
 def _packed_weights(match: QuantLinear, sparse: bool, lanes: int, vnni: bool = False) -> list[np.ndarray]:
     from actsparse.codegen.kernels.cpu import quant
 
     if match.kind == "int8":
         q, scale = match.weights
+        if vnni:
+            return list(quant.pack_int8_sparse_vnni(q, scale))
         pack = quant.pack_int8_sparse if sparse else quant.pack_int8_dense
         return list(pack(q, scale, lanes))
     codes, scales, zeros = match.weights
@@ -273,8 +289,7 @@ def _packed_weights(match: QuantLinear, sparse: bool, lanes: int, vnni: bool = F
 
 def _replace(model: ir.Model, match: QuantLinear, lanes: int, int8_dot: bool = False) -> dict:
     mode, inputs = _activity(match)
-    # The VNNI kernel quantizes x to int8 per group: only where the model allows it (accuracy_level=4).
-    vnni = int8_dot and match.int8_activations and mode == "dense" and match.group % 32 == 0
+    vnni = _uses_int8_dot(match, mode, int8_dot)
     arrays = _packed_weights(match, mode != "dense", lanes, vnni)
     base = match.name or "quant_linear"
     for suffix, array in zip(("weight", "scale", "zero"), arrays):
@@ -309,8 +324,10 @@ def quant_kernel(kind: str, mode: str, m: int, k: int, n: int, group: int, zero_
     """The PrimFunc an ActsparseQuantLinear node calls."""
     from actsparse.codegen.kernels.cpu import quant
 
-    if int8_dot:
+    if int8_dot and kind == "int4":
         return quant.int4_dense_matmul_vnni(m, k, n, group, zero_points=zero_points)
+    if int8_dot:
+        return quant.int8_sparse_matmul_vnni(k, n, mode)
     if kind == "int8":
         if mode == "dense":
             return quant.int8_dense_matmul(m, k, n, lanes=lanes)

@@ -192,6 +192,46 @@ def test_padded_columns_contribute_nothing():
     assert (packed[:, 1] >> 4 == 8).all() and (packed[:, 3] & 15 == 8).all()
 
 
+def _int8_sparse_vnni_reference(x_active, q, scale):
+    """What int8_sparse_matmul_vnni computes: the active x rounded to int8 per token (scale
+    max|x| / 127), an integer product with the int8 codes, then s_x * scale per column."""
+    sx = np.abs(x_active).max() / 127
+    xq = np.round(np.divide(x_active, sx, out=np.zeros_like(x_active, np.float64), where=sx > 0))
+    return ((xq @ q.astype(np.float64)) * sx * scale).astype(np.float32)
+
+
+VNNI_SPARSE_CASES = [("threshold", 37, 45), ("threshold", 300, 70), ("nonzero", 64, 96), ("scaled", 70, 33),
+                     ("threshold", 131, 200)]
+
+
+@pytest.mark.parametrize("mode,k,n", VNNI_SPARSE_CASES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+def test_int8_sparse_vnni_matches_numpy(kernels, mode, k, n, sparsity):
+    if not quant.has_int8_dot_product(resolve_target("host")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    rng = np.random.default_rng(k + n)
+    x, w = _case(1, k, n, k * n)
+    x, extra, x_ref = _mode_inputs(mode, x, sparsity, rng)
+    q, s = quantize_per_channel(w)
+    y = kernels(quant.int8_sparse_matmul_vnni, k, n, mode)(x, *extra, *quant.pack_int8_sparse_vnni(q, s))
+    np.testing.assert_allclose(y, _int8_sparse_vnni_reference(x_ref.astype(np.float64), q, s), atol=ATOL, rtol=RTOL)
+    exact = dense_matmul_reference(x_ref, q.astype(np.float32) * s)
+    assert np.abs(y - exact).max() <= 0.02 * max(np.abs(exact).max(), 1e-6)  # the cost of rounding x to int8
+    if sparsity >= 1 and mode != "nonzero":
+        assert not y.any()
+
+
+def test_int8_sparse_vnni_packing_layout():
+    """Inside a 64-column block, byte 4i + t of a row holds column 16t + i, offset by +128."""
+    q = (np.arange(2 * 70) % 200 - 100).astype(np.int8).reshape(2, 70)
+    rows, scale = quant.pack_int8_sparse_vnni(q, np.ones(70, np.float32))
+    assert rows.shape == (2, 128) and rows.dtype == np.uint8 and scale.shape == (128,)
+    for col in range(70):
+        block, within = divmod(col, 64)
+        t, i = divmod(within, 16)
+        assert (rows[:, 64 * block + 4 * i + t].astype(np.int16) - 128 == q[:, col]).all()
+
+
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="mode"):
         quant.int8_sparse_matmul(1, 8, 8, "magnitude")
@@ -208,6 +248,11 @@ LOWERING_CASES = {
     "int8_relu": ("relufy,quantize{bits=8}", ["int8_dense", "int8_dense", "int8_sparse_nonzero"] * 2, 5e-2),
     # ORT's activation rounding moves layer 1's inputs across the WINA thresholds: a looser bound
     "int8_wina": ("sparsify{method=wina,sparsity=0.5,scope=ffn},quantize{bits=8}", ["int8_sparse_scaled"] * 6, 0.15),
+    # on AVX-512 VNNI hosts: the batch-1 sparse int8 layers round x to int8 in the kernel
+    "int8_relu_vnni": ("relufy,quantize{bits=8}", ["int8_dense", "int8_dense", "int8_sparse_nonzero_vnni"] * 2, 5e-2),
+    "int8_teal_dynamic_vnni": ("sparsify{method=teal,sparsity=0.5,scope=ffn},quantize{bits=8,mode=dynamic}",
+                               ["int8_sparse_threshold_vnni"] * 6, 0.15, "sparsify{method=teal,sparsity=0.5,scope=ffn},"
+                                                                          "quantize{bits=8}"),
     "int4": ("quantize{bits=4,group=32,accuracy_level=0}", ["int4_dense"] * 6, 1e-4),
     "int4_teal_asym": ("sparsify{method=teal,sparsity=0.5,scope=ffn},"
                        "quantize{bits=4,group=32,symmetric=false,accuracy_level=0}", ["int4_sparse_threshold"] * 6, 1e-4),
@@ -275,8 +320,11 @@ def lowered(request):
                                                                               calib=calib)
     model = ir.serde.deserialize_model(ir.serde.serialize_model(optimized.model))
     model = specialize_shapes(model, {"x": (1, D)})
-    plan = select_quant_kernels(model)
     target = resolve_target("host")
+    int8_dot = request.param.endswith("_vnni")
+    if int8_dot and not quant.has_int8_dot_product(target):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    plan = select_quant_kernels(model, int8_dot=int8_dot)
     with _with_converters(target):
         mod, params = to_relax(model, target)
     vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
@@ -308,8 +356,10 @@ def test_lowered_quantized_model_matches_onnxruntime(lowered):
         scale = np.abs(_ort_run(proto, x)).max()
         # vs ORT's own (integer) path: differs by the activation rounding ORT does and we skip
         assert np.abs(y - _ort_run(proto, x)).max() <= tolerance * scale
-        # vs the same weights with float activations: only float rounding
-        np.testing.assert_allclose(y, _ort_run(reference, x, optimize=False), atol=1e-4 * scale, rtol=0)
+        # vs the same weights with float activations: only float rounding (the VNNI kernels round
+        # x to int8 themselves, which moves later layers' inputs across thresholds as ORT's does)
+        float_tolerance = tolerance if case.endswith("_vnni") else 1e-4
+        np.testing.assert_allclose(y, _ort_run(reference, x, optimize=False), atol=float_tolerance * scale, rtol=0)
 
 
 def test_unpack_nibbles_low_first():
