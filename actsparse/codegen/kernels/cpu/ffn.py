@@ -21,7 +21,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, pack_dense, panel_count
-from actsparse.codegen.kernels.cpu.sparse import accumulate_macro, compact_macro, pad_macro
+from actsparse.codegen.kernels.cpu.sparse import accumulate_macro, compact_macro, pad_macro, prefetch_l2
 from actsparse.codegen.kernels.params import without_params
 
 ACTIVATIONS = ("silu", "relu")
@@ -95,7 +95,7 @@ def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LAN
 
 
 def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
-                    shifted: bool = False):
+                    shifted: bool = False, prefetch: bool = True):
     """(b) Signature: ``(x: f32[1, d], threshold: f32[1], wg_packed: f32[ceil(f/2L), d, 2L],
     wu_t: f32[f, d], wd: f32[f, d], y: f32[1, d])`` with L = ``lanes``.
 
@@ -150,6 +150,9 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
                     for j in T.vectorized(vec):
                         acc[i, j] = T.float32(0)
                 for blk in range(d // vec):
+                    if prefetch:  # the next group's rows, into L2 (see sparse.prefetch_l2)
+                        for i in T.unroll(G):
+                            prefetch_l2(T.address_of(wu_t[idx[T.min((q + 1) * G + i, groups * G - 1)], blk * vec]))
                     for i in T.unroll(G):
                         for j in T.vectorized(vec):
                             acc[i, j] = acc[i, j] + x[0, blk * vec + j] * wu_t[idx[q * G + i], blk * vec + j]
@@ -180,7 +183,7 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
 
 
 def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
-                shifted: bool = False):
+                shifted: bool = False, prefetch: bool = True):
     """(c) Signature: ``(x: f32[1, d], idx: i32[f], nnz: i32[1], wgu_t: f32[f, 2, d], wd: f32[f, d], y: f32[1, d])``.
 
     idx[0:nnz] are the active neurons (any order, no repeats; entries past nnz ignored).
@@ -216,6 +219,11 @@ def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, c
                         for j in T.vectorized(vec):
                             acc[i, part, j] = T.float32(0)
                 for blk in range(d // vec):
+                    if prefetch:  # the next group's rows, into L2 (see sparse.prefetch_l2)
+                        for i in T.unroll(G):
+                            ahead = T.bind(rows[T.min((q + 1) * G + i, groups * G - 1)])
+                            for part in T.unroll(2):
+                                prefetch_l2(T.address_of(wgu_t[ahead, part, blk * vec]))
                     for i in T.unroll(G):
                         for part in T.unroll(2):
                             for j in T.vectorized(vec):
