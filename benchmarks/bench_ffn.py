@@ -22,7 +22,7 @@ divides the onnxruntime time from the blocks paired with that engine (this machi
 drifts by tens of percent within a run; the "onnxruntime dense" row, a second session paired with
 the first, shows the noise floor). Writes benchmarks/results/ffn.json and ffn_speed_vs_sparsity.png.
 
-    .venv/bin/python benchmarks/bench_ffn.py [--layers 4] [--quick]
+    .venv/bin/python benchmarks/bench_ffn.py [--layers 4] [--quick] [--blocks 8]
 """
 
 from __future__ import annotations
@@ -265,11 +265,11 @@ def time_indexed(weights, inputs, active: float, iters: int, timer=time_per_call
 # ------------------------------------------------------------------------------ driver
 
 class Bench:
-    def __init__(self, layers: int, iters: int, workdir: Path):
+    def __init__(self, layers: int, iters: int, workdir: Path, blocks: int = 8):
         import actsparse
         from actsparse.zoo import swiglu_stack
 
-        self.layers, self.iters, self.workdir = layers, iters, workdir
+        self.layers, self.iters, self.workdir, self.blocks = layers, iters, workdir, blocks
         self.proto = swiglu_stack(layers=layers, d=D, f=F)
         self.weights = stack_weights(self.proto, layers)
         self.weight_bytes = 3 * D * F * 4 * layers
@@ -283,11 +283,12 @@ class Bench:
         self.reference = ort_session(self.proto)
         self.paired_ort_seconds: float | None = None
 
-    def paired(self, call, iters: int, blocks: int = 5) -> float:
+    def paired(self, call, iters: int, blocks: int | None = None) -> float:
         """Seconds per `call`, timed in blocks alternating with onnxruntime dense (kept for `add`)."""
         xs = self.inputs
         ort_call = lambda i: self.reference.run(None, {"x": xs[i % len(xs)]})  # noqa: E731
-        best = interleaved_best({"onnxruntime": ort_call, "engine": call}, {"onnxruntime": iters, "engine": iters}, blocks)
+        best = interleaved_best({"onnxruntime": ort_call, "engine": call}, {"onnxruntime": iters, "engine": iters},
+                                blocks or self.blocks)
         self.paired_ort_seconds = best["onnxruntime"]
         return best["engine"]
 
@@ -317,10 +318,10 @@ class Bench:
                         error=float(np.abs(y0 - reference).max()), **extra)
 
 
-def run(layers: int, iters: int, workdir: Path) -> dict:
+def run(layers: int, iters: int, workdir: Path, blocks: int = 8) -> dict:
     from actsparse.codegen.ffn_fusion import GATE_SPARSE, enabled_forms
 
-    b = Bench(layers, iters, workdir)
+    b = Bench(layers, iters, workdir, blocks)
     print(f"SwiGLU FFN stack: {layers} layers, D={D}, F={F}, weights {b.weight_bytes / 1e6:.0f} MB, "
           f"L3 {l3_cache_bytes() >> 20} MB", flush=True)
     bandwidth = copy_bandwidth_gbs()
@@ -475,13 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="FFN blocks (>= 4; weights should be >= 4x the L3)")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--blocks", type=int, default=8,
+                        help="timed blocks per engine, each alternating with onnxruntime dense (best block kept)")
     parser.add_argument("--output", type=Path, default=RESULTS / "ffn.json")
     args = parser.parse_args(argv)
     if args.layers < 4:
         parser.error("--layers must be at least 4")
     iters = 10 if args.quick else 30
     with tempfile.TemporaryDirectory(prefix="bench-ffn-") as workdir:
-        report = run(args.layers, iters, Path(workdir))
+        report = run(args.layers, iters, Path(workdir), args.blocks)
     print_table(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

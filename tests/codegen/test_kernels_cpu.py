@@ -208,3 +208,28 @@ def test_default_row_tile_stays_on_the_stack(lanes):
     assert rows >= 4
     assert rows * 2 * lanes * 4 < STACK_ALLOCA_LIMIT
     assert default_row_tile(3, lanes) == 3
+
+
+def _exp_kernel():
+    """A vectorized elementwise exp built from ffn._exp (the silu of the fused FFN kernels)."""
+    from tvm.script import tirx as T
+
+    from actsparse.codegen.kernels.cpu.ffn import _exp
+
+    @T.prim_func
+    def exp_kernel(x: T.Buffer((4096,), "float32"), y: T.Buffer((4096,), "float32")):
+        T.func_attr({"tir.noalias": True})
+        for i0 in range(256):
+            for i in T.vectorized(16):
+                y[i0 * 16 + i] = _exp(x[i0 * 16 + i])
+
+    return exp_kernel
+
+
+def test_vectorizable_exp_matches_numpy():
+    x = np.concatenate([np.linspace(-100, 100, 4000), [0.0, 1.0, -1.0, 88.0, -87.0, 1e-8, -1e-8] + [2.5] * 89])
+    y = build_kernel(_exp_kernel(), resolve_target("host"))(x.astype(np.float32))
+    exact = np.exp(x.astype(np.float32).astype(np.float64))
+    in_range = (x > -87.3) & (x < 88.3)
+    assert np.max(np.abs(y[in_range] - exact[in_range]) / exact[in_range]) < 3e-7
+    assert np.all(y[x <= -88] < 1e-37) and np.all(np.isfinite(y)) and np.all(y >= 0)

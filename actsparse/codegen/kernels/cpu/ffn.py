@@ -34,8 +34,21 @@ def _check_act(act: str) -> None:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
 
 
+def _exp(x):
+    """exp(x) in float32 (Cephes' expf: 2^n times a degree-7 polynomial, ~1e-7 relative error),
+    written out so that it vectorizes: LLVM's exp intrinsic becomes one libm call per lane."""
+    x = T.max(T.min(x, T.float32(88.3762626647949)), T.float32(-87.3365447504019))
+    n = T.floor(x * T.float32(1.44269504088896341) + T.float32(0.5))
+    r = x - n * T.float32(0.693359375) + n * T.float32(2.12194440e-4)
+    p = T.float32(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + T.float32(c)
+    p = p * r * r + r + T.float32(1)
+    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+
+
 def _act(act: str, g):
-    return g * T.sigmoid(g) if act == "silu" else T.max(g, T.float32(0))
+    return g / (T.float32(1) + _exp(-g)) if act == "silu" else T.max(g, T.float32(0))
 
 
 def pack_ffn_input_sparse(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray):
@@ -86,8 +99,11 @@ def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LAN
         count_h = T.alloc_buffer((1,), "int32")
         compact_x(x, t_in, x, idx, xa, count)
         up_gate(wgu, gu, idx, xa, count)
-        for j in range(f):
-            h[0, j] = _act(act, gu[0, j]) * gu[0, f + j]
+        for j0 in range(f // lanes):  # vectorized: a serial silu over F neurons cost ~20 us per call
+            for j in T.vectorized(lanes):
+                h[0, j0 * lanes + j] = _act(act, gu[0, j0 * lanes + j]) * gu[0, f + j0 * lanes + j]
+        for j in range(f - f // lanes * lanes):
+            h[0, f // lanes * lanes + j] = _act(act, gu[0, f // lanes * lanes + j]) * gu[0, f + f // lanes * lanes + j]
         compact_h(h, t_down, h, idx_h, ha, count_h)
         down(wd, y, idx_h, ha, count_h)
 
