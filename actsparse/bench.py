@@ -87,18 +87,20 @@ def settle(seconds: float = SETTLE_SECONDS) -> None:
     time.sleep(seconds)
 
 
-def interleaved_best(engines: dict, iters: dict, blocks: int, settle_seconds: float = SETTLE_SECONDS) -> dict[str, float]:
-    """Seconds per call of each engine: the best block, blocks taken round-robin across engines.
+def interleaved_blocks(engines: dict, iters: dict, blocks: int,
+                       settle_seconds: float = SETTLE_SECONDS) -> dict[str, list[float]]:
+    """Seconds per call of each engine in every block, blocks taken round-robin across engines.
 
     Other processes load this shared machine in waves; interleaving gives every engine the
     same chances, where timing one engine after the other let a wave land on one of them.
+    Block i of every engine falls in the same stretch of time, so per-block ratios pair up.
     Before each block the previous engine's thread pool is left to go idle (``settle``) and
     one untimed call wakes this engine's own.
     """
     for call in engines.values():
         for i in range(2):
             call(i)
-    best = {name: float("inf") for name in engines}
+    times: dict[str, list[float]] = {name: [] for name in engines}
     counter = 0
     for _ in range(blocks):
         for name, call in engines.items():
@@ -108,5 +110,21 @@ def interleaved_best(engines: dict, iters: dict, blocks: int, settle_seconds: fl
             for _ in range(iters[name]):
                 call(counter)
                 counter += 1
-            best[name] = min(best[name], (time.perf_counter() - start) / iters[name])
-    return best
+            times[name].append((time.perf_counter() - start) / iters[name])
+    return times
+
+
+def interleaved_best(engines: dict, iters: dict, blocks: int, settle_seconds: float = SETTLE_SECONDS) -> dict[str, float]:
+    """Seconds per call of each engine: its best block of ``interleaved_blocks``."""
+    times = interleaved_blocks(engines, iters, blocks, settle_seconds)
+    return {name: min(block_times) for name, block_times in times.items()}
+
+
+def paired_speedup(reference: list[float], engine: list[float]) -> tuple[float, float, float]:
+    """(median, 25th, 75th percentile) over blocks of reference time / engine time, block by block.
+
+    Robust to the drift of a shared machine: one lucky block of either engine moves a ratio of
+    best blocks by the full drift, but the median of same-stretch ratios hardly at all.
+    """
+    ratios = np.asarray(reference) / np.asarray(engine)
+    return float(np.median(ratios)), float(np.quantile(ratios, 0.25)), float(np.quantile(ratios, 0.75))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from actsparse.bench import copy_bandwidth_gbs, interleaved_best, l3_cache_bytes
+from actsparse.bench import copy_bandwidth_gbs, interleaved_blocks, l3_cache_bytes, paired_speedup
 
 ROTATING_INPUTS = 8
-BLOCKS = 5
+BLOCKS = 7
 
 
 def bench_artifact(model, onnx_path: str | None, *, iters: int = 50, seed: int = 0) -> dict:
@@ -32,12 +32,14 @@ def bench_artifact(model, onnx_path: str | None, *, iters: int = 50, seed: int =
         engines["onnxruntime"] = lambda i: session.run(None, ort_feeds[i % ROTATING_INPUTS])
     # Blocks alternate between the engines: this machine's bandwidth drifts within a run, and a
     # ratio means something only when both sides saw the same stretch of it.
-    best = interleaved_best(engines, {name: iters for name in engines}, BLOCKS)
-    rows = [{"engine": name, "seconds": seconds} for name, seconds in best.items()]
-    base = rows[-1]["seconds"]
+    # The speed-up is the median of the per-block ratios (robust to one lucky block of either side).
+    times = interleaved_blocks(engines, {name: iters for name in engines}, BLOCKS)
+    rows = [{"engine": name, "seconds": min(block_times), "block_ms": [round(t * 1e3, 4) for t in block_times]}
+            for name, block_times in times.items()]
     for row in rows:
         row["ms"] = round(row["seconds"] * 1e3, 4)
-        row["speedup_vs_onnxruntime"] = round(base / row["seconds"], 3) if onnx_path else None
+        row["speedup_vs_onnxruntime"] = (round(paired_speedup(times["onnxruntime"], times[row["engine"]])[0], 3)
+                                         if onnx_path else None)
         row["weight_gbs"] = round(weight_bytes / row["seconds"] / 1e9, 2)
         row["fraction_of_bandwidth"] = round(row["weight_gbs"] / bandwidth, 3)
     return {

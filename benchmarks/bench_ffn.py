@@ -18,11 +18,12 @@ engines; for sparse ones the fraction measured on the benchmark inputs with nump
 that over a numpy copy probe measured in the same run (read + write bytes). Every engine is
 timed in blocks alternating with onnxruntime dense (its default spinning pool), each block after
 the other engine's thread pool has gone idle; a time is the best block, and "speed vs ORT dense"
-divides the onnxruntime time from the blocks paired with that engine (this machine's bandwidth
-drifts by tens of percent within a run; the "onnxruntime dense" row, a second session paired with
-the first, shows the noise floor). Writes benchmarks/results/ffn.json and ffn_speed_vs_sparsity.png.
+is the median over blocks of onnxruntime's block time / the engine's block next to it, with the
+quartiles (this machine's bandwidth drifts by tens of percent within a run: a ratio of best blocks
+moved by 10 % between runs of the same artifact; the "onnxruntime dense" row, a second session
+paired with the first, shows the noise floor). Writes benchmarks/results/ffn.json and ffn_speed_vs_sparsity.png.
 
-    .venv/bin/python benchmarks/bench_ffn.py [--layers 4] [--quick] [--blocks 8]
+    .venv/bin/python benchmarks/bench_ffn.py [--layers 4] [--quick] [--blocks 12]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth_gbs, l3_cache_bytes, time_per_call  # noqa: E402
 
-from actsparse.bench import interleaved_best  # noqa: E402
+from actsparse.bench import interleaved_blocks, paired_speedup  # noqa: E402
 
 D, F = 1024, 2816
 SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.9)
@@ -265,7 +266,7 @@ def time_indexed(weights, inputs, active: float, iters: int, timer=time_per_call
 # ------------------------------------------------------------------------------ driver
 
 class Bench:
-    def __init__(self, layers: int, iters: int, workdir: Path, blocks: int = 8):
+    def __init__(self, layers: int, iters: int, workdir: Path, blocks: int = 12):
         import actsparse
         from actsparse.zoo import swiglu_stack
 
@@ -282,15 +283,17 @@ class Bench:
         # every engine (`paired`), so that each ratio comes from one stretch of this drifting machine.
         self.reference = ort_session(self.proto)
         self.paired_ort_seconds: float | None = None
+        self.paired_speedup: tuple[float, float, float] | None = None
 
     def paired(self, call, iters: int, blocks: int | None = None) -> float:
         """Seconds per `call`, timed in blocks alternating with onnxruntime dense (kept for `add`)."""
         xs = self.inputs
         ort_call = lambda i: self.reference.run(None, {"x": xs[i % len(xs)]})  # noqa: E731
-        best = interleaved_best({"onnxruntime": ort_call, "engine": call}, {"onnxruntime": iters, "engine": iters},
-                                blocks or self.blocks)
-        self.paired_ort_seconds = best["onnxruntime"]
-        return best["engine"]
+        times = interleaved_blocks({"onnxruntime": ort_call, "engine": call}, {"onnxruntime": iters, "engine": iters},
+                                   blocks or self.blocks)
+        self.paired_ort_seconds = min(times["onnxruntime"])
+        self.paired_speedup = paired_speedup(times["onnxruntime"], times["engine"])
+        return min(times["engine"])
 
     def add(self, engine: str, seconds: float, *, fraction: float = 1.0, sparsity: float | None = None,
             sweep: str | None = None, error: float | None = None, **extra) -> dict:
@@ -298,7 +301,8 @@ class Bench:
                "sweep": sweep, "max_abs_error": error, **extra}
         if self.paired_ort_seconds is not None:
             row["ort_dense_paired_ms"] = self.paired_ort_seconds * 1e3
-            self.paired_ort_seconds = None
+            row["speed_vs_ort_dense"], row["speed_q25"], row["speed_q75"] = self.paired_speedup
+            self.paired_ort_seconds = self.paired_speedup = None
         self.rows.append(row)
         print(f"  {engine:58s} {row['ms']:9.3f} ms  bytes read {fraction:5.2f}", flush=True)
         return row
@@ -318,7 +322,7 @@ class Bench:
                         error=float(np.abs(y0 - reference).max()), **extra)
 
 
-def run(layers: int, iters: int, workdir: Path, blocks: int = 8) -> dict:
+def run(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
     from actsparse.codegen.ffn_fusion import GATE_SPARSE, enabled_forms
 
     b = Bench(layers, iters, workdir, blocks)
@@ -383,11 +387,10 @@ def run(layers: int, iters: int, workdir: Path, blocks: int = 8) -> dict:
         b.add(name, seconds, fraction=1 - s, sparsity=s, sweep="indexed", copies=copies,
               note="ffn_indexed kernel called directly per layer (no residual add, random active set)")
 
-    # Each ratio divides the onnxruntime dense time measured in the blocks interleaved with that
-    # engine; the machine's bandwidth drifts by tens of percent over a run.
+    # Each speed is the median over blocks of onnxruntime dense's block time / the engine's next
+    # block time (``paired``); the machine's bandwidth drifts by tens of percent over a run.
     bandwidth = max(bandwidth, copy_bandwidth_gbs())
     for row in b.rows:
-        row["speed_vs_ort_dense"] = row["ort_dense_paired_ms"] / row["ms"]
         row["gbs"] = b.weight_bytes * row["bytes_fraction"] / (row["ms"] * 1e-3) / 1e9
         row["bandwidth_fraction"] = row["gbs"] / bandwidth
     return {
@@ -424,12 +427,12 @@ def check_targets(rows: list[dict]) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n| engine | ms | ORT dense ms (paired) | speed vs ORT dense | GB/s | % of bandwidth "
-          f"({report['machine']['copy_bandwidth_gbs']:.1f} GB/s) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n| engine | ms | ORT dense ms (paired) | speed vs ORT dense (median of pairs) | quartiles | GB/s "
+          f"| % of bandwidth ({report['machine']['copy_bandwidth_gbs']:.1f} GB/s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in report["rows"]:
-        print(f"| {r['engine']} | {r['ms']:.3f} | {r['ort_dense_paired_ms']:.3f} | {r['speed_vs_ort_dense']:.2f}x | {r['gbs']:.1f} | "
-              f"{100 * r['bandwidth_fraction']:.0f} % |")
+        print(f"| {r['engine']} | {r['ms']:.3f} | {r['ort_dense_paired_ms']:.3f} | {r['speed_vs_ort_dense']:.2f}x | "
+              f"{r['speed_q25']:.2f}-{r['speed_q75']:.2f} | {r['gbs']:.1f} | {100 * r['bandwidth_fraction']:.0f} % |")
     print("\nfits (time ~ fixed + slope x fraction of weight bytes read):")
     for sweep, fit in report["fits"].items():
         print(f"  {sweep}: {fit['fixed_ms']:.3f} ms + {fit['ms_per_fraction']:.3f} ms x fraction"
@@ -476,13 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="FFN blocks (>= 4; weights should be >= 4x the L3)")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
-    parser.add_argument("--blocks", type=int, default=8,
-                        help="timed blocks per engine, each alternating with onnxruntime dense (best block kept)")
+    parser.add_argument("--blocks", type=int, default=12,
+                        help="timed blocks per engine, each alternating with onnxruntime dense")
     parser.add_argument("--output", type=Path, default=RESULTS / "ffn.json")
     args = parser.parse_args(argv)
     if args.layers < 4:
         parser.error("--layers must be at least 4")
-    iters = 10 if args.quick else 30
+    iters = 10 if args.quick else 20
     with tempfile.TemporaryDirectory(prefix="bench-ffn-") as workdir:
         report = run(args.layers, iters, Path(workdir), args.blocks)
     print_table(report)

@@ -1,0 +1,31 @@
+"""Timing helpers of actsparse.bench: block interleaving and the paired speed-up estimate."""
+
+from __future__ import annotations
+
+import pytest
+
+from actsparse import bench
+
+
+def test_interleaved_blocks_alternate_engines_and_time_every_block(monkeypatch):
+    monkeypatch.setattr(bench, "settle", lambda seconds=0: None)
+    order = []
+    engines = {"a": lambda i: order.append("a"), "b": lambda i: order.append("b")}
+    times = bench.interleaved_blocks(engines, {"a": 3, "b": 2}, blocks=4)
+    assert [len(t) for t in times.values()] == [4, 4]
+    assert all(t >= 0 for t in times["a"] + times["b"])
+    # two warm-up calls each, then per block: one untimed wake-up call + the timed iterations
+    timed = order[4:]
+    assert timed == (["a"] * 4 + ["b"] * 3) * 4
+    best = bench.interleaved_best(engines, {"a": 1, "b": 1}, blocks=2)
+    assert set(best) == {"a", "b"}
+
+
+def test_paired_speedup_is_the_median_of_block_ratios():
+    reference = [4.0, 4.0, 3.0, 6.0, 4.0]
+    engine = [2.0, 4.0, 3.0, 2.0, 1.0]  # ratios 2, 1, 1, 3, 4
+    median, q25, q75 = bench.paired_speedup(reference, engine)
+    assert median == pytest.approx(2.0)
+    assert q25 == pytest.approx(1.0) and q75 == pytest.approx(3.0)
+    # one lucky reference block moves a ratio of best blocks (3 / 1 = 3), not the median
+    assert min(reference) / min(engine) == pytest.approx(3.0)
