@@ -9,11 +9,13 @@ AVX-512 VNNI, the int8-activation kernels the compiler picks there, plus the flo
 ones as ``*_float`` rows). Each ORT
 engine is one session holding one node per weight copy (shared/NOTES.md).
 
-Every engine is timed in ``--rounds`` rounds (best block of each, best round kept): the
-machine is shared and its load drifts. Prints a markdown table (ms, ratios, GB/s of the
-weight bytes actually needed) and the issue's targets; writes benchmarks/results/quant.json.
+All engines of a shape are loaded at once and timed in ``--blocks`` rounds of one block each,
+round-robin (``actsparse.bench.interleaved_blocks``): the machine is shared and its bandwidth
+drifts. A time is an engine's best block; a ratio is the median over rounds of the two engines'
+block times in that round. Prints a markdown table (ms, ratios, GB/s of the weight bytes
+actually needed) and the issue's targets; writes benchmarks/results/quant.json.
 
-    .venv/bin/python benchmarks/bench_quant.py [--quick] [--rounds 2]
+    .venv/bin/python benchmarks/bench_quant.py [--quick] [--blocks 10]
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copies_to_exceed_cache, copy_bandwidth_gbs, l3_cache_bytes, ort_matmul_session, time_per_call  # noqa: E402
+from common import copies_to_exceed_cache, copy_bandwidth_gbs, l3_cache_bytes, ort_matmul_session  # noqa: E402
 
+from actsparse.bench import interleaved_blocks  # noqa: E402
 from actsparse.codegen.kernels.cpu import quant  # noqa: E402
 from actsparse.codegen.kernels.cpu.build import build_kernel  # noqa: E402
 from actsparse.codegen.kernels.cpu.dense import dense_matmul, pack_dense, vector_lanes  # noqa: E402
@@ -141,17 +144,20 @@ class Bench:
         self.int4 = [(np.roll(c_base, i, axis=0), np.roll(sc_base, i, axis=0)) for i in range(c4)]
         self.lanes, self.target = lanes, target
         self.results: dict[str, dict] = {}
+        self.engines: dict[str, tuple] = {}
+        self.keep: list = []  # sessions and weight copies the registered calls use
+        self.block_seconds: dict[str, np.ndarray] = {}
         self.x_scale = float(max(np.abs(x).max() for x in self.inputs)) / 127.0
 
-    def _record(self, name: str, seconds: float, nbytes: float, **extra) -> None:
-        row = self.results.setdefault(name, {"engine": name, "ms": float("inf")})
-        if seconds * 1e3 < row["ms"]:
-            row.update(ms=seconds * 1e3, gbs=nbytes / seconds / 1e9, **extra)
+    def _add(self, name: str, call, iters: int, calls_per_gemv: float, nbytes: float, **extra) -> None:
+        """Register an engine: ``call(i)`` runs ``1 / calls_per_gemv`` GEMVs (ORT: one per node)."""
+        self.engines[name] = (call, iters, calls_per_gemv)
+        self.results[name] = {"engine": name, "nbytes": nbytes, **extra}
 
     def _time_ort(self, name: str, session, names, nbytes: float) -> None:
         feeds = {nm: self.inputs[i % len(self.inputs)] for i, nm in enumerate(names)}
-        t = time_per_call(lambda i: session.run(None, feeds), max(2, self.iters // len(names))) / len(names)
-        self._record(name, t, nbytes)
+        self._add(name, lambda i: session.run(None, feeds), max(2, self.iters // len(names)), 1 / len(names), nbytes)
+        self.keep.append(session)
 
     def _time_kernel(self, name: str, kernel, weights, extra_inputs, nbytes: float, check=None) -> None:
         xs = [_tensor(x) for x in self.inputs]
@@ -160,10 +166,21 @@ class Bench:
         kernel(xs[0], *extra_inputs[0], *weights[0], y)
         err = check(y.numpy()) if check else None
         e = len(extra_inputs)
-        t = time_per_call(lambda i: kernel(xs[i % len(xs)], *extra_inputs[i % e], *weights[i % c], y), self.iters)
-        self._record(name, t, nbytes, **({"max_rel_err": err} if err is not None else {}))
+        self._add(name, lambda i: kernel(xs[i % len(xs)], *extra_inputs[i % e], *weights[i % c], y), self.iters, 1,
+                  nbytes, **({"max_rel_err": err} if err is not None else {}))
+        self.keep.append(weights)
 
-    def run(self) -> None:
+    def measure(self, blocks: int) -> None:
+        """Time every registered engine in ``blocks`` interleaved rounds (per-GEMV seconds kept)."""
+        times = interleaved_blocks({name: e[0] for name, e in self.engines.items()},
+                                   {name: e[1] for name, e in self.engines.items()}, blocks)
+        self.block_seconds = {name: np.asarray(t) * self.engines[name][2] for name, t in times.items()}
+        for name, seconds in self.block_seconds.items():
+            row = self.results[name]
+            row.update(ms=float(seconds.min()) * 1e3, gbs=row["nbytes"] / float(seconds.min()) / 1e9)
+
+    def build(self) -> None:
+        """Load every engine of this shape (weights, sessions) and register it for ``measure``."""
         k, n = self.k, self.n
         c8, c4 = self.copies["int8"], self.copies["int4"]
         fp32_bytes, int8_bytes = k * n * 4, k * n + n * 4
@@ -247,20 +264,23 @@ class Bench:
         del packed
 
     def summary(self) -> dict:
-        r = {name: row["ms"] for name, row in self.results.items()}
-        ort_int8 = min(r["ort_int8_qdq_static"], r["ort_int8_dynamic"])
-        ort_int4 = min(r["ort_matmulnbits_int4_acc4"], r["ort_matmulnbits_int4_acc0"])
-        for row in self.results.values():
-            row["vs_ort_fp32"] = r["ort_fp32"] / row["ms"]
-            row["vs_ort_int8_best"] = ort_int8 / row["ms"]
-            row["vs_ort_int4_best"] = ort_int4 / row["ms"]
-            row["vs_ours_fp32"] = r["ours_fp32_dense"] / row["ms"]
+        b = self.block_seconds
+        references = {"vs_ort_fp32": b["ort_fp32"],
+                      "vs_ort_int8_best": np.minimum(b["ort_int8_qdq_static"], b["ort_int8_dynamic"]),
+                      "vs_ort_int4_best": np.minimum(b["ort_matmulnbits_int4_acc4"], b["ort_matmulnbits_int4_acc0"]),
+                      "vs_ours_fp32": b["ours_fp32_dense"]}
+
+        def speed(reference, engine: str) -> float:  # median over rounds of the same-round ratio
+            return float(np.median(reference / b[engine]))
+
+        for name, row in self.results.items():
+            row.update({key: speed(reference, name) for key, reference in references.items()})
         targets = [
-            ("int8 dense >= 1.0x ORT int8 (faster of static/dynamic)", ort_int8 / r["ours_int8_dense"], 1.0),
-            ("int8 dense >= 2.5x our fp32", r["ours_fp32_dense"] / r["ours_int8_dense"], 2.5),
-            ("int8 + 50% sparsity >= 1.6x ORT int8", ort_int8 / r["ours_int8_sparse50"], 1.6),
-            ("int8 + 50% sparsity >= 5x ORT fp32", r["ort_fp32"] / r["ours_int8_sparse50"], 5.0),
-            ("int4 dense >= 1.0x ORT MatMulNBits (faster level)", ort_int4 / r["ours_int4_dense"], 1.0),
+            ("int8 dense >= 1.0x ORT int8 (faster of static/dynamic)", speed(references["vs_ort_int8_best"], "ours_int8_dense"), 1.0),
+            ("int8 dense >= 2.5x our fp32", speed(b["ours_fp32_dense"], "ours_int8_dense"), 2.5),
+            ("int8 + 50% sparsity >= 1.6x ORT int8", speed(references["vs_ort_int8_best"], "ours_int8_sparse50"), 1.6),
+            ("int8 + 50% sparsity >= 5x ORT fp32", speed(b["ort_fp32"], "ours_int8_sparse50"), 5.0),
+            ("int4 dense >= 1.0x ORT MatMulNBits (faster level)", speed(references["vs_ort_int4_best"], "ours_int4_dense"), 1.0),
         ]
         return {"shape": {"k": self.k, "n": self.n}, "weight_copies": self.copies, "group": GROUP,
                 "sparsity": SPARSITY, "rows": list(self.results.values()),
@@ -270,7 +290,7 @@ class Bench:
 def _print(summary: dict, bandwidth: float) -> None:
     s = summary["shape"]
     print(f"\n### GEMV K={s['k']} N={s['n']} (batch 1)\n")
-    print("| engine | ms | vs ORT fp32 | vs ORT int8 | vs ORT int4 | vs our fp32 | GB/s | % copy bw |")
+    print("| engine | ms (best block) | vs ORT fp32 | vs ORT int8 | vs ORT int4 | vs our fp32 | GB/s | % copy bw |")
     print("|---|---|---|---|---|---|---|---|")
     for row in summary["rows"]:
         print(f"| {row['engine']} | {row['ms']:.3f} | {row['vs_ort_fp32']:.2f} | {row['vs_ort_int8_best']:.2f} | "
@@ -284,7 +304,7 @@ def _print(summary: dict, bandwidth: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=10, help="interleaved rounds, one block per engine each")
     parser.add_argument("--target", default="host")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -294,17 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth_gbs()
     print(f"copy-probe bandwidth {bandwidth:.1f} GB/s, L3 {l3_cache_bytes() >> 20} MB, target {target_summary(target)}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    benches = [Bench(k, n, target, iters) for k, n in SHAPES]
-    for _ in range(args.rounds):
-        for bench in benches:
-            bench.run()
+    summaries = []
+    for k, n in SHAPES:  # one shape at a time: all its engines and weight copies loaded together
+        bench = Bench(k, n, target, iters)
+        bench.build()
+        bench.measure(args.blocks)
+        summaries.append(bench.summary())
+        del bench
     bandwidth = max(bandwidth, copy_bandwidth_gbs())
     report = {
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "l3_bytes": l3_cache_bytes(),
                     "copy_bandwidth_gbs": bandwidth, "load_average": os.getloadavg()[0]},
-        "target": target_summary(target), "rounds": args.rounds,
+        "target": target_summary(target), "blocks": args.blocks,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "gemv": [bench.summary() for bench in benches],
+        "gemv": summaries,
     }
     for summary in report["gemv"]:
         _print(summary, bandwidth)

@@ -662,7 +662,7 @@ def pack_int8_sparse_vnni(q: np.ndarray, scale: np.ndarray):
 
 
 def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_step: int = ROWS_PER_STEP_BATCH1,
-                            chunks: int | None = None, prefetch_steps: int = 2):
+                            chunks: int | None = None, prefetch_steps: int = 1):
     """Batch-1 sparse-input y = x @ (q * scale) on x86 with AVX-512 VNNI, W packed by ``pack_int8_sparse_vnni``.
 
     Signature: ``(x: f32[1, k], [threshold: f32[1]], [act_scale: f32[k]], wq: u8[k, Np], scale: f32[Np], y: f32[1, n])``.
@@ -671,23 +671,29 @@ def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_st
     feeds four vpdpbusd whose s8 operand is that row's x_q in byte t of every dword, so
     accumulator t gathers columns 16t..16t+15 (the packing puts them there): 1 load and 4
     instructions per 64 weights instead of 4 sign-extends, 4 conversions and 4 FMAs. The u8
-    codes are q + 128, taken back once: y = s_x * scale * (acc - 128 * sum x_q).
-    The active list is split over ``chunks`` tasks, each summing whole rows into its own int32
-    partial y (``accumulate_rows_macro``'s schedule), 8 rows walked together 64 bytes at a time.
-    ``prefetch_steps``: prefetch the rows that many steps ahead into L2 (``prefetch_l2``). Rows of
-    1-3 KB are too short for the hardware prefetchers, which stop at page boundaries and need a few
-    misses to start: out of cache at 50 %, 2 steps into L2 took 57 us against 86 without (K=2816,
-    N=1024); into L1 it gained half of that. Column panels (each thread owning 128-512 columns of
-    every row) and walking one or two rows at a time were both slower.
+    codes are q + 128, taken back once per task: y = s_x * scale * sum_c (acc_c - 128 * sum_c x_q).
+
+    Schedule: after one vectorized pass for s_x, each of ``chunks`` parallel tasks takes a range of
+    input channels, lists and rounds its own active ones (so no serial compaction: 3-6 us at
+    K=2816, a tenth of the call) and sums their whole rows into its own int32 partial y, 8 rows
+    walked together 64 bytes at a time. ``prefetch_steps``: prefetch the rows that many steps
+    ahead into L2 (``sparse.prefetch_l2``). Rows of 1-3 KB are too short for the hardware
+    prefetchers, which stop at page boundaries and need a few misses to start: out of cache at
+    50 %, prefetching into L2 took 57 us against 86 without (K=2816, N=1024; 1 step ahead and 2
+    within noise of each other, 1 ahead of 2 in most runs); into L1 it gained half of that. Column
+    panels (each thread owning 128-512 columns of every row) and walking one or two rows at a time
+    were both slower. x_q uses nearbyint (round half to even, one instruction); T.round is a libm
+    call per element.
     """
     unused = _mode_unused(mode)
     R, P = rows_per_step, chunks or ROW_CHUNKS
     width = panel_count(n, VNNI_BLOCK) * VNNI_BLOCK
     blocks = width // VNNI_BLOCK
-    capacity = k + R
-    compact = compact_macro(mode, 1, k, R)
+    capacity = (k + P - 1) // P + R  # one task's channels, padded to whole steps
     vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
     offset = T.int32(VNNI_WEIGHT_OFFSET)
+    L = VNNI_LANES
+    k_vec = k // L * L
 
     @T.prim_func
     def int8_sparse_vnni_kernel(
@@ -699,67 +705,86 @@ def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_st
         y: T.Buffer((1, n), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
-        idx = T.alloc_buffer((capacity,), "int32")
-        xa = T.alloc_buffer((1, capacity), "float32")
-        count = T.alloc_buffer((1,), "int32")
-        compact(x, threshold, act_scale, idx, xa, count)
-        steps = T.bind((count[0] + R - 1) // R)
-        # per-token int8 x: xb[4j + t] = x_q[j] in byte t of a dword (the other bytes 0)
+        # s_x = max |x| over the active channels (vectorized)
+        vmax = T.alloc_buffer((L,), "float32")
+        for j in T.vectorized(L):
+            vmax[j] = T.float32(0)
+        for c0 in range(k_vec // L):
+            for j in T.vectorized(L):
+                ch = T.bind(c0 * L + j)
+                vmax[j] = T.max(vmax[j], T.Select(_active(mode, x[0, ch], threshold, act_scale, ch),
+                                                  T.abs(x[0, ch]), T.float32(0)))
         amax = T.alloc_buffer((1,), "float32")
         amax[0] = T.float32(0)
-        for j in range(count[0]):
-            amax[0] = T.max(amax[0], T.abs(xa[0, j]))
+        for j in range(L):
+            amax[0] = T.max(amax[0], vmax[j])
+        for kk in range(k - k_vec):
+            ch = T.bind(k_vec + kk)
+            amax[0] = T.max(amax[0], T.Select(_active(mode, x[0, ch], threshold, act_scale, ch),
+                                              T.abs(x[0, ch]), T.float32(0)))
         inv = T.bind(T.Select(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))
-        xb = T.alloc_buffer((capacity * 4,), "int32")
-        qsum = T.alloc_buffer((1,), "int32")
-        qsum[0] = 0
-        for j in range(steps * R):
-            q = T.bind(T.Cast("int32", T.round(xa[0, j] * inv)))
-            qsum[0] = qsum[0] + q
-            for t in T.unroll(4):
-                xb[j * 4 + t] = T.shift_left(T.bitwise_and(q, 255), 8 * t)
+        idx = T.alloc_buffer((P, capacity), "int32")
+        xb = T.alloc_buffer((P, capacity * 4), "int32")  # x_q of list entry j in byte t of xb[4j + t]
         wflat = T.decl_buffer((k * width,), "uint8", data=wq.data)
         part = T.alloc_buffer((P, width), "int32")
         for c in T.parallel(P):
+            count = T.alloc_buffer((1,), "int32")
+            qsum = T.alloc_buffer((1,), "int32")
+            count[0] = 0
+            qsum[0] = 0
+            for kk in range(c * k // P, (c + 1) * k // P):  # branch-free: write, advance if active
+                active = T.bind(_active(mode, x[0, kk], threshold, act_scale, kk))
+                q = T.bind(T.Select(active, T.Cast("int32", T.nearbyint(x[0, kk] * inv)), 0))
+                idx[c, count[0]] = kk
+                for t in T.unroll(4):
+                    xb[c, count[0] * 4 + t] = T.shift_left(T.bitwise_and(q, 255), 8 * t)
+                qsum[0] = qsum[0] + q
+                count[0] = count[0] + T.Select(active, 1, 0)
+            steps = T.bind((count[0] + R - 1) // R)
+            for p in range(steps * R - count[0]):  # pad with the last row (in cache) times x_q = 0
+                idx[c, count[0] + p] = idx[c, count[0] - 1]
+                for t in T.unroll(4):
+                    xb[c, (count[0] + p) * 4 + t] = 0
             for b in range(blocks * 4):
-                part[c, T.ramp(b * VNNI_LANES, 1, VNNI_LANES)] = T.broadcast(T.int32(0), VNNI_LANES)
-            for s in range(c * steps // P, (c + 1) * steps // P):
+                part[c, T.ramp(b * L, 1, L)] = T.broadcast(T.int32(0), L)
+            for s in range(steps):
                 for b in range(blocks):
-                    acc = T.alloc_buffer((2, 4, VNNI_LANES), "int32")
+                    acc = T.alloc_buffer((2, 4, L), "int32")
                     for t in T.unroll(4):
-                        acc[0, t, T.ramp(0, 1, VNNI_LANES)] = part[c, T.ramp(b * VNNI_BLOCK + t * VNNI_LANES, 1,
-                                                                              VNNI_LANES)]
-                        acc[1, t, T.ramp(0, 1, VNNI_LANES)] = T.broadcast(T.int32(0), VNNI_LANES)
+                        acc[0, t, T.ramp(0, 1, L)] = part[c, T.ramp(b * VNNI_BLOCK + t * L, 1, L)]
+                        acc[1, t, T.ramp(0, 1, L)] = T.broadcast(T.int32(0), L)
                     if prefetch_steps > 0:  # the same 64 bytes of a later step's rows, into L2
                         for r in T.unroll(R):
-                            ahead = T.bind(idx[T.min((s + prefetch_steps) * R + r, steps * R - 1)])
+                            ahead = T.bind(idx[c, T.min((s + prefetch_steps) * R + r, steps * R - 1)])
                             prefetch_l2(T.address_of(wflat[ahead * width + b * VNNI_BLOCK]))
                     for r in T.unroll(R):
                         j = T.bind(s * R + r)
-                        w64 = T.bind(wflat[T.ramp(idx[j] * width + b * VNNI_BLOCK, 1, VNNI_BLOCK)])
+                        w64 = T.bind(wflat[T.ramp(idx[c, j] * width + b * VNNI_BLOCK, 1, VNNI_BLOCK)])
                         for t in T.unroll(4):
-                            xv = T.bind(T.reinterpret("int8x64", T.broadcast(xb[j * 4 + t], VNNI_LANES)))
-                            acc[r % 2, t, T.ramp(0, 1, VNNI_LANES)] = T.call_llvm_pure_intrin(
+                            xv = T.bind(T.reinterpret("int8x64", T.broadcast(xb[c, j * 4 + t], L)))
+                            acc[r % 2, t, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
                                 "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd),
-                                acc[r % 2, t, T.ramp(0, 1, VNNI_LANES)], w64, xv)
+                                acc[r % 2, t, T.ramp(0, 1, L)], w64, xv)
                     for t in T.unroll(4):
-                        part[c, T.ramp(b * VNNI_BLOCK + t * VNNI_LANES, 1, VNNI_LANES)] = (
-                            acc[0, t, T.ramp(0, 1, VNNI_LANES)] + acc[1, t, T.ramp(0, 1, VNNI_LANES)])
-        correction = T.bind(offset * qsum[0])
+                        part[c, T.ramp(b * VNNI_BLOCK + t * L, 1, L)] = (
+                            acc[0, t, T.ramp(0, 1, L)] + acc[1, t, T.ramp(0, 1, L)])
+            correction = T.bind(offset * qsum[0])  # this task's rows carry +128 in every code
+            for b in range(blocks * 4):
+                part[c, T.ramp(b * L, 1, L)] = part[c, T.ramp(b * L, 1, L)] - T.broadcast(correction, L)
         sx = T.bind(amax[0] / T.float32(127))
         for b in range(blocks * 4):
-            total = T.alloc_buffer((VNNI_LANES,), "int32")
-            for j in T.vectorized(VNNI_LANES):
-                total[j] = part[0, b * VNNI_LANES + j] - correction
+            total = T.alloc_buffer((L,), "int32")
+            for j in T.vectorized(L):
+                total[j] = part[0, b * L + j]
             for c in range(1, P):
-                for j in T.vectorized(VNNI_LANES):
-                    total[j] = total[j] + part[c, b * VNNI_LANES + j]
-            if b * VNNI_LANES + VNNI_LANES <= n:
-                for j in T.vectorized(VNNI_LANES):
-                    y[0, b * VNNI_LANES + j] = T.Cast("float32", total[j]) * sx * scale[b * VNNI_LANES + j]
+                for j in T.vectorized(L):
+                    total[j] = total[j] + part[c, b * L + j]
+            if b * L + L <= n:
+                for j in T.vectorized(L):
+                    y[0, b * L + j] = T.Cast("float32", total[j]) * sx * scale[b * L + j]
             else:
-                for j in range(VNNI_LANES):
-                    if b * VNNI_LANES + j < n:
-                        y[0, b * VNNI_LANES + j] = T.Cast("float32", total[j]) * sx * scale[b * VNNI_LANES + j]
+                for j in range(L):
+                    if b * L + j < n:
+                        y[0, b * L + j] = T.Cast("float32", total[j]) * sx * scale[b * L + j]
 
     return without_params(int8_sparse_vnni_kernel, unused)
