@@ -21,11 +21,12 @@ import numpy as np
 from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, pack_dense, panel_count
-from actsparse.codegen.kernels.cpu.sparse import accumulate_macro, compact_macro, pad_macro, prefetch_l2
+from actsparse.codegen.kernels.cpu.sparse import (ROWS_PER_STEP_BATCH1, accumulate_macro, compact_macro, pad_macro,
+                                                  prefetch_l2)
 from actsparse.codegen.kernels.params import without_params
 
 ACTIVATIONS = ("silu", "relu")
-ROWS_PER_STEP = 16
+ROWS_PER_STEP = ROWS_PER_STEP_BATCH1  # every kernel here is batch 1
 NEURONS_PER_STEP = 4  # must divide ROWS_PER_STEP
 
 

@@ -26,12 +26,12 @@ from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, panel_count
 from actsparse.codegen.kernels.params import without_params
-from actsparse.codegen.kernels.cpu.sparse import (MODES, ROW_CHUNKS, accumulate_rows_macro, compact_macro, default_chunks,
-                                                  prefetch_l2)
+# (int8 rows of 1 KB at batch 1 also took 8 rows per step over 16: 0.09 vs 0.13 ms, K=2816 N=1024)
+from actsparse.codegen.kernels.cpu.sparse import (MODES, ROW_CHUNKS, ROWS_PER_STEP, ROWS_PER_STEP_BATCH1,
+                                                  accumulate_rows_macro, compact_macro, default_chunks,
+                                                  default_rows_per_step, prefetch_l2)
 
 INT4_SYMMETRIC_ZERO = 8
-ROWS_PER_STEP = 16
-ROWS_PER_STEP_BATCH1 = 8  # int8 rows of 1 KB at batch 1: 8 rows per step beat 16 (0.09 vs 0.13 ms, K=2816 N=1024)
 K_UNROLL = 4  # independent accumulators in the dense kernels: hides the FMA latency
 
 
@@ -276,7 +276,7 @@ def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per
     Two partial accumulators per column block (even / odd active rows) halve the FMA chain.
     """
     unused = _mode_unused(mode)
-    R = rows_per_step or (ROWS_PER_STEP_BATCH1 if m == 1 else ROWS_PER_STEP)
+    R = rows_per_step or default_rows_per_step(m)
     cb = 2 * lanes if m <= 4 else lanes
     width = panel_count(n, 2 * lanes) * 2 * lanes
     blocks = width // cb
