@@ -21,6 +21,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, pack_dense, panel_count
+from actsparse.codegen.kernels.cpu.fastmath import sigmoid_f32
 from actsparse.codegen.kernels.cpu.sparse import (ROWS_PER_STEP_BATCH1, accumulate_macro, compact_macro, pad_macro,
                                                   prefetch_l2)
 from actsparse.codegen.kernels.params import without_params
@@ -35,21 +36,8 @@ def _check_act(act: str) -> None:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
 
 
-def _exp(x):
-    """exp(x) in float32 (Cephes' expf: 2^n times a degree-7 polynomial, ~1e-7 relative error),
-    written out so that it vectorizes: LLVM's exp intrinsic becomes one libm call per lane."""
-    x = T.max(T.min(x, T.float32(88.3762626647949)), T.float32(-87.3365447504019))
-    n = T.floor(x * T.float32(1.44269504088896341) + T.float32(0.5))
-    r = x - n * T.float32(0.693359375) + n * T.float32(2.12194440e-4)
-    p = T.float32(1.9875691500e-4)
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * r + T.float32(c)
-    p = p * r * r + r + T.float32(1)
-    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-
-
 def _act(act: str, g):
-    return g / (T.float32(1) + _exp(-g)) if act == "silu" else T.max(g, T.float32(0))
+    return g * sigmoid_f32(g) if act == "silu" else T.max(g, T.float32(0))
 
 
 def pack_ffn_input_sparse(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray):
