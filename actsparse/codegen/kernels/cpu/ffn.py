@@ -22,8 +22,8 @@ from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, pack_dense, panel_count
 from actsparse.codegen.kernels.cpu.fastmath import sigmoid_f32
-from actsparse.codegen.kernels.cpu.sparse import (ROWS_PER_STEP_BATCH1, accumulate_macro, compact_macro, pad_macro,
-                                                  prefetch_l2)
+from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, ROWS_PER_STEP_BATCH1, accumulate_macro,
+                                                  compact_accumulate_rows_macro, pad_macro, prefetch_l2)
 from actsparse.codegen.kernels.params import without_params
 
 ACTIVATIONS = ("silu", "relu")
@@ -63,10 +63,10 @@ def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LAN
     """
     _check_act(act)
     R = ROWS_PER_STEP
-    compact_x = compact_macro("threshold", 1, d, R)
-    compact_h = compact_macro("threshold", 1, f, R)
-    up_gate = accumulate_macro(1, 2 * f, R, lanes, chunks)
-    down = accumulate_macro(1, d, R, lanes, chunks)
+    P = chunks or ROW_CHUNKS
+    # each parallel task lists its own range of input channels (then of neurons): no serial compaction
+    up_gate = compact_accumulate_rows_macro("threshold", d, 2 * f, R, lanes, P)
+    down = compact_accumulate_rows_macro("threshold", f, d, R, lanes, P)
 
     @T.prim_func
     def ffn_input_sparse_kernel(
@@ -78,23 +78,15 @@ def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LAN
         y: T.Buffer((1, d), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
-        idx = T.alloc_buffer((d + R,), "int32")
-        xa = T.alloc_buffer((1, d + R), "float32")
-        count = T.alloc_buffer((1,), "int32")
         gu = T.alloc_buffer((1, 2 * f), "float32")
         h = T.alloc_buffer((1, f), "float32")
-        idx_h = T.alloc_buffer((f + R,), "int32")
-        ha = T.alloc_buffer((1, f + R), "float32")
-        count_h = T.alloc_buffer((1,), "int32")
-        compact_x(x, t_in, x, idx, xa, count)
-        up_gate(wgu, gu, idx, xa, count)
+        up_gate(x, t_in, x, wgu, gu)
         for j0 in range(f // lanes):  # vectorized: a serial silu over F neurons cost ~20 us per call
             for j in T.vectorized(lanes):
                 h[0, j0 * lanes + j] = _act(act, gu[0, j0 * lanes + j]) * gu[0, f + j0 * lanes + j]
         for j in range(f - f // lanes * lanes):
             h[0, f // lanes * lanes + j] = _act(act, gu[0, f // lanes * lanes + j]) * gu[0, f + f // lanes * lanes + j]
-        compact_h(h, t_down, h, idx_h, ha, count_h)
-        down(wd, y, idx_h, ha, count_h)
+        down(h, t_down, h, wd, y)
 
     return ffn_input_sparse_kernel
 

@@ -28,7 +28,7 @@ from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, panel_count
 from actsparse.codegen.kernels.params import without_params
 # (int8 rows of 1 KB at batch 1 also took 8 rows per step over 16: 0.09 vs 0.13 ms, K=2816 N=1024)
 from actsparse.codegen.kernels.cpu.sparse import (MODES, ROW_CHUNKS, ROWS_PER_STEP, ROWS_PER_STEP_BATCH1,
-                                                  accumulate_rows_macro, compact_macro, default_chunks,
+                                                  compact_accumulate_rows_macro, compact_macro, default_chunks,
                                                   default_rows_per_step, prefetch_l2)
 
 INT4_SYMMETRIC_ZERO = 8
@@ -283,7 +283,7 @@ def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per
     P = chunks or default_chunks(m, width, cb)
     capacity = k + R
     compact = compact_macro(mode, m, k, R)
-    int8_rows = _int8_sparse_rows_macro(n, width, R, lanes, chunks or ROW_CHUNKS)
+    int8_rows = _int8_sparse_rows_macro(mode, k, n, width, R, lanes, chunks or ROW_CHUNKS)
     int8_columns = _int8_sparse_columns_macro(m, n, width, R, lanes, cb, P)
 
     @T.prim_func
@@ -296,29 +296,28 @@ def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
-        idx = T.alloc_buffer((capacity,), "int32")
-        xa = T.alloc_buffer((m, capacity), "float32")
-        count = T.alloc_buffer((1,), "int32")
-        compact(x, threshold, act_scale, idx, xa, count)
-        steps = T.bind((count[0] + R - 1) // R)
         if m == 1:
-            int8_rows(wq, scale, y, idx, xa, count)
+            int8_rows(x, threshold, act_scale, wq, scale, y)
         else:
-            int8_columns(wq, scale, y, idx, xa, steps)
+            idx = T.alloc_buffer((capacity,), "int32")
+            xa = T.alloc_buffer((m, capacity), "float32")
+            count = T.alloc_buffer((1,), "int32")
+            compact(x, threshold, act_scale, idx, xa, count)
+            int8_columns(wq, scale, y, idx, xa, T.bind((count[0] + R - 1) // R))
 
     return without_params(int8_sparse_kernel, unused)
 
 
-def _int8_sparse_rows_macro(n: int, width: int, R: int, lanes: int, P: int):
-    """Batch 1: the active list split over ``P`` tasks, whole int8 rows (1-3 KB) summed into a
-    partial y per task (``sparse.accumulate_rows_macro``), then scaled per column (1.3-1.7x the
-    column split)."""
-    accumulate = accumulate_rows_macro(width, R, lanes, P, element_bytes=1)
+def _int8_sparse_rows_macro(mode: str, k: int, n: int, width: int, R: int, lanes: int, P: int):
+    """Batch 1: each of ``P`` tasks lists the active channels of its range and sums their whole
+    int8 rows (1-3 KB) into its own partial y (``sparse.compact_accumulate_rows_macro``), then the
+    sum is scaled per column (the row split ran 1.3-1.7x the column split)."""
+    accumulate = compact_accumulate_rows_macro(mode, k, width, R, lanes, P, element_bytes=1)
 
     @T.macro
-    def rows(wq, scale, y, idx, xa, count):
+    def rows(x, threshold, act_scale, wq, scale, y):
         unscaled = T.alloc_buffer((1, width), "float32")
-        accumulate(wq, unscaled, idx, xa, count)
+        accumulate(x, threshold, act_scale, wq, unscaled)
         for j in range(n):
             y[0, j] = unscaled[0, j] * scale[j]
 

@@ -26,6 +26,7 @@ import os
 from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES
+from actsparse.codegen.kernels.params import without_params
 
 MODES = ("threshold", "scaled", "nonzero")
 
@@ -165,49 +166,55 @@ def accumulate_macro(m: int, n: int, rows_per_step: int, lanes: int, chunks: int
 PREFETCH_STEPS = 1
 
 
-def accumulate_rows_macro(n: int, rows_per_step: int, lanes: int, chunks: int, prefetch_steps: int | None = None,
-                          element_bytes: int = 4):
-    """Batch 1: T.macro(w, y, idx, xa, count) splitting the active list (whole steps of rows)
-    over ``chunks`` tasks, each summing whole rows into its own partial y; the partials are added
-    at the end. Whole rows read by one thread beat half rows read by two when rows are short
-    (int8 rows of 1 KB: 1.6x; fp32 rows of 4-11 KB: 5-9 %)."""
-    R, P = rows_per_step, chunks
+def _row_steps_macro(n: int, rows_per_step: int, lanes: int, prefetch_steps: int, element_bytes: int):
+    """T.macro(w, part, c, idx, xa, sel, s_lo, s_hi, last): part[c, :] += the rows idx[sel, j] of w
+    times xa[sel, j] for the list entries j of steps s_lo .. s_hi - 1 (``rows_per_step`` rows each,
+    walked together in register blocks of 2 x ``lanes`` columns), prefetching later steps' rows
+    into L2 (entries past ``last`` clamp to it)."""
+    R = rows_per_step
     cb = 2 * lanes
     blocks = n // cb
     tail = n - blocks * cb
-    prefetch_steps = PREFETCH_STEPS if prefetch_steps is None else prefetch_steps
     line_elems = 64 // element_bytes
     lines_per_block = max(1, cb // line_elems)
 
     @T.macro
-    def accumulate(w, y, idx, xa, count):
-        part = T.alloc_buffer((P, n), "float32")
-        steps = T.bind((count[0] + R - 1) // R)
-        for c in T.parallel(P):
-            for j in range(n):
-                part[c, j] = T.float32(0)
-            for s in range(c * steps // P, (c + 1) * steps // P):
-                for b in range(blocks):
-                    acc = T.alloc_buffer((2, cb), "float32")
-                    for j in T.vectorized(cb):
-                        acc[0, j] = part[c, b * cb + j]
-                        acc[1, j] = T.float32(0)
-                    if prefetch_steps > 0:  # the same bytes of a later step's rows, into L2
-                        for r in T.unroll(R):
-                            ahead = T.bind(idx[T.min((s + prefetch_steps) * R + r, steps * R - 1)])
-                            for line in T.unroll(lines_per_block):
-                                prefetch_l2(T.address_of(w[ahead, b * cb + line * line_elems]))
+    def row_steps(w, part, c, idx, xa, sel, s_lo, s_hi, last):
+        for s in range(s_lo, s_hi):
+            for b in range(blocks):
+                acc = T.alloc_buffer((2, cb), "float32")
+                for j in T.vectorized(cb):
+                    acc[0, j] = part[c, b * cb + j]
+                    acc[1, j] = T.float32(0)
+                if prefetch_steps > 0:  # the same bytes of a later step's rows, into L2
                     for r in T.unroll(R):
-                        row = T.bind(idx[s * R + r])
-                        coef = T.bind(xa[0, s * R + r])
-                        for j in T.vectorized(cb):  # the cast reads int8 weights too (quant.py)
-                            acc[r % 2, j] = acc[r % 2, j] + coef * T.Cast("float32", w[row, b * cb + j])
-                    for j in T.vectorized(cb):
-                        part[c, b * cb + j] = acc[0, j] + acc[1, j]
-                for t in range(tail):
-                    for r in range(R):
-                        part[c, blocks * cb + t] = part[c, blocks * cb + t] + xa[0, s * R + r] * T.Cast(
-                            "float32", w[idx[s * R + r], blocks * cb + t])
+                        ahead = T.bind(idx[sel, T.min((s + prefetch_steps) * R + r, last)])
+                        for line in T.unroll(lines_per_block):
+                            prefetch_l2(T.address_of(w[ahead, b * cb + line * line_elems]))
+                for r in T.unroll(R):
+                    row = T.bind(idx[sel, s * R + r])
+                    coef = T.bind(xa[sel, s * R + r])
+                    for j in T.vectorized(cb):  # the cast reads int8 weights too (quant.py)
+                        acc[r % 2, j] = acc[r % 2, j] + coef * T.Cast("float32", w[row, b * cb + j])
+                for j in T.vectorized(cb):
+                    part[c, b * cb + j] = acc[0, j] + acc[1, j]
+            for t in range(tail):
+                for r in range(R):
+                    part[c, blocks * cb + t] = part[c, blocks * cb + t] + xa[sel, s * R + r] * T.Cast(
+                        "float32", w[idx[sel, s * R + r], blocks * cb + t])
+
+    return row_steps
+
+
+def _sum_partials_macro(n: int, lanes: int, chunks: int):
+    """T.macro(part, y): y[0, :] = sum over tasks c of part[c, :]."""
+    P = chunks
+    cb = 2 * lanes
+    blocks = n // cb
+    tail = n - blocks * cb
+
+    @T.macro
+    def sum_partials(part, y):
         for b in range(blocks):
             total = T.alloc_buffer((cb,), "float32")
             for j in T.vectorized(cb):
@@ -222,51 +229,97 @@ def accumulate_rows_macro(n: int, rows_per_step: int, lanes: int, chunks: int, p
             for c in range(1, P):
                 y[0, blocks * cb + t] = y[0, blocks * cb + t] + part[c, blocks * cb + t]
 
+    return sum_partials
+
+
+def accumulate_rows_macro(n: int, rows_per_step: int, lanes: int, chunks: int, prefetch_steps: int | None = None,
+                          element_bytes: int = 4):
+    """Batch 1: T.macro(w, y, idx, xa, count) splitting the active list (whole steps of rows)
+    over ``chunks`` tasks, each summing whole rows into its own partial y; the partials are added
+    at the end. Whole rows read by one thread beat half rows read by two when rows are short
+    (int8 rows of 1 KB: 1.6x; fp32 rows of 4-11 KB: 5-9 %). For a list the kernel builds itself
+    from x, ``compact_accumulate_rows_macro`` lists in parallel too."""
+    R, P = rows_per_step, chunks
+    prefetch_steps = PREFETCH_STEPS if prefetch_steps is None else prefetch_steps
+    row_steps = _row_steps_macro(n, R, lanes, prefetch_steps, element_bytes)
+    sum_partials = _sum_partials_macro(n, lanes, P)
+
+    @T.macro
+    def accumulate(w, y, idx, xa, count):
+        part = T.alloc_buffer((P, n), "float32")
+        steps = T.bind((count[0] + R - 1) // R)
+        listed = T.decl_buffer((1, idx.shape[0]), "int32", data=idx.data)
+        for c in T.parallel(P):
+            for j in range(n):
+                part[c, j] = T.float32(0)
+            row_steps(w, part, c, listed, xa, 0, c * steps // P, (c + 1) * steps // P, steps * R - 1)
+        sum_partials(part, y)
+
     return accumulate
+
+
+def compact_accumulate_rows_macro(mode: str, k: int, n: int, rows_per_step: int, lanes: int, chunks: int,
+                                  prefetch_steps: int | None = None, element_bytes: int = 4):
+    """Batch 1: T.macro(x, threshold, scale, w, y): y = sum over active k of x[0, k] * w[k, :], with
+    the input channels split into ``chunks`` ranges, one per parallel task: each task lists its own
+    range's active channels (no serial compaction of all k first) and sums their whole rows into
+    its own partial y, as ``accumulate_rows_macro``. A range's share of the active rows follows
+    the input; with activity spread over the channels (sparsified activations) the ranges stay
+    close to even."""
+    R, P = rows_per_step, chunks
+    prefetch_steps = PREFETCH_STEPS if prefetch_steps is None else prefetch_steps
+    capacity = (k + P - 1) // P + R
+    row_steps = _row_steps_macro(n, R, lanes, prefetch_steps, element_bytes)
+    sum_partials = _sum_partials_macro(n, lanes, P)
+
+    @T.macro
+    def compact_accumulate(x, threshold, scale, w, y):
+        part = T.alloc_buffer((P, n), "float32")
+        idx = T.alloc_buffer((P, capacity), "int32")
+        xa = T.alloc_buffer((P, capacity), "float32")
+        for c in T.parallel(P):
+            count = T.alloc_buffer((1,), "int32")
+            count[0] = 0
+            for kk in range(c * k // P, (c + 1) * k // P):  # branch-free: write, advance if active
+                if mode == "nonzero":
+                    active = T.bind(x[0, kk] != T.float32(0))
+                elif mode == "threshold":
+                    active = T.bind(T.abs(x[0, kk]) > threshold[0])
+                else:
+                    active = T.bind(T.abs(x[0, kk]) * scale[kk] > threshold[0])
+                xa[c, count[0]] = x[0, kk]
+                idx[c, count[0]] = kk
+                count[0] = count[0] + T.Select(active, 1, 0)
+            steps = T.bind((count[0] + R - 1) // R)
+            for p in range(steps * R - count[0]):  # pad with the last row (in cache) times 0
+                idx[c, count[0] + p] = idx[c, count[0] - 1]
+                xa[c, count[0] + p] = T.float32(0)
+            for j in range(n):
+                part[c, j] = T.float32(0)
+            row_steps(w, part, c, idx, xa, c, 0, steps, steps * R - 1)
+        sum_partials(part, y)
+
+    return compact_accumulate
 
 
 def _sparse_matmul(mode: str, m: int, k: int, n: int, rows_per_step: int, lanes: int, chunks: int | None):
     capacity = k + rows_per_step
-    compact = compact_macro(mode, m, k, rows_per_step)
-    accumulate = accumulate_macro(m, n, rows_per_step, lanes, chunks)
+    if m == 1:  # each task lists its own range of channels
+        body = compact_accumulate_rows_macro(mode, k, n, rows_per_step, lanes, chunks or ROW_CHUNKS)
+    else:
+        compact = compact_macro(mode, m, k, rows_per_step)
+        accumulate = accumulate_macro(m, n, rows_per_step, lanes, chunks)
 
-    if mode == "nonzero":
-
-        @T.prim_func
-        def sparse_matmul_nonzero(
-            x: T.Buffer((m, k), "float32"),
-            w: T.Buffer((k, n), "float32"),
-            y: T.Buffer((m, n), "float32"),
-        ):
-            T.func_attr({"tir.noalias": True})
+        @T.macro
+        def body(x, threshold, scale, w, y):
             idx = T.alloc_buffer((capacity,), "int32")
             xa = T.alloc_buffer((m, capacity), "float32")
             count = T.alloc_buffer((1,), "int32")
-            compact(x, x, x, idx, xa, count)
+            compact(x, threshold, scale, idx, xa, count)
             accumulate(w, y, idx, xa, count)
-
-        return sparse_matmul_nonzero
-
-    if mode == "threshold":
-
-        @T.prim_func
-        def sparse_matmul_threshold(
-            x: T.Buffer((m, k), "float32"),
-            threshold: T.Buffer((1,), "float32"),
-            w: T.Buffer((k, n), "float32"),
-            y: T.Buffer((m, n), "float32"),
-        ):
-            T.func_attr({"tir.noalias": True})
-            idx = T.alloc_buffer((capacity,), "int32")
-            xa = T.alloc_buffer((m, capacity), "float32")
-            count = T.alloc_buffer((1,), "int32")
-            compact(x, threshold, x, idx, xa, count)
-            accumulate(w, y, idx, xa, count)
-
-        return sparse_matmul_threshold
 
     @T.prim_func
-    def sparse_matmul_scaled(
+    def sparse_matmul_kernel(
         x: T.Buffer((m, k), "float32"),
         threshold: T.Buffer((1,), "float32"),
         scale: T.Buffer((k,), "float32"),
@@ -274,13 +327,10 @@ def _sparse_matmul(mode: str, m: int, k: int, n: int, rows_per_step: int, lanes:
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
-        idx = T.alloc_buffer((capacity,), "int32")
-        xa = T.alloc_buffer((m, capacity), "float32")
-        count = T.alloc_buffer((1,), "int32")
-        compact(x, threshold, scale, idx, xa, count)
-        accumulate(w, y, idx, xa, count)
+        body(x, threshold, scale, w, y)
 
-    return sparse_matmul_scaled
+    unused = {"nonzero": {"threshold", "scale"}, "threshold": {"scale"}, "scaled": set()}[mode]
+    return without_params(sparse_matmul_kernel, unused)
 
 
 def sparse_matmul(
