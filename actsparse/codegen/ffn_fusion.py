@@ -14,6 +14,8 @@ them, so up and down skip the rows of inactive neurons. The patterns (after `spe
     TEAL (sparsify method=teal, scope=ffn):
         xs = Sparsify(x, t_in); Sparsify(silu(gate(xs)) * up(xs), t_down) -> down
                                                    => ffn_input_sparse(t_in, t_down)
+    dense SwiGLU (no sparsity):
+        silu(gate(x)) * up(x) -> down              => ffn_dense (gate and up as one panel GEMV)
     predictor (passes/predictor.py, on a relufied or plain gated FFN):
         (act(gate(x) [- b]) * up(x)) * PredictActive*(x, A, B, bias, p) -> down
                                                    => predict_active(mode) then ffn_indexed
@@ -49,7 +51,8 @@ LOWERING_DOMAIN = "actsparse.lowering"
 GATE_SPARSE = "ffn_gate_sparse"
 INPUT_SPARSE = "ffn_input_sparse"
 INDEXED = "ffn_indexed"
-FORMS = (GATE_SPARSE, INPUT_SPARSE, INDEXED)
+DENSE = "ffn_dense"
+FORMS = (GATE_SPARSE, INPUT_SPARSE, INDEXED, DENSE)
 PREDICTOR_MODES = {"PredictActive": "threshold", "PredictActiveTopK": "topk", "PredictActiveStat": "statistical"}
 DEFAULT_FORMS = frozenset(FORMS)
 
@@ -103,6 +106,8 @@ class GatedFFN:
             return GATE_SPARSE
         if self.act == "silu" and self.shift is None and self.cats_threshold is None and None not in thresholds:
             return INPUT_SPARSE
+        if self.act == "silu" and self.shift is None and self.cats_threshold is None and thresholds == (None, None):
+            return DENSE
         return None
 
 
@@ -290,8 +295,8 @@ def _common_prefix(names: list[str]) -> str:
 
 def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> tuple[dict, ir.Value]:
     """Insert the fused node in place of `block`: (its kernel-plan entry, its output)."""
-    from actsparse.codegen.kernels.cpu.ffn import (pack_ffn_gate_sparse, pack_ffn_indexed, pack_ffn_input_sparse,
-                                                   pack_predictor)
+    from actsparse.codegen.kernels.cpu.ffn import (pack_ffn_dense, pack_ffn_gate_sparse, pack_ffn_indexed,
+                                                   pack_ffn_input_sparse, pack_predictor)
 
     wg, wu, wd = (np.ascontiguousarray(lin.weight_array("KN"), dtype=np.float32)
                   for lin in (block.gate, block.up, block.down))
@@ -325,6 +330,10 @@ def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> tuple[di
         entry["predictor"] = {"mode": mode, "rank": int(a.shape[1]), "parameter": param}
         packed = pack_ffn_indexed(wg, wu, wd)
         weight_names = ("gate_up_t", "down")
+    elif form == DENSE:
+        packed = pack_ffn_dense(wg, wu, wd)  # the converter reads the panel width back
+        inputs = [block.x]
+        weight_names = ("gate_up_panels", "down_panels")
     else:
         packed = pack_ffn_input_sparse(wg, wu, wd)
         inputs = [block.x, scalar("input_threshold", block.input_threshold),
@@ -361,7 +370,8 @@ def fused_ffn_converters(target) -> dict:
 def _converter(target):
     from tvm import relax
 
-    from actsparse.codegen.kernels.cpu.ffn import ffn_gate_sparse, ffn_indexed, ffn_input_sparse, predict_active
+    from actsparse.codegen.kernels.cpu.ffn import (ffn_dense, ffn_gate_sparse, ffn_indexed, ffn_input_sparse,
+                                                   predict_active)
 
     functions: dict[tuple, object] = {}
 
@@ -372,6 +382,8 @@ def _converter(target):
                 func = ffn_gate_sparse(d, f, act, lanes=lanes, shifted=shifted)
             elif form == INDEXED:
                 func = ffn_indexed(d, f, act, lanes=lanes, shifted=shifted)
+            elif form == DENSE:
+                func = ffn_dense(d, f, act, lanes=lanes)
             else:
                 func = ffn_input_sparse(d, f, act, lanes=lanes)
             symbol = f"actsparse_{form}_{act}{'_shifted' if shifted else ''}_d{d}_f{f}"
@@ -413,10 +425,10 @@ def _converter(target):
         if form == INDEXED:
             y = predicted_ffn(bb, x2, list(inputs[1:]), attrs, act, d, f, shifted)
             return relax.op.reshape(y, shape) if shape != [1, d] else y
-        scalars = 1 + int(shifted) if form == GATE_SPARSE else 2
+        scalars = {GATE_SPARSE: 1 + int(shifted), DENSE: 0}.get(form, 2)
         rest = [bb.emit(relax.op.reshape(v, (1,))) for v in inputs[1:1 + scalars]] + list(inputs[1 + scalars:])
         # The gate panels were packed with a fixed width (2 x lanes): the kernel follows it.
-        lanes = int(rest[scalars].ty.shape[2]) // 2 if form == GATE_SPARSE else vector_lanes(target)
+        lanes = int(rest[scalars].ty.shape[2]) // 2 if form in (GATE_SPARSE, DENSE) else vector_lanes(target)
         func = kernel(bb, form, act, d, f, shifted, lanes)
         y = bb.emit(relax.call_tir(func, [x2, *rest], relax.TensorType((1, d), "float32")))
         return relax.op.reshape(y, shape) if shape != [1, d] else y

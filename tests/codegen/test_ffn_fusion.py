@@ -33,7 +33,8 @@ PATTERNS = {
     "teal": (TEAL, None, "ffn_input_sparse"),
     "teal_per_linear": (TEAL, {"ffn_gate_sparse"}, None),
     "wina": ("sparsify{method=wina,sparsity=0.5,scope=ffn}", None, None),
-    "dense": ("cleanup", None, None),
+    "dense": ("cleanup", None, "ffn_dense"),
+    "dense_per_linear": ("cleanup", {"ffn_gate_sparse"}, None),
 }
 
 
@@ -100,7 +101,7 @@ def test_per_linear_kernels_where_not_fused(compiled):
         assert kinds == {"threshold"}
     elif name == "wina":
         assert kinds == {"scaled"}
-    elif name == "dense":
+    elif name == "dense_per_linear":
         assert kinds == {"dense"}
 
 
@@ -147,7 +148,6 @@ def test_no_fusion_when_an_inner_value_is_read_outside():
 
 def test_no_fusion_for_forms_without_a_kernel():
     assert fuse_ffn_blocks(_specialized("relufy{act=relu2}")) == []
-    assert fuse_ffn_blocks(_specialized("cleanup")) == []  # dense silu: per-linear dense kernels
     # TEAL on the down input only: ffn_input_sparse needs both thresholds.
     assert fuse_ffn_blocks(_specialized("sparsify{method=teal,sparsity=0.5,scope=down}")) == []
 

@@ -210,6 +210,31 @@ def test_default_row_tile_stays_on_the_stack(lanes):
     assert default_row_tile(3, lanes) == 3
 
 
+@pytest.mark.parametrize("d,f,act", [(64, 176, "silu"), (40, 70, "silu"), (33, 50, "relu")])
+def test_ffn_dense_matches_numpy(d, f, act):
+    from actsparse.codegen.kernels.cpu.ffn import ffn_dense, pack_ffn_dense
+
+    rng = np.random.default_rng(d + f)
+    wg, wu, wd = (rng.standard_normal(shape).astype(np.float32) * 0.2 for shape in ((d, f), (d, f), (f, d)))
+    x = rng.standard_normal((1, d)).astype(np.float32)
+    kernel = build_kernel(ffn_dense(d, f, act), resolve_target("host"))
+    np.testing.assert_allclose(kernel(x, *pack_ffn_dense(wg, wu, wd)), ref.ffn_reference(x, wg, wu, wd, act),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_pack_ffn_dense_interleaves_gate_and_up_per_panel():
+    from actsparse.codegen.kernels.cpu.ffn import pack_ffn_dense
+
+    d, f, lanes = 2, 6, 4
+    wg = np.arange(d * f, dtype=np.float32).reshape(d, f)
+    wgu, wd = pack_ffn_dense(wg, -wg, np.ones((f, d), np.float32), lanes=lanes)
+    assert wgu.shape == (2, d, 8) and wd.shape == (1, f, 8)
+    np.testing.assert_array_equal(wgu[0, :, :4], wg[:, :4])
+    np.testing.assert_array_equal(wgu[0, :, 4:], -wg[:, :4])
+    np.testing.assert_array_equal(wgu[1, :, :2], wg[:, 4:])
+    assert not wgu[1, :, 2:4].any() and not wgu[1, :, 6:].any()  # padded neurons: zero gate and up
+
+
 def _exp_kernel():
     """A vectorized elementwise exp built from fastmath.exp_f32."""
     from tvm.script import tirx as T

@@ -55,6 +55,71 @@ def pack_ffn_indexed(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray):
     return np.ascontiguousarray(np.stack([wg.T, wu.T], axis=1)), np.ascontiguousarray(wd)
 
 
+def pack_ffn_dense(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray, lanes: int = DEFAULT_LANES):
+    """-> (wgu [ceil(F/L), D, 2L]: panel p holds gate columns p*L .. p*L+L-1 then the same up columns,
+    wd [ceil(D/2L), F, 2L] by ``pack_dense``), zero-padded."""
+    d, f = wg.shape
+    panels = panel_count(f, lanes)
+    gate = np.zeros((d, panels * lanes), np.float32)
+    up = np.zeros((d, panels * lanes), np.float32)
+    gate[:, :f], up[:, :f] = wg, wu
+    both = np.stack([gate.reshape(d, panels, lanes), up.reshape(d, panels, lanes)], axis=2)  # [d, p, 2, L]
+    wgu = np.ascontiguousarray(both.reshape(d, panels, 2 * lanes).transpose(1, 0, 2))
+    return wgu, pack_dense(np.asarray(wd, np.float32), 2 * lanes)
+
+
+def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES):
+    """Signature: ``(x: f32[1, d], wgu: f32[ceil(f/L), d, 2L], wd: f32[ceil(d/2L), f, 2L], y: f32[1, d])``,
+    weights from ``pack_ffn_dense``.
+
+    The dense gated FFN in one call: one panel GEMV computes a block of L neurons' gate and up
+    together (one contiguous stream, as ``dense_matmul``) and writes act(gate) * up from registers;
+    a second one computes down. Against gate, up, the elementwise ops and down as separate calls
+    this saves one parallel region, two elementwise passes and their VM calls per layer.
+    """
+    _check_act(act)
+    block = 2 * lanes
+    panels = panel_count(f, lanes)
+    out_panels = panel_count(d, block)
+
+    @T.prim_func
+    def ffn_dense_kernel(
+        x: T.Buffer((1, d), "float32"),
+        wgu: T.Buffer((panels, d, block), "float32"),
+        wd: T.Buffer((out_panels, f, block), "float32"),
+        y: T.Buffer((1, d), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        h = T.alloc_buffer((panels * lanes,), "float32")
+        for p in T.parallel(panels):
+            acc = T.alloc_buffer((block,), "float32")
+            for j in T.vectorized(block):
+                acc[j] = T.float32(0)
+            for kk in range(d):
+                xv = T.bind(x[0, kk])
+                for j in T.vectorized(block):
+                    acc[j] = acc[j] + xv * wgu[p, kk, j]
+            for j in T.vectorized(lanes):  # padded neurons: gate 0, up 0 -> h 0
+                h[p * lanes + j] = _act(act, acc[j]) * acc[lanes + j]
+        for b in T.parallel(out_panels):
+            acc = T.alloc_buffer((block,), "float32")
+            for j in T.vectorized(block):
+                acc[j] = T.float32(0)
+            for kk in range(f):
+                hv = T.bind(h[kk])
+                for j in T.vectorized(block):
+                    acc[j] = acc[j] + hv * wd[b, kk, j]
+            if b * block + block <= d:
+                for j in T.vectorized(block):
+                    y[0, b * block + j] = acc[j]
+            else:
+                for j in range(block):
+                    if b * block + j < d:
+                        y[0, b * block + j] = acc[j]
+
+    return ffn_dense_kernel
+
+
 def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None):
     """(a) Signature: ``(x: f32[1, d], t_in: f32[1], t_down: f32[1], wgu: f32[d, 2f], wd: f32[f, d], y: f32[1, d])``.
 
