@@ -40,6 +40,22 @@ def _act(act: str, g):
     return g * sigmoid_f32(g) if act == "silu" else T.max(g, T.float32(0))
 
 
+def panel_dot_macro(block: int):
+    """T.macro(v, w, p, k, acc): acc[0:block] = sum over kk < k of v[kk] * w[p, kk, :] (v 1-D), the
+    panel GEMV of ``dense_matmul`` at batch 1: one contiguous stream of panel p."""
+
+    @T.macro
+    def panel_dot(v, w, p, k, acc):
+        for j in T.vectorized(block):
+            acc[j] = T.float32(0)
+        for kk in range(k):
+            value = T.bind(v[kk])
+            for j in T.vectorized(block):
+                acc[j] = acc[j] + value * w[p, kk, j]
+
+    return panel_dot
+
+
 def pack_ffn_input_sparse(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray):
     """-> (wgu [D, 2F] = [Wg | Wu] so an input channel's gate and up rows are one row, wd [F, D])."""
     return np.ascontiguousarray(np.concatenate([wg, wu], axis=1), dtype=np.float32), np.ascontiguousarray(wd)
@@ -81,6 +97,7 @@ def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES):
     block = 2 * lanes
     panels = panel_count(f, lanes)
     out_panels = panel_count(d, block)
+    panel_dot = panel_dot_macro(block)
 
     @T.prim_func
     def ffn_dense_kernel(
@@ -91,24 +108,15 @@ def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES):
     ):
         T.func_attr({"tir.noalias": True})
         h = T.alloc_buffer((panels * lanes,), "float32")
+        xv = T.decl_buffer((d,), "float32", data=x.data)
         for p in T.parallel(panels):
             acc = T.alloc_buffer((block,), "float32")
-            for j in T.vectorized(block):
-                acc[j] = T.float32(0)
-            for kk in range(d):
-                xv = T.bind(x[0, kk])
-                for j in T.vectorized(block):
-                    acc[j] = acc[j] + xv * wgu[p, kk, j]
+            panel_dot(xv, wgu, p, d, acc)
             for j in T.vectorized(lanes):  # padded neurons: gate 0, up 0 -> h 0
                 h[p * lanes + j] = _act(act, acc[j]) * acc[lanes + j]
         for b in T.parallel(out_panels):
             acc = T.alloc_buffer((block,), "float32")
-            for j in T.vectorized(block):
-                acc[j] = T.float32(0)
-            for kk in range(f):
-                hv = T.bind(h[kk])
-                for j in T.vectorized(block):
-                    acc[j] = acc[j] + hv * wd[b, kk, j]
+            panel_dot(h, wd, b, f, acc)
             if b * block + block <= d:
                 for j in T.vectorized(block):
                     y[0, b * block + j] = acc[j]
@@ -175,6 +183,7 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
     vec = lanes
     pad = pad_macro(1, R)
     down = accumulate_macro(1, d, R, lanes, chunks)
+    panel_dot = panel_dot_macro(block)
 
     @T.macro
     def gate_sparse(x, threshold, shift, wg, wu_t, wd, y):
@@ -182,14 +191,10 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
         idx = T.alloc_buffer((f + R,), "int32")
         coef = T.alloc_buffer((1, f + R), "float32")
         count = T.alloc_buffer((1,), "int32")
+        xv = T.decl_buffer((d,), "float32", data=x.data)
         for b in T.parallel(nb):
             acc = T.alloc_buffer((block,), "float32")
-            for j in T.vectorized(block):
-                acc[j] = T.float32(0)
-            for kk in range(d):
-                xv = T.bind(x[0, kk])
-                for j in T.vectorized(block):
-                    acc[j] = acc[j] + xv * wg[b, kk, j]
+            panel_dot(xv, wg, b, d, acc)
             for j in T.vectorized(block):
                 gate[b * block + j] = acc[j]
         count[0] = 0
@@ -352,16 +357,13 @@ def predict_active(d: int, r: int, f: int, mode: str = "threshold", lanes: int =
     padded = nf * block
     param_dtype = "int32" if mode == "topk" else "float32"
 
+    panel_dot = panel_dot_macro(block)
+
     @T.macro
     def panel_gemv(v, w, out, panels, k):
         for p in T.parallel(panels):
             acc = T.alloc_buffer((block,), "float32")
-            for j in T.vectorized(block):
-                acc[j] = T.float32(0)
-            for kk in range(k):
-                value = T.bind(v[kk])
-                for j in T.vectorized(block):
-                    acc[j] = acc[j] + value * w[p, kk, j]
+            panel_dot(v, w, p, k, acc)
             for j in T.vectorized(block):
                 out[p * block + j] = acc[j]
 
