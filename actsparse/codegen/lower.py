@@ -188,7 +188,9 @@ def to_relax(model: ir.Model, target):
     proto = ir.serde.serialize_model(model)
     proto = onnx.inliner.inline_local_functions(proto)
     _small_constants_inline(proto.graph)
-    with _our_converters(target):
+    from actsparse.codegen.kernels.cpu.sparse import batch1_row_schedule, row_schedule_for
+
+    with _our_converters(target), batch1_row_schedule(row_schedule_for(target)):
         try:
             mod = from_onnx(proto, keep_params_in_input=True, sanitize_input_names=False)
         except Exception as exc:

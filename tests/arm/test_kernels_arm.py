@@ -18,6 +18,7 @@ pytest.importorskip("tvm")
 
 from actsparse.codegen.kernels import reference as ref  # noqa: E402
 from actsparse.codegen.kernels.cpu import dense_matmul, pack_dense, sparse_matmul, vector_lanes  # noqa: E402
+from actsparse.codegen.kernels.cpu.sparse import batch1_row_schedule, row_schedule_for  # noqa: E402
 from tests.arm.conftest import BOARD_SCRIPTS, export_arm_library  # noqa: E402
 from tests.arm.qemu_trace import run_counted  # noqa: E402
 
@@ -153,9 +154,9 @@ def test_sparse_kernel_executes_proportionally_fewer_instructions(arm_board, arm
         libraries[alias] = str(export_arm_library({"kernel": kernel}, rpi4_target, tmp_path / f"{alias}.so"))
         calls.append((alias, "kernel", [x, pack_dense(w, block=2 * dense_lanes)], (m, n)))
         expected[alias] = ref.dense_matmul_reference(x, w)
-    sparse = export_arm_library(
-        {"kernel": sparse_matmul(m, k, n, mode="nonzero", lanes=SPARSE_NEON_LANES)}, rpi4_target, tmp_path / "sparse.so"
-    )
+    with batch1_row_schedule(row_schedule_for(rpi4_target)):  # as the lowering builds it for the Pi
+        kernel = sparse_matmul(m, k, n, mode="nonzero", lanes=SPARSE_NEON_LANES)
+    sparse = export_arm_library({"kernel": kernel}, rpi4_target, tmp_path / "sparse.so")
     for sparsity in (0.5, 0.9):
         alias = f"sparse{int(sparsity * 100)}"
         # One copy of the library per sparsity: its own address range in the trace.

@@ -24,7 +24,7 @@ ACTSPARSE = [sys.executable, "-m", "actsparse.cli"]
 
 # name -> (model builder, passes or None, kernels the plan must hold)
 CASES = {
-    "swiglu_dense": (swiglu_stack, None, {"dense"}),
+    "swiglu_dense": (swiglu_stack, None, {"ffn_dense"}),
     "swiglu_teal": (swiglu_stack, "sparsify{method=teal,sparsity=0.5,scope=ffn}", {"ffn_input_sparse"}),
     "swiglu_wina": (swiglu_stack, "sparsify{method=wina,sparsity=0.5,scope=ffn}", {"scaled"}),
     "swiglu_relufy": (swiglu_stack, "relufy", {"ffn_gate_sparse"}),

@@ -24,6 +24,7 @@ from actsparse.codegen.kernels.cpu import (  # noqa: E402
     pack_ffn_input_sparse,
     sparse_matmul,
 )
+from actsparse.codegen.kernels.cpu.sparse import PLAIN_ROWS, X86_ROWS, batch1_row_schedule  # noqa: E402
 from actsparse.codegen.targets import resolve_target  # noqa: E402
 from actsparse.errors import ActsparseError  # noqa: E402
 
@@ -82,13 +83,16 @@ SPARSE_SHAPES = [(1, 45, 77), (1, 64, 130), (4, 33, 50), (7, 40, 36)]
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 
 
-@pytest.fixture(scope="module")
-def sparse_kernels(target):
-    return {
-        (mode, shape): build_kernel(sparse_matmul(*shape, mode=mode), target)
-        for mode in ("threshold", "scaled", "nonzero")
-        for shape in SPARSE_SHAPES
-    }
+# Both batch-1 row schedules (x86: per-task lists, 8 rows per step, L2 prefetch; elsewhere: one
+# serial list, 16 rows per step), whatever the host, so that both code paths are checked here.
+@pytest.fixture(scope="module", params=[X86_ROWS, PLAIN_ROWS], ids=["x86_rows", "plain_rows"])
+def sparse_kernels(target, request):
+    with batch1_row_schedule(request.param):
+        return {
+            (mode, shape): build_kernel(sparse_matmul(*shape, mode=mode), target)
+            for mode in ("threshold", "scaled", "nonzero")
+            for shape in SPARSE_SHAPES
+        }
 
 
 @pytest.mark.parametrize("shape", SPARSE_SHAPES)
@@ -133,14 +137,15 @@ def _ffn_weights(d, f, seed):
     return _rand(rng, 1, d), _rand(rng, d, f, scale=d**-0.5), _rand(rng, d, f, scale=d**-0.5), _rand(rng, f, d, scale=f**-0.5)
 
 
-@pytest.fixture(scope="module")
-def ffn_kernels(target):
+@pytest.fixture(scope="module", params=[X86_ROWS, PLAIN_ROWS], ids=["x86_rows", "plain_rows"])
+def ffn_kernels(target, request):
     kernels = {}
-    for d, f in FFN_SHAPES:
-        for act in ("silu", "relu"):
-            kernels[("input", d, f, act)] = build_kernel(ffn_input_sparse(d, f, act), target)
-            kernels[("gate", d, f, act)] = build_kernel(ffn_gate_sparse(d, f, act), target)
-            kernels[("indexed", d, f, act)] = build_kernel(ffn_indexed(d, f, act), target)
+    with batch1_row_schedule(request.param):
+        for d, f in FFN_SHAPES:
+            for act in ("silu", "relu"):
+                kernels[("input", d, f, act)] = build_kernel(ffn_input_sparse(d, f, act), target)
+                kernels[("gate", d, f, act)] = build_kernel(ffn_gate_sparse(d, f, act), target)
+                kernels[("indexed", d, f, act)] = build_kernel(ffn_indexed(d, f, act), target)
     return kernels
 
 

@@ -144,6 +144,22 @@ def test_int8_sparse_matches_numpy(kernels, mode, shape, sparsity):
         assert not y.any()
 
 
+@pytest.mark.parametrize("mode,shape", [("threshold", (1, 37, 45)), ("nonzero", (1, 64, 96))])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+def test_int8_sparse_plain_row_schedule_matches_numpy(mode, shape, sparsity):
+    """The batch-1 int8 kernel as built for non-x86 targets (one serial list, no prefetch)."""
+    from actsparse.codegen.kernels.cpu.sparse import PLAIN_ROWS, batch1_row_schedule
+
+    rng = np.random.default_rng(17)
+    x, w = _case(*shape, 4)
+    x, extra, x_ref = _mode_inputs(mode, x, sparsity, rng)
+    q, s = quantize_per_channel(w)
+    with batch1_row_schedule(PLAIN_ROWS):
+        kernel = build_kernel(quant.int8_sparse_matmul(*shape, mode), resolve_target("host"))
+    y = kernel(x, *extra, *quant.pack_int8_sparse(q, s))
+    np.testing.assert_allclose(y, dense_matmul_reference(x_ref, q.astype(np.float32) * s), atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("mode,shape", SPARSE_CASES)
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("symmetric", [pytest.param(True, marks=pytest.mark.slow), False])

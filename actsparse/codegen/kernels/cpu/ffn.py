@@ -22,13 +22,12 @@ from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, pack_dense, panel_count
 from actsparse.codegen.kernels.cpu.fastmath import sigmoid_f32
-from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, ROWS_PER_STEP_BATCH1, accumulate_macro,
-                                                  compact_accumulate_rows_macro, pad_macro, prefetch_l2)
+from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, accumulate_macro, batch1_rows_macro,
+                                                  current_row_schedule, pad_macro, prefetch_l2)
 from actsparse.codegen.kernels.params import without_params
 
 ACTIVATIONS = ("silu", "relu")
-ROWS_PER_STEP = ROWS_PER_STEP_BATCH1  # every kernel here is batch 1
-NEURONS_PER_STEP = 4  # must divide ROWS_PER_STEP
+NEURONS_PER_STEP = 4  # must divide the row schedule's rows per step
 
 
 def _check_act(act: str) -> None:
@@ -135,11 +134,11 @@ def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LAN
     Weights from ``pack_ffn_input_sparse``.
     """
     _check_act(act)
-    R = ROWS_PER_STEP
+    R = current_row_schedule().rows_per_step  # every kernel here is batch 1
     P = chunks or ROW_CHUNKS
-    # each parallel task lists its own range of input channels (then of neurons): no serial compaction
-    up_gate = compact_accumulate_rows_macro("threshold", d, 2 * f, R, lanes, P)
-    down = compact_accumulate_rows_macro("threshold", f, d, R, lanes, P)
+    # on x86 each parallel task lists its own range of input channels (then of neurons)
+    up_gate = batch1_rows_macro("threshold", d, 2 * f, R, lanes, P)
+    down = batch1_rows_macro("threshold", f, d, R, lanes, P)
 
     @T.prim_func
     def ffn_input_sparse_kernel(
@@ -165,7 +164,7 @@ def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LAN
 
 
 def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
-                    shifted: bool = False, prefetch: bool = True):
+                    shifted: bool = False, prefetch: bool | None = None):
     """(b) Signature: ``(x: f32[1, d], threshold: f32[1], wg_packed: f32[ceil(f/2L), d, 2L],
     wu_t: f32[f, d], wd: f32[f, d], y: f32[1, d])`` with L = ``lanes``.
 
@@ -175,7 +174,8 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
     act(gate_f - shift) (ProSparse-style shifted ReLU: relu(g - b) is nonzero only for g > b).
     """
     _check_act(act)
-    R = ROWS_PER_STEP
+    R = current_row_schedule().rows_per_step  # every kernel here is batch 1
+    prefetch = current_row_schedule().prefetch_steps > 0 if prefetch is None else prefetch
     block = 2 * lanes
     nb = panel_count(f, block)
     P = chunks or 2 * 8
@@ -250,7 +250,7 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
 
 
 def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
-                shifted: bool = False, prefetch: bool = True):
+                shifted: bool = False, prefetch: bool | None = None):
     """(c) Signature: ``(x: f32[1, d], idx: i32[f], nnz: i32[1], wgu_t: f32[f, 2, d], wd: f32[f, d], y: f32[1, d])``.
 
     idx[0:nnz] are the active neurons (any order, no repeats; entries past nnz ignored).
@@ -258,7 +258,8 @@ def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, c
     ``nnz`` and the activation is act(gate_f - shift) (shifted ReLU).
     """
     _check_act(act)
-    R = ROWS_PER_STEP
+    R = current_row_schedule().rows_per_step  # every kernel here is batch 1
+    prefetch = current_row_schedule().prefetch_steps > 0 if prefetch is None else prefetch
     P = chunks or 2 * 8
     G = NEURONS_PER_STEP
     vec = lanes

@@ -27,9 +27,8 @@ from tvm.script import tirx as T
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, panel_count
 from actsparse.codegen.kernels.params import without_params
 # (int8 rows of 1 KB at batch 1 also took 8 rows per step over 16: 0.09 vs 0.13 ms, K=2816 N=1024)
-from actsparse.codegen.kernels.cpu.sparse import (MODES, ROW_CHUNKS, ROWS_PER_STEP, ROWS_PER_STEP_BATCH1,
-                                                  compact_accumulate_rows_macro, compact_macro, default_chunks,
-                                                  default_rows_per_step, prefetch_l2)
+from actsparse.codegen.kernels.cpu.sparse import (MODES, ROW_CHUNKS, ROWS_PER_STEP, X86_ROWS, batch1_rows_macro,
+                                                  compact_macro, default_chunks, default_rows_per_step, prefetch_l2)
 
 INT4_SYMMETRIC_ZERO = 8
 K_UNROLL = 4  # independent accumulators in the dense kernels: hides the FMA latency
@@ -309,10 +308,10 @@ def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per
 
 
 def _int8_sparse_rows_macro(mode: str, k: int, n: int, width: int, R: int, lanes: int, P: int):
-    """Batch 1: each of ``P`` tasks lists the active channels of its range and sums their whole
-    int8 rows (1-3 KB) into its own partial y (``sparse.compact_accumulate_rows_macro``), then the
-    sum is scaled per column (the row split ran 1.3-1.7x the column split)."""
-    accumulate = compact_accumulate_rows_macro(mode, k, width, R, lanes, P, element_bytes=1)
+    """Batch 1: whole int8 rows (1-3 KB) summed into a partial y per parallel task
+    (``sparse.batch1_rows_macro``), then scaled per column (the row split ran 1.3-1.7x the column
+    split)."""
+    accumulate = batch1_rows_macro(mode, k, width, R, lanes, P, element_bytes=1)
 
     @T.macro
     def rows(x, threshold, act_scale, wq, scale, y):
@@ -660,8 +659,8 @@ def pack_int8_sparse_vnni(q: np.ndarray, scale: np.ndarray):
     return rows, _pad_columns(np.asarray(scale, np.float32).reshape(-1), width)
 
 
-def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_step: int = ROWS_PER_STEP_BATCH1,
-                            chunks: int | None = None, prefetch_steps: int = 1):
+def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_step: int = X86_ROWS.rows_per_step,
+                            chunks: int | None = None, prefetch_steps: int = X86_ROWS.prefetch_steps):
     """Batch-1 sparse-input y = x @ (q * scale) on x86 with AVX-512 VNNI, W packed by ``pack_int8_sparse_vnni``.
 
     Signature: ``(x: f32[1, k], [threshold: f32[1]], [act_scale: f32[k]], wq: u8[k, Np], scale: f32[Np], y: f32[1, n])``.

@@ -10,8 +10,8 @@ input channel k needs). The kernel, in one call:
    row and zero coefficients (those rows are already in cache, so padding is free);
 3. splits the output columns into chunks over threads (batch 1: splits the active list, see
    ``accumulate_rows_macro``); per step of
-   ``rows_per_step`` active rows (default 16, measured best of 4/8/16/32; at batch 1, with the
-   row split and L2 prefetch, 8: 0-11 % faster than 16) it loads a register block of y, FMAs all those rows
+   ``rows_per_step`` active rows (default 16, measured best of 4/8/16/32; at batch 1 the target's
+   ``RowSchedule``: on x86 8, with an L2 prefetch) it loads a register block of y, FMAs all those rows
    into it and stores it once (shared/NOTES.md: one row per step fell to half the
    bandwidth). Columns past the last full vector block are done serially at the end.
 
@@ -21,7 +21,10 @@ Activity tests: ``threshold`` |x| > t; ``scaled`` |x| * scale[k] > t (WINA);
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
+from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
@@ -106,11 +109,56 @@ def pad_macro(m: int, rows_per_step: int):
 
 
 ROWS_PER_STEP = 16
-ROWS_PER_STEP_BATCH1 = 8  # the row schedule with L2 prefetch: 8 rows per step measured 0-11 % faster than 16
+
+
+@dataclass(frozen=True)
+class RowSchedule:
+    """How the batch-1 row kernels walk the active rows: rows per step, and how many steps ahead
+    they prefetch the rows into L2 (0: no prefetch instructions)."""
+
+    rows_per_step: int
+    prefetch_steps: int
+    task_lists: bool  # each parallel task lists its own range of channels (else: one serial list first)
+
+
+# x86 (measured, 2-core Zen 4, weights out of cache): the L2 prefetch 1 step ahead was 3-15 %
+# faster than none and 2 steps no better; with it, 8 rows per step beat 16 by 0-11 %.
+# Per-task lists took the serial compaction (3-6 us at K=2816) out of the call.
+X86_ROWS = RowSchedule(rows_per_step=8, prefetch_steps=1, task_lists=True)
+# Elsewhere (the Pi 4's Cortex-A72): nothing measured on the device; under qemu the prefetch's
+# address arithmetic and 8-row steps took the 50 %-sparse kernel from 0.47x to 0.85x the dense
+# kernel's instructions, and per-task lists (each padded to whole steps) to 0.64x, so it keeps
+# 16 rows per step, one list and no prefetch.
+PLAIN_ROWS = RowSchedule(rows_per_step=16, prefetch_steps=0, task_lists=False)
+_row_schedule = X86_ROWS
+
+
+def row_schedule_for(target) -> RowSchedule:
+    """The batch-1 row schedule for a TVM target: X86_ROWS for x86 LLVM targets, else PLAIN_ROWS."""
+    if target is None or target.kind.name != "llvm":
+        return PLAIN_ROWS
+    triple = str(target.attrs.get("mtriple", "")) or platform.machine()
+    return X86_ROWS if triple.startswith(("x86_64", "i686", "AMD64", "amd64")) else PLAIN_ROWS
+
+
+@contextlib.contextmanager
+def batch1_row_schedule(schedule: RowSchedule):
+    """Within the block, the kernel factories build batch-1 row kernels with ``schedule`` (the
+    lowering sets the target's; kernels built outside default to X86_ROWS)."""
+    global _row_schedule
+    previous, _row_schedule = _row_schedule, schedule
+    try:
+        yield
+    finally:
+        _row_schedule = previous
+
+
+def current_row_schedule() -> RowSchedule:
+    return _row_schedule
 
 
 def default_rows_per_step(m: int) -> int:
-    return ROWS_PER_STEP_BATCH1 if m == 1 else ROWS_PER_STEP
+    return _row_schedule.rows_per_step if m == 1 else ROWS_PER_STEP
 
 
 ROW_CHUNKS = 4  # parallel tasks of the batch-1 (row-split) schedule: a multiple of 1, 2 or 4 cores
@@ -159,11 +207,6 @@ def accumulate_macro(m: int, n: int, rows_per_step: int, lanes: int, chunks: int
                     y[i, tail_start + j] = y[i, tail_start + j] + xa[i, a] * w[idx[a], tail_start + j]
 
     return accumulate
-
-
-# Software prefetch distance of the batch-1 row schedule, in steps of rows: for fp32 rows 1 measured
-# 3-15 % faster than 0 and 2 no better (the int8 VNNI kernel, with shorter rows, takes 2).
-PREFETCH_STEPS = 1
 
 
 def _row_steps_macro(n: int, rows_per_step: int, lanes: int, prefetch_steps: int, element_bytes: int):
@@ -240,7 +283,7 @@ def accumulate_rows_macro(n: int, rows_per_step: int, lanes: int, chunks: int, p
     (int8 rows of 1 KB: 1.6x; fp32 rows of 4-11 KB: 5-9 %). For a list the kernel builds itself
     from x, ``compact_accumulate_rows_macro`` lists in parallel too."""
     R, P = rows_per_step, chunks
-    prefetch_steps = PREFETCH_STEPS if prefetch_steps is None else prefetch_steps
+    prefetch_steps = _row_schedule.prefetch_steps if prefetch_steps is None else prefetch_steps
     row_steps = _row_steps_macro(n, R, lanes, prefetch_steps, element_bytes)
     sum_partials = _sum_partials_macro(n, lanes, P)
 
@@ -267,7 +310,7 @@ def compact_accumulate_rows_macro(mode: str, k: int, n: int, rows_per_step: int,
     the input; with activity spread over the channels (sparsified activations) the ranges stay
     close to even."""
     R, P = rows_per_step, chunks
-    prefetch_steps = PREFETCH_STEPS if prefetch_steps is None else prefetch_steps
+    prefetch_steps = _row_schedule.prefetch_steps if prefetch_steps is None else prefetch_steps
     capacity = (k + P - 1) // P + R
     row_steps = _row_steps_macro(n, R, lanes, prefetch_steps, element_bytes)
     sum_partials = _sum_partials_macro(n, lanes, P)
@@ -302,10 +345,32 @@ def compact_accumulate_rows_macro(mode: str, k: int, n: int, rows_per_step: int,
     return compact_accumulate
 
 
+def batch1_rows_macro(mode: str, k: int, n: int, rows_per_step: int, lanes: int, chunks: int,
+                      element_bytes: int = 4):
+    """Batch 1: T.macro(x, threshold, scale, w, y) = sum over active k of x[0, k] * w[k, :], in the
+    current ``RowSchedule``: per-task lists (``compact_accumulate_rows_macro``) or one serial list
+    split over the tasks (``compact_macro`` + ``accumulate_rows_macro``)."""
+    if _row_schedule.task_lists:
+        return compact_accumulate_rows_macro(mode, k, n, rows_per_step, lanes, chunks, element_bytes=element_bytes)
+    capacity = k + rows_per_step
+    compact = compact_macro(mode, 1, k, rows_per_step)
+    accumulate = accumulate_rows_macro(n, rows_per_step, lanes, chunks, element_bytes=element_bytes)
+
+    @T.macro
+    def rows(x, threshold, scale, w, y):
+        idx = T.alloc_buffer((capacity,), "int32")
+        xa = T.alloc_buffer((1, capacity), "float32")
+        count = T.alloc_buffer((1,), "int32")
+        compact(x, threshold, scale, idx, xa, count)
+        accumulate(w, y, idx, xa, count)
+
+    return rows
+
+
 def _sparse_matmul(mode: str, m: int, k: int, n: int, rows_per_step: int, lanes: int, chunks: int | None):
     capacity = k + rows_per_step
-    if m == 1:  # each task lists its own range of channels
-        body = compact_accumulate_rows_macro(mode, k, n, rows_per_step, lanes, chunks or ROW_CHUNKS)
+    if m == 1:
+        body = batch1_rows_macro(mode, k, n, rows_per_step, lanes, chunks or ROW_CHUNKS)
     else:
         compact = compact_macro(mode, m, k, rows_per_step)
         accumulate = accumulate_macro(m, n, rows_per_step, lanes, chunks)
