@@ -15,7 +15,8 @@ them, so up and down skip the rows of inactive neurons. The patterns (after `spe
         xs = Sparsify(x, t_in); Sparsify(silu(gate(xs)) * up(xs), t_down) -> down
                                                    => ffn_input_sparse(t_in, t_down)
     dense SwiGLU (no sparsity):
-        silu(gate(x)) * up(x) -> down              => ffn_dense (gate and up as one panel GEMV)
+        silu(gate(x)) * up(x) -> down [+ x]        => ffn_dense (gate and up as one panel GEMV; a
+                                                      residual Add of x is folded into its output)
     predictor (passes/predictor.py, on a relufied or plain gated FFN):
         (act(gate(x) [- b]) * up(x)) * PredictActive*(x, A, B, bias, p) -> down
                                                    => predict_active(mode) then ffn_indexed
@@ -90,6 +91,7 @@ class GatedFFN:
     weighted: bool = False  # a SparsifyWeighted (WINA) sits in the block
     nodes: set[ir.Node] = field(default_factory=set)  # every node the fused kernel replaces
     predictor: ir.Node | None = None  # the actsparse.PredictActive* op whose mask multiplies the hidden
+    residual: ir.Node | None = None  # Add(x, down(...)) folded into the kernel (ffn_dense only)
 
     def form(self) -> str | None:
         """The fused kernel this block fits, or None (it keeps per-linear kernels)."""
@@ -127,14 +129,17 @@ def fuse_ffn_blocks(model: ir.Model) -> list[dict]:
         form = block.form()
         if form is None or form not in _enabled_forms or not _single_token(block.x) or not _self_contained(block):
             continue
+        if form == DENSE:
+            block.residual = _residual_add(block)
         matched.append((block, form))
     plan = []
     replaced: dict[ir.Value, ir.Value] = {}  # a replaced block's output -> the fused node's output
     for block, form in matched:
         block.x = replaced.get(block.x, block.x)  # blocks back to back: the previous one's output
         name = names.get(block.down.node) or _common_prefix([block.gate.name, block.up.name, block.down.name])
+        output = block.residual.outputs[0] if block.residual is not None else block.down.output
         entry, fused_output = _replace(model, block, form, name)
-        replaced[block.down.output] = fused_output
+        replaced[output] = fused_output
         plan.append(entry)
     if plan:
         common.RemoveUnusedNodesPass()(model)
@@ -277,6 +282,21 @@ def _self_contained(block: GatedFFN) -> bool:
     return True
 
 
+def _residual_add(block: GatedFFN) -> ir.Node | None:
+    """The Add(x, down(...)) of a pre-norm-free residual block, when down's output feeds only it
+    and both operands have x's static shape (no broadcast), else None."""
+    out = block.down.output
+    uses = list(out.uses())
+    if out.is_graph_output() or len(uses) != 1:
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    same_shape = other.shape is not None and out.shape is not None and list(other.shape) == list(out.shape)
+    return add if other is block.x and same_shape else None
+
+
 def _block_names(model: ir.Model) -> dict[ir.Node, str]:
     return {block.down.node: block.name for block in find_blocks(model).ffn}
 
@@ -343,13 +363,16 @@ def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> tuple[di
     inputs += [add_initializer(model, f"{name}.{suffix}", array) for suffix, array in zip(weight_names, packed)]
     attributes = {"kernel": ir.AttrString("kernel", form), "act": ir.AttrString("act", block.act),
                   "d": ir.AttrInt64("d", d), "f": ir.AttrInt64("f", f),
-                  "shifted": ir.AttrInt64("shifted", int(block.shift is not None))}
+                  "shifted": ir.AttrInt64("shifted", int(block.shift is not None)),
+                  "residual": ir.AttrInt64("residual", int(block.residual is not None))}
+    if block.residual is not None:
+        entry["residual"] = True
     if form == INDEXED:
         attributes["mode"] = ir.AttrString("mode", entry["predictor"]["mode"])
         attributes["rank"] = ir.AttrInt64("rank", entry["predictor"]["rank"])
     node = ir.Node(LOWERING_DOMAIN, FUSED_FFN, inputs, attributes=attributes,
                    name=unique_node_name(model, f"{name}.fused_ffn"))
-    out = block.down.output
+    out = block.residual.outputs[0] if block.residual is not None else block.down.output
     node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
     model.graph.insert_before(block.down.node, node)
     output_name = out.name if out.is_graph_output() else None
@@ -375,18 +398,18 @@ def _converter(target):
 
     functions: dict[tuple, object] = {}
 
-    def kernel(bb, form: str, act: str, d: int, f: int, shifted: bool, lanes: int):
-        key = (form, act, d, f, shifted, lanes)
+    def kernel(bb, form: str, act: str, d: int, f: int, shifted: bool, lanes: int, residual: bool = False):
+        key = (form, act, d, f, shifted, lanes, residual)
         if key not in functions:
             if form == GATE_SPARSE:
                 func = ffn_gate_sparse(d, f, act, lanes=lanes, shifted=shifted)
             elif form == INDEXED:
                 func = ffn_indexed(d, f, act, lanes=lanes, shifted=shifted)
             elif form == DENSE:
-                func = ffn_dense(d, f, act, lanes=lanes)
+                func = ffn_dense(d, f, act, lanes=lanes, residual=residual)
             else:
                 func = ffn_input_sparse(d, f, act, lanes=lanes)
-            symbol = f"actsparse_{form}_{act}{'_shifted' if shifted else ''}_d{d}_f{f}"
+            symbol = f"actsparse_{form}_{act}{'_shifted' if shifted else ''}{'_residual' if residual else ''}_d{d}_f{f}"
             functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
         return functions[key]
 
@@ -429,7 +452,7 @@ def _converter(target):
         rest = [bb.emit(relax.op.reshape(v, (1,))) for v in inputs[1:1 + scalars]] + list(inputs[1 + scalars:])
         # The gate panels were packed with a fixed width (2 x lanes): the kernel follows it.
         lanes = int(rest[scalars].ty.shape[2]) // 2 if form in (GATE_SPARSE, DENSE) else vector_lanes(target)
-        func = kernel(bb, form, act, d, f, shifted, lanes)
+        func = kernel(bb, form, act, d, f, shifted, lanes, bool(attrs.get("residual", 0)))
         y = bb.emit(relax.call_tir(func, [x2, *rest], relax.TensorType((1, d), "float32")))
         return relax.op.reshape(y, shape) if shape != [1, d] else y
 

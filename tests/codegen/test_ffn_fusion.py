@@ -152,6 +152,23 @@ def test_no_fusion_for_forms_without_a_kernel():
     assert fuse_ffn_blocks(_specialized("sparsify{method=teal,sparsity=0.5,scope=down}")) == []
 
 
+def test_dense_block_folds_its_residual_add():
+    model = _specialized("cleanup")
+    plan = fuse_ffn_blocks(model)
+    assert [e["kernel"] for e in plan] == ["ffn_dense"] * 2 and all(e.get("residual") for e in plan)
+    assert [n.op_type for n in model.graph] == [FUSED_FFN, FUSED_FFN]  # the Adds went into the kernels
+    assert model.graph.outputs[0].producer().op_type == FUSED_FFN and model.graph.outputs[0].name == "y"
+
+
+def test_residual_add_stays_when_the_ffn_output_is_read_elsewhere():
+    proto = swiglu_stack()
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("layers.1.mlp.down", onnx.TensorProto.FLOAT, [1, D]))
+    model = _specialized("cleanup", proto=proto)
+    plan = fuse_ffn_blocks(model)
+    assert [bool(e.get("residual")) for e in plan] == [True, False]
+    assert [n.op_type for n in model.graph] == [FUSED_FFN, FUSED_FFN, "Add"]
+
+
 def test_enabled_forms_rejects_unknown_forms():
     with pytest.raises(ValueError, match="unknown fused FFN forms"):
         with enabled_forms(["ffn_magic"]):

@@ -216,15 +216,16 @@ def test_default_row_tile_stays_on_the_stack(lanes):
 
 
 @pytest.mark.parametrize("d,f,act", [(64, 176, "silu"), (40, 70, "silu"), (33, 50, "relu")])
-def test_ffn_dense_matches_numpy(d, f, act):
+@pytest.mark.parametrize("residual", [False, True])
+def test_ffn_dense_matches_numpy(d, f, act, residual):
     from actsparse.codegen.kernels.cpu.ffn import ffn_dense, pack_ffn_dense
 
     rng = np.random.default_rng(d + f)
     wg, wu, wd = (rng.standard_normal(shape).astype(np.float32) * 0.2 for shape in ((d, f), (d, f), (f, d)))
     x = rng.standard_normal((1, d)).astype(np.float32)
-    kernel = build_kernel(ffn_dense(d, f, act), resolve_target("host"))
-    np.testing.assert_allclose(kernel(x, *pack_ffn_dense(wg, wu, wd)), ref.ffn_reference(x, wg, wu, wd, act),
-                               atol=1e-4, rtol=1e-4)
+    kernel = build_kernel(ffn_dense(d, f, act, residual=residual), resolve_target("host"))
+    expected = ref.ffn_reference(x, wg, wu, wd, act) + (x if residual else 0)
+    np.testing.assert_allclose(kernel(x, *pack_ffn_dense(wg, wu, wd)), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_pack_ffn_dense_interleaves_gate_and_up_per_panel():

@@ -83,9 +83,10 @@ def pack_ffn_dense(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray, lanes: int = 
     return wgu, pack_dense(np.asarray(wd, np.float32), 2 * lanes)
 
 
-def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES):
+def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, residual: bool = False):
     """Signature: ``(x: f32[1, d], wgu: f32[ceil(f/L), d, 2L], wd: f32[ceil(d/2L), f, 2L], y: f32[1, d])``,
-    weights from ``pack_ffn_dense``.
+    weights from ``pack_ffn_dense``; ``residual``: y = x + FFN(x) (the block's residual Add, one
+    elementwise op and VM call less per layer).
 
     The dense gated FFN in one call: one panel GEMV computes a block of L neurons' gate and up
     together (one contiguous stream, as ``dense_matmul``) and writes act(gate) * up from registers;
@@ -118,11 +119,11 @@ def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES):
             panel_dot(h, wd, b, f, acc)
             if b * block + block <= d:
                 for j in T.vectorized(block):
-                    y[0, b * block + j] = acc[j]
+                    y[0, b * block + j] = acc[j] + (x[0, b * block + j] if residual else T.float32(0))
             else:
                 for j in range(block):
                     if b * block + j < d:
-                        y[0, b * block + j] = acc[j]
+                        y[0, b * block + j] = acc[j] + (x[0, b * block + j] if residual else T.float32(0))
 
     return ffn_dense_kernel
 
