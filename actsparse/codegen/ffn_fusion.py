@@ -93,6 +93,11 @@ class GatedFFN:
     predictor: ir.Node | None = None  # the actsparse.PredictActive* op whose mask multiplies the hidden
     residual: ir.Node | None = None  # Add(x, down(...)) folded into the kernel (ffn_dense only)
 
+    @property
+    def output(self) -> ir.Value:
+        """The value the fused node takes over: the residual Add's output when folded, else down's."""
+        return self.residual.outputs[0] if self.residual is not None else self.down.output
+
     def form(self) -> str | None:
         """The fused kernel this block fits, or None (it keeps per-linear kernels)."""
         if self.weighted:
@@ -137,9 +142,8 @@ def fuse_ffn_blocks(model: ir.Model) -> list[dict]:
     for block, form in matched:
         block.x = replaced.get(block.x, block.x)  # blocks back to back: the previous one's output
         name = names.get(block.down.node) or _common_prefix([block.gate.name, block.up.name, block.down.name])
-        output = block.residual.outputs[0] if block.residual is not None else block.down.output
         entry, fused_output = _replace(model, block, form, name)
-        replaced[output] = fused_output
+        replaced[block.output] = fused_output
         plan.append(entry)
     if plan:
         common.RemoveUnusedNodesPass()(model)
@@ -372,7 +376,7 @@ def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> tuple[di
         attributes["rank"] = ir.AttrInt64("rank", entry["predictor"]["rank"])
     node = ir.Node(LOWERING_DOMAIN, FUSED_FFN, inputs, attributes=attributes,
                    name=unique_node_name(model, f"{name}.fused_ffn"))
-    out = block.residual.outputs[0] if block.residual is not None else block.down.output
+    out = block.output
     node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
     model.graph.insert_before(block.down.node, node)
     output_name = out.name if out.is_graph_output() else None
