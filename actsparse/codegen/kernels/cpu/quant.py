@@ -27,7 +27,8 @@ from tvm.script import tirx as T
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, panel_count
 from actsparse.codegen.kernels.params import without_params
 # (int8 rows of 1 KB at batch 1 also took 8 rows per step over 16: 0.09 vs 0.13 ms, K=2816 N=1024)
-from actsparse.codegen.kernels.cpu.sparse import (MODES, ROW_CHUNKS, ROWS_PER_STEP, X86_ROWS, batch1_rows_macro,
+from actsparse.codegen.kernels.activity import active_expr, check_mode
+from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, ROWS_PER_STEP, X86_ROWS, batch1_rows_macro,
                                                   compact_macro, default_chunks, default_rows_per_step, prefetch_l2)
 
 INT4_SYMMETRIC_ZERO = 8
@@ -252,18 +253,8 @@ def int4_dense_matmul(m: int, k: int, n: int, group: int, zero_points: bool = Fa
 # ------------------------------------------------------------------------ sparse inputs
 
 def _mode_unused(mode: str) -> set[str]:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     return {"nonzero": {"threshold", "act_scale"}, "threshold": {"act_scale"}, "scaled": set()}[mode]
-
-
-def _active(mode: str, xv, threshold, act_scale, kk):
-    """The activity test of ``mode`` as a TIR expression (see sparse.py)."""
-    if mode == "nonzero":
-        return xv != T.float32(0)
-    if mode == "threshold":
-        return T.abs(xv) > threshold[0]
-    return T.abs(xv) * act_scale[kk] > threshold[0]
 
 
 def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per_step: int | None = None,
@@ -387,7 +378,7 @@ def _group_compact_macro(mode: str, m: int, k: int, group: int, rows_per_step: i
                 hit = T.alloc_buffer((1,), "int32")
                 hit[0] = 0
                 for i in T.unroll(m):
-                    active = T.bind(_active(mode, x[i, ch], threshold, act_scale, ch))
+                    active = T.bind(active_expr(mode, x[i, ch], threshold, act_scale, ch))
                     xa[i, count[0]] = T.Select(active, x[i, ch], T.float32(0))
                     hit[0] = T.max(hit[0], T.Select(active, 1, 0))
                 idx[count[0]] = ch
@@ -710,7 +701,7 @@ def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_st
         for c0 in range(k_vec // L):
             for j in T.vectorized(L):
                 ch = T.bind(c0 * L + j)
-                vmax[j] = T.max(vmax[j], T.Select(_active(mode, x[0, ch], threshold, act_scale, ch),
+                vmax[j] = T.max(vmax[j], T.Select(active_expr(mode, x[0, ch], threshold, act_scale, ch),
                                                   T.abs(x[0, ch]), T.float32(0)))
         amax = T.alloc_buffer((1,), "float32")
         amax[0] = T.float32(0)
@@ -718,7 +709,7 @@ def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_st
             amax[0] = T.max(amax[0], vmax[j])
         for kk in range(k - k_vec):
             ch = T.bind(k_vec + kk)
-            amax[0] = T.max(amax[0], T.Select(_active(mode, x[0, ch], threshold, act_scale, ch),
+            amax[0] = T.max(amax[0], T.Select(active_expr(mode, x[0, ch], threshold, act_scale, ch),
                                               T.abs(x[0, ch]), T.float32(0)))
         inv = T.bind(T.Select(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))
         idx = T.alloc_buffer((P, capacity), "int32")
@@ -731,7 +722,7 @@ def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_st
             count[0] = 0
             qsum[0] = 0
             for kk in range(c * k // P, (c + 1) * k // P):  # branch-free: write, advance if active
-                active = T.bind(_active(mode, x[0, kk], threshold, act_scale, kk))
+                active = T.bind(active_expr(mode, x[0, kk], threshold, act_scale, kk))
                 q = T.bind(T.Select(active, T.Cast("int32", T.nearbyint(x[0, kk] * inv)), 0))
                 idx[c, count[0]] = kk
                 for t in T.unroll(4):

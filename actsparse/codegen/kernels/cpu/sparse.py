@@ -28,11 +28,9 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
+from actsparse.codegen.kernels.activity import active_expr, check_mode
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES
 from actsparse.codegen.kernels.params import without_params
-
-MODES = ("threshold", "scaled", "nonzero")
-
 
 @T.macro
 def prefetch_l2(address):
@@ -77,12 +75,7 @@ def compact_macro(mode: str, m: int, k: int, rows_per_step: int):
             hit = T.alloc_buffer((1,), "int32")
             hit[0] = 0
             for i in T.unroll(m):
-                if mode == "nonzero":
-                    active = T.bind(x[i, kk] != T.float32(0))
-                elif mode == "threshold":
-                    active = T.bind(T.abs(x[i, kk]) > threshold[0])
-                else:
-                    active = T.bind(T.abs(x[i, kk]) * scale[kk] > threshold[0])
+                active = T.bind(active_expr(mode, x[i, kk], threshold, scale, kk))
                 xa[i, count[0]] = T.Select(active, x[i, kk], T.float32(0))
                 hit[0] = T.max(hit[0], T.Select(active, 1, 0))
             idx[count[0]] = kk
@@ -324,12 +317,7 @@ def compact_accumulate_rows_macro(mode: str, k: int, n: int, rows_per_step: int,
             count = T.alloc_buffer((1,), "int32")
             count[0] = 0
             for kk in range(c * k // P, (c + 1) * k // P):  # branch-free: write, advance if active
-                if mode == "nonzero":
-                    active = T.bind(x[0, kk] != T.float32(0))
-                elif mode == "threshold":
-                    active = T.bind(T.abs(x[0, kk]) > threshold[0])
-                else:
-                    active = T.bind(T.abs(x[0, kk]) * scale[kk] > threshold[0])
+                active = T.bind(active_expr(mode, x[0, kk], threshold, scale, kk))
                 xa[c, count[0]] = x[0, kk]
                 idx[c, count[0]] = kk
                 count[0] = count[0] + T.Select(active, 1, 0)
@@ -352,36 +340,32 @@ def batch1_rows_macro(mode: str, k: int, n: int, rows_per_step: int, lanes: int,
     split over the tasks (``compact_macro`` + ``accumulate_rows_macro``)."""
     if _row_schedule.task_lists:
         return compact_accumulate_rows_macro(mode, k, n, rows_per_step, lanes, chunks, element_bytes=element_bytes)
-    capacity = k + rows_per_step
-    compact = compact_macro(mode, 1, k, rows_per_step)
     accumulate = accumulate_rows_macro(n, rows_per_step, lanes, chunks, element_bytes=element_bytes)
+    return _listed_macro(mode, 1, k, rows_per_step, accumulate)
+
+
+def _listed_macro(mode: str, m: int, k: int, rows_per_step: int, accumulate):
+    """T.macro(x, threshold, scale, w, y): one serial list of the active channels of x[m, k]
+    (``compact_macro``), then ``accumulate(w, y, idx, xa, count)`` over it."""
+    capacity = k + rows_per_step
+    compact = compact_macro(mode, m, k, rows_per_step)
 
     @T.macro
-    def rows(x, threshold, scale, w, y):
+    def listed(x, threshold, scale, w, y):
         idx = T.alloc_buffer((capacity,), "int32")
-        xa = T.alloc_buffer((1, capacity), "float32")
+        xa = T.alloc_buffer((m, capacity), "float32")
         count = T.alloc_buffer((1,), "int32")
         compact(x, threshold, scale, idx, xa, count)
         accumulate(w, y, idx, xa, count)
 
-    return rows
+    return listed
 
 
 def _sparse_matmul(mode: str, m: int, k: int, n: int, rows_per_step: int, lanes: int, chunks: int | None):
-    capacity = k + rows_per_step
     if m == 1:
         body = batch1_rows_macro(mode, k, n, rows_per_step, lanes, chunks or ROW_CHUNKS)
     else:
-        compact = compact_macro(mode, m, k, rows_per_step)
-        accumulate = accumulate_macro(m, n, rows_per_step, lanes, chunks)
-
-        @T.macro
-        def body(x, threshold, scale, w, y):
-            idx = T.alloc_buffer((capacity,), "int32")
-            xa = T.alloc_buffer((m, capacity), "float32")
-            count = T.alloc_buffer((1,), "int32")
-            compact(x, threshold, scale, idx, xa, count)
-            accumulate(w, y, idx, xa, count)
+        body = _listed_macro(mode, m, k, rows_per_step, accumulate_macro(m, n, rows_per_step, lanes, chunks))
 
     @T.prim_func
     def sparse_matmul_kernel(
@@ -414,6 +398,5 @@ def sparse_matmul(
       mode="scaled":    ``(x: f32[m, k], threshold: f32[1], scale: f32[k], w: f32[k, n], y: f32[m, n])``
       mode="nonzero":   ``(x: f32[m, k], w: f32[k, n], y: f32[m, n])``
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     return _sparse_matmul(mode, m, k, n, rows_per_step or default_rows_per_step(m), lanes, chunks)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from actsparse.codegen.kernels.activity import active_expr
+
 WARP = 32
 FULL_MASK = 0xFFFFFFFF
 DEFAULT_WARPS = 8
@@ -99,15 +101,6 @@ def block_store_macro(rows: int, vec: int, tpr: int, warps: int, m: int, n: int)
                     out[row0 + e // tile, col0 + e % tile] = total[0]
 
     return block_store
-
-
-def active_expr(mode: str, value, threshold, scale, channel):
-    """Whether one input value counts (see kernels/reference.active_mask)."""
-    if mode == "nonzero":
-        return value != T.float32(0)
-    if mode == "threshold":
-        return T.abs(value) > threshold[0]
-    return T.abs(value) * scale[channel] > threshold[0]
 
 
 def gather_macro(mode: str, m: int, k: int, n: int, rows: int, vec: int, tpr: int, warps: int,

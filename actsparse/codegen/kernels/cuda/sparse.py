@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from actsparse.codegen.kernels.activity import check_mode
 from actsparse.codegen.kernels.cuda.common import (
     DEFAULT_WARPS,
     WARP,
@@ -22,9 +23,6 @@ from actsparse.codegen.kernels.cuda.common import (
     vector_width,
 )
 
-MODES = ("threshold", "scaled", "nonzero")
-
-
 def sparse_matmul_cuda(m: int, k: int, n: int, mode: str = "threshold", warps: int = DEFAULT_WARPS,
                        tpr: int | None = None):
     """Sparse-input y[m, n] = sum over active k of x[m, k] * W[k, :] on a GPU.
@@ -34,8 +32,7 @@ def sparse_matmul_cuda(m: int, k: int, n: int, mode: str = "threshold", warps: i
       mode="scaled":    ``(x: f32[m, k], threshold: f32[1], scale: f32[k], w: f32[k, n], y: f32[m, n])``
       mode="nonzero":   ``(x: f32[m, k], w: f32[k, n], y: f32[m, n])``
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     vec = vector_width(n)
     tpr = tpr or threads_per_row(n, vec)
     rows = row_tile(m)
