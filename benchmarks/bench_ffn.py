@@ -5,7 +5,8 @@ Model: `swiglu_stack` (h += down(silu(gate(h)) * up(h)) per layer), D=1024, F=28
 
   onnxruntime dense | onnxruntime on the TEAL-sparsified ONNX | torch eager (2 threads) |
   TVM's default build of the dense ONNX (from_onnx + tvm.compile, none of our kernels) |
-  actsparse dense | actsparse TEAL 50 % (FFN input + down input; fused ffn_input_sparse) | the
+  actsparse dense (fused ffn_dense) and the same as per-linear kernels |
+  actsparse TEAL 50 % (FFN input + down input; fused ffn_input_sparse) | the
   same with the per-linear sparse kernels | actsparse CATS 50 % | actsparse shifted-ReLU ~90 % sparse
   (relufy with a shift calibrated so 90 % of gate pre-activations fall below it) |
   the ffn_indexed kernel with the active set given up front (direct kernel calls, see below) |
@@ -341,6 +342,8 @@ def run(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
     t, y = time_tvm_default(b.proto, b.inputs, timer=b.paired)
     b.add("TVM default build (from_onnx + tvm.compile)", t, error=float(np.abs(y - dense_ref).max()))
     b.artifact("actsparse dense", b.optimize("cleanup"), "dense", 1.0, dense_ref)
+    with enabled_forms({GATE_SPARSE}):  # the dense block as per-linear kernels instead of ffn_dense
+        b.artifact("actsparse dense per-linear kernels", b.optimize("cleanup"), "dense_per_linear", 1.0, dense_ref)
 
     # TEAL sweep (0.5 is the headline row); ORT on the 50 % ONNX; the fused input-sparse kernel at 50 %.
     for s in SPARSITIES:
