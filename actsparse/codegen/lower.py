@@ -188,7 +188,7 @@ def to_relax(model: ir.Model, target):
     proto = ir.serde.serialize_model(model)
     proto = onnx.inliner.inline_local_functions(proto)
     _small_constants_inline(proto.graph)
-    from actsparse.codegen.kernels.cpu.sparse import batch1_row_schedule, row_schedule_for
+    from actsparse.codegen.kernels.cpu.schedule import batch1_row_schedule, row_schedule_for
 
     with _our_converters(target), batch1_row_schedule(row_schedule_for(target)):
         try:

@@ -18,7 +18,7 @@ pytest.importorskip("tvm")
 
 from actsparse.codegen.kernels import reference as ref  # noqa: E402
 from actsparse.codegen.kernels.cpu import dense_matmul, pack_dense, sparse_matmul, vector_lanes  # noqa: E402
-from actsparse.codegen.kernels.cpu.sparse import batch1_row_schedule, row_schedule_for  # noqa: E402
+from actsparse.codegen.kernels.cpu.schedule import batch1_row_schedule, row_schedule_for  # noqa: E402
 from tests.arm.conftest import BOARD_SCRIPTS, export_arm_library  # noqa: E402
 from tests.arm.qemu_trace import run_counted  # noqa: E402
 

@@ -148,7 +148,7 @@ def test_int8_sparse_matches_numpy(kernels, mode, shape, sparsity):
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
 def test_int8_sparse_plain_row_schedule_matches_numpy(mode, shape, sparsity):
     """The batch-1 int8 kernel as built for non-x86 targets (one serial list, no prefetch)."""
-    from actsparse.codegen.kernels.cpu.sparse import PLAIN_ROWS, batch1_row_schedule
+    from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, batch1_row_schedule
 
     rng = np.random.default_rng(17)
     x, w = _case(*shape, 4)

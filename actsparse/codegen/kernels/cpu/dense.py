@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from tvm.script import tirx as T
 
+from actsparse.codegen.kernels.cpu.schedule import stream_prefetch_macro
+
 DEFAULT_LANES = 16
 
 
@@ -63,13 +65,15 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
 
     Signature: ``(x: f32[m, k], wp: f32[ceil(n/block), k, block], y: f32[m, n])``.
     Parallel over (column panel, row tile); row tiles of a panel run on the same
-    thread one after another, so the panel is read from DRAM once.
+    thread one after another, so the panel is read from DRAM once. The panel stream is
+    prefetched ahead as the target's schedule says (``schedule.stream_prefetch_macro``).
     """
     block = 2 * lanes
     rows = row_tile or default_row_tile(m, lanes)
     nb = panel_count(n, block)
     mt = (m + rows - 1) // rows
     last_row = m - 1
+    prefetch_stream = stream_prefetch_macro(element_bytes=4)
 
     @T.prim_func
     def dense_matmul_kernel(
@@ -78,6 +82,7 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
+        flat = T.decl_buffer((nb * k * block,), "float32", data=wp.data)
         for task in T.parallel(nb * mt):
             b = T.bind(task // mt)
             m0 = T.bind((task % mt) * rows)
@@ -86,6 +91,7 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
                 for j in T.vectorized(block):
                     acc[i, j] = T.float32(0)
             for kk in range(k):
+                prefetch_stream(flat, (b * k + kk) * block, kk)
                 for i in T.unroll(rows):
                     # Rows past m (last tile) recompute row m-1; their results are not stored.
                     xv = T.bind(x[T.min(m0 + i, last_row), kk])

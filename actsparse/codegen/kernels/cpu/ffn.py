@@ -22,8 +22,8 @@ from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, pack_dense, panel_count
 from actsparse.codegen.kernels.cpu.fastmath import sigmoid_f32
-from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, accumulate_macro, batch1_rows_macro,
-                                                  current_row_schedule, pad_macro, prefetch_l2)
+from actsparse.codegen.kernels.cpu.schedule import current_row_schedule, prefetch_l2, stream_prefetch_macro
+from actsparse.codegen.kernels.cpu.sparse import ROW_CHUNKS, accumulate_macro, batch1_rows_macro, pad_macro
 from actsparse.codegen.kernels.params import without_params
 
 ACTIVATIONS = ("silu", "relu")
@@ -41,13 +41,17 @@ def _act(act: str, g):
 
 def panel_dot_macro(block: int):
     """T.macro(v, w, p, k, acc): acc[0:block] = sum over kk < k of v[kk] * w[p, kk, :] (v 1-D), the
-    panel GEMV of ``dense_matmul`` at batch 1: one contiguous stream of panel p."""
+    panel GEMV of ``dense_matmul`` at batch 1: one contiguous stream of panel p, prefetched ahead
+    as the target's schedule says (``schedule.stream_prefetch_macro``)."""
+    prefetch_stream = stream_prefetch_macro(element_bytes=4)
 
     @T.macro
     def panel_dot(v, w, p, k, acc):
+        flat = T.decl_buffer((w.shape[0] * k * block,), "float32", data=w.data)
         for j in T.vectorized(block):
             acc[j] = T.float32(0)
         for kk in range(k):
+            prefetch_stream(flat, (p * k + kk) * block, kk)
             value = T.bind(v[kk])
             for j in T.vectorized(block):
                 acc[j] = acc[j] + value * w[p, kk, j]

@@ -28,8 +28,9 @@ from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, panel_count
 from actsparse.codegen.kernels.params import without_params
 # (int8 rows of 1 KB at batch 1 also took 8 rows per step over 16: 0.09 vs 0.13 ms, K=2816 N=1024)
 from actsparse.codegen.kernels.activity import active_expr, check_mode
-from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, ROWS_PER_STEP, X86_ROWS, batch1_rows_macro,
-                                                  compact_macro, default_chunks, default_rows_per_step, prefetch_l2)
+from actsparse.codegen.kernels.cpu.schedule import X86_ROWS, prefetch_l2
+from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, ROWS_PER_STEP, batch1_rows_macro, compact_macro,
+                                                  default_chunks, default_rows_per_step)
 
 INT4_SYMMETRIC_ZERO = 8
 K_UNROLL = 4  # independent accumulators in the dense kernels: hides the FMA latency
@@ -117,7 +118,9 @@ def int8_dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES):
     """y = x @ (q * scale) with W packed by ``pack_int8_dense``.
 
     Signature: ``(x: f32[m, k], wq: i8[NB, k, 2L], scale: f32[NB*2L], y: f32[m, n])``.
-    Parallel over column panels; K_UNROLL independent accumulators per panel.
+    Parallel over column panels; K_UNROLL independent accumulators per panel. No stream prefetch
+    (``schedule.stream_prefetch_macro``): this kernel converts every byte to float and runs below
+    the bandwidth, and the prefetch made it 3-18 % slower (K=1024/2816, batch 1, out of cache).
     """
     block = 2 * lanes
     nb = panel_count(n, block)

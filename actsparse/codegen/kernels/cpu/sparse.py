@@ -21,25 +21,14 @@ Activity tests: ``threshold`` |x| > t; ``scaled`` |x| * scale[k] > t (WINA);
 
 from __future__ import annotations
 
-import contextlib
 import os
-import platform
-from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.activity import active_expr, check_mode
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES
+from actsparse.codegen.kernels.cpu.schedule import current_row_schedule, prefetch_l2
 from actsparse.codegen.kernels.params import without_params
-
-@T.macro
-def prefetch_l2(address):
-    """Prefetch the cache line at ``address`` (T.address_of(buf[...])) into L2 (llvm.prefetch: read,
-    locality 2, data).
-    Short scattered rows (1-11 KB) get no help from the hardware prefetchers, which stop at page
-    boundaries and need a few misses to lock on; L2 rather than L1 measured faster here."""
-    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 2, 1))
-
 
 def column_block(m: int, lanes: int) -> int:
     """Width of the register block of y: two vectors for up to 4 rows, one beyond."""
@@ -104,54 +93,8 @@ def pad_macro(m: int, rows_per_step: int):
 ROWS_PER_STEP = 16
 
 
-@dataclass(frozen=True)
-class RowSchedule:
-    """How the batch-1 row kernels walk the active rows: rows per step, and how many steps ahead
-    they prefetch the rows into L2 (0: no prefetch instructions)."""
-
-    rows_per_step: int
-    prefetch_steps: int
-    task_lists: bool  # each parallel task lists its own range of channels (else: one serial list first)
-
-
-# x86 (measured, 2-core Zen 4, weights out of cache): the L2 prefetch 1 step ahead was 3-15 %
-# faster than none and 2 steps no better; with it, 8 rows per step beat 16 by 0-11 %.
-# Per-task lists took the serial compaction (3-6 us at K=2816) out of the call.
-X86_ROWS = RowSchedule(rows_per_step=8, prefetch_steps=1, task_lists=True)
-# Elsewhere (the Pi 4's Cortex-A72): nothing measured on the device; under qemu the prefetch's
-# address arithmetic and 8-row steps took the 50 %-sparse kernel from 0.47x to 0.85x the dense
-# kernel's instructions, and per-task lists (each padded to whole steps) to 0.64x, so it keeps
-# 16 rows per step, one list and no prefetch.
-PLAIN_ROWS = RowSchedule(rows_per_step=16, prefetch_steps=0, task_lists=False)
-_row_schedule = X86_ROWS
-
-
-def row_schedule_for(target) -> RowSchedule:
-    """The batch-1 row schedule for a TVM target: X86_ROWS for x86 LLVM targets, else PLAIN_ROWS."""
-    if target is None or target.kind.name != "llvm":
-        return PLAIN_ROWS
-    triple = str(target.attrs.get("mtriple", "")) or platform.machine()
-    return X86_ROWS if triple.startswith(("x86_64", "i686", "AMD64", "amd64")) else PLAIN_ROWS
-
-
-@contextlib.contextmanager
-def batch1_row_schedule(schedule: RowSchedule):
-    """Within the block, the kernel factories build batch-1 row kernels with ``schedule`` (the
-    lowering sets the target's; kernels built outside default to X86_ROWS)."""
-    global _row_schedule
-    previous, _row_schedule = _row_schedule, schedule
-    try:
-        yield
-    finally:
-        _row_schedule = previous
-
-
-def current_row_schedule() -> RowSchedule:
-    return _row_schedule
-
-
 def default_rows_per_step(m: int) -> int:
-    return _row_schedule.rows_per_step if m == 1 else ROWS_PER_STEP
+    return current_row_schedule().rows_per_step if m == 1 else ROWS_PER_STEP
 
 
 ROW_CHUNKS = 4  # parallel tasks of the batch-1 (row-split) schedule: a multiple of 1, 2 or 4 cores
@@ -276,7 +219,7 @@ def accumulate_rows_macro(n: int, rows_per_step: int, lanes: int, chunks: int, p
     (int8 rows of 1 KB: 1.6x; fp32 rows of 4-11 KB: 5-9 %). For a list the kernel builds itself
     from x, ``compact_accumulate_rows_macro`` lists in parallel too."""
     R, P = rows_per_step, chunks
-    prefetch_steps = _row_schedule.prefetch_steps if prefetch_steps is None else prefetch_steps
+    prefetch_steps = current_row_schedule().prefetch_steps if prefetch_steps is None else prefetch_steps
     row_steps = _row_steps_macro(n, R, lanes, prefetch_steps, element_bytes)
     sum_partials = _sum_partials_macro(n, lanes, P)
 
@@ -303,7 +246,7 @@ def compact_accumulate_rows_macro(mode: str, k: int, n: int, rows_per_step: int,
     the input; with activity spread over the channels (sparsified activations) the ranges stay
     close to even."""
     R, P = rows_per_step, chunks
-    prefetch_steps = _row_schedule.prefetch_steps if prefetch_steps is None else prefetch_steps
+    prefetch_steps = current_row_schedule().prefetch_steps if prefetch_steps is None else prefetch_steps
     capacity = (k + P - 1) // P + R
     row_steps = _row_steps_macro(n, R, lanes, prefetch_steps, element_bytes)
     sum_partials = _sum_partials_macro(n, lanes, P)
@@ -338,7 +281,7 @@ def batch1_rows_macro(mode: str, k: int, n: int, rows_per_step: int, lanes: int,
     """Batch 1: T.macro(x, threshold, scale, w, y) = sum over active k of x[0, k] * w[k, :], in the
     current ``RowSchedule``: per-task lists (``compact_accumulate_rows_macro``) or one serial list
     split over the tasks (``compact_macro`` + ``accumulate_rows_macro``)."""
-    if _row_schedule.task_lists:
+    if current_row_schedule().task_lists:
         return compact_accumulate_rows_macro(mode, k, n, rows_per_step, lanes, chunks, element_bytes=element_bytes)
     accumulate = accumulate_rows_macro(n, rows_per_step, lanes, chunks, element_bytes=element_bytes)
     return _listed_macro(mode, 1, k, rows_per_step, accumulate)
