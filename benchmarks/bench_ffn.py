@@ -10,6 +10,7 @@ Model: `swiglu_stack` (h += down(silu(gate(h)) * up(h)) per layer), D=1024, F=28
   same with the per-linear sparse kernels | actsparse CATS 50 % | actsparse shifted-ReLU ~90 % sparse
   (relufy with a shift calibrated so 90 % of gate pre-activations fall below it) |
   the ffn_indexed kernel with the active set given up front (direct kernel calls, see below) |
+  the read bound: a plain two-thread read of as many bytes as the dense weights (probe.read_sum) |
   sweeps over sparsity 0/0.3/0.5/0.7/0.9 (TEAL, shifted ReLU, indexed) + a linear fit of
   time against the fraction of weight bytes read.
 
@@ -54,6 +55,7 @@ CALIBRATION_SAMPLES = 16
 BENCH_INPUTS = 8
 MEMORY_BUDGET = 2_500_000_000  # bytes of weight copies one engine may hold
 RESULTS = Path(__file__).resolve().parent / "results"
+READ_BOUND = "read bound (plain read of the same bytes)"
 TARGETS = {  # the issue's targets: speed vs onnxruntime dense (and bandwidth for dense)
     "actsparse dense": 1.1, "actsparse TEAL 50%": 1.9, "actsparse relu 90%": 2.3, "active set up front 90%": 6.0,
 }
@@ -224,6 +226,23 @@ def time_tvm_default(proto, inputs, timer=None) -> tuple[float, np.ndarray]:
     return seconds, y0
 
 
+def time_read_bound(weight_bytes: int, iters: int, timer=time_per_call) -> float:
+    """Seconds to read ``weight_bytes`` with the read probe (``kernels/cpu/probe.read_sum``): how
+    fast this machine reads that many bytes, for the dense engines to be measured against."""
+    import tvm
+
+    from actsparse.codegen.kernels.cpu.build import build_kernel
+    from actsparse.codegen.kernels.cpu.probe import read_sum
+    from actsparse.codegen.targets import resolve_target
+
+    tasks = os.cpu_count() or 1
+    size = weight_bytes // 4 // (tasks * 64) * (tasks * 64)
+    kernel = build_kernel(read_sum(size, tasks), resolve_target("host")).raw
+    data = tvm.runtime.tensor(np.ones(size, np.float32))
+    partial = tvm.runtime.tensor(np.zeros((tasks, 16), np.float32))
+    return timer(lambda i: kernel(data, partial), iters) * weight_bytes / (size * 4)
+
+
 def time_indexed(weights, inputs, active: float, iters: int, timer=time_per_call) -> tuple[float, int]:
     """The ffn_indexed kernel per layer, chained (layer l's output is layer l+1's input, no
     residual add), the active set (random, `active` of the neurons) given up front."""
@@ -341,6 +360,7 @@ def run(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
     b.add("torch eager (2 threads)", t, error=float(np.abs(y - dense_ref).max()))
     t, y = time_tvm_default(b.proto, b.inputs, timer=b.paired)
     b.add("TVM default build (from_onnx + tvm.compile)", t, error=float(np.abs(y - dense_ref).max()))
+    b.add(READ_BOUND, time_read_bound(b.weight_bytes, iters, timer=b.paired))
     b.artifact("actsparse dense", b.optimize("cleanup"), "dense", 1.0, dense_ref)
     with enabled_forms({GATE_SPARSE}):  # the dense block as per-linear kernels instead of ffn_dense
         b.artifact("actsparse dense per-linear kernels", b.optimize("cleanup"), "dense_per_linear", 1.0, dense_ref)
@@ -402,6 +422,7 @@ def run(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
         "model": {"layers": layers, "d": D, "f": F, "weight_bytes": b.weight_bytes},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rows": b.rows, "fits": linear_fits(b.rows, b.weight_bytes), "targets": check_targets(b.rows),
+        "share_of_read_bound": read_bound_shares(b.rows),
     }
 
 
@@ -429,6 +450,15 @@ def check_targets(rows: list[dict]) -> dict:
     return out
 
 
+def read_bound_shares(rows: list[dict]) -> dict:
+    """Each dense engine's speed as a share of the read bound's (ratios of their paired medians):
+    what is left to gain by reading faster."""
+    by_engine = {r["engine"]: r for r in rows}
+    bound = by_engine[READ_BOUND]["speed_vs_ort_dense"]
+    dense = ("onnxruntime dense", "torch eager (2 threads)", "actsparse dense", "actsparse dense per-linear kernels")
+    return {e: round(by_engine[e]["speed_vs_ort_dense"] / bound, 3) for e in dense if e in by_engine}
+
+
 def print_table(report: dict) -> None:
     print(f"\n| engine | ms | ORT dense ms (paired) | speed vs ORT dense (median of pairs) | quartiles | GB/s "
           f"| % of bandwidth ({report['machine']['copy_bandwidth_gbs']:.1f} GB/s) |")
@@ -440,6 +470,9 @@ def print_table(report: dict) -> None:
     for sweep, fit in report["fits"].items():
         print(f"  {sweep}: {fit['fixed_ms']:.3f} ms + {fit['ms_per_fraction']:.3f} ms x fraction"
               f" (slope bandwidth {fit['slope_gbs'] or float('nan'):.1f} GB/s)")
+    print("\nspeed as a share of the read bound's (1.00: reads as fast as a plain read):")
+    for engine, share in report["share_of_read_bound"].items():
+        print(f"  {engine}: {share:.2f}")
     print("\ntargets:")
     for name, t in report["targets"].items():
         print(f"  {name}: {t} -> {'met' if t['met'] else 'NOT met'}")

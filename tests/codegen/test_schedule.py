@@ -37,3 +37,18 @@ def test_the_schedule_is_restored_after_the_block():
         with batch1_row_schedule(PLAIN_ROWS):
             raise RuntimeError
     assert current_row_schedule() is before
+
+
+def test_read_probe_sums_every_element_once():
+    import numpy as np
+
+    from actsparse.codegen.kernels.cpu.build import build_kernel
+    from actsparse.codegen.kernels.cpu.probe import read_sum
+
+    size, tasks = 3 * 2 * 64, 2
+    a = np.random.default_rng(0).standard_normal(size).astype(np.float32)
+    partial = build_kernel(read_sum(size, tasks), resolve_target("host"))(a)
+    expected = a.reshape(tasks, -1, 16).sum(axis=1)
+    np.testing.assert_allclose(partial, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        read_sum(100, 2)

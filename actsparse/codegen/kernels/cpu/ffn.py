@@ -225,7 +225,7 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
                     for j in T.vectorized(vec):
                         acc[i, j] = T.float32(0)
                 for blk in range(d // vec):
-                    if prefetch:  # the next group's rows, into L2 (see sparse.prefetch_l2)
+                    if prefetch:  # the next group's rows, into L2 (see schedule.prefetch_l2)
                         for i in T.unroll(G):
                             prefetch_l2(T.address_of(wu_t[idx[T.min((q + 1) * G + i, groups * G - 1)], blk * vec]))
                     for i in T.unroll(G):
@@ -295,7 +295,7 @@ def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, c
                         for j in T.vectorized(vec):
                             acc[i, part, j] = T.float32(0)
                 for blk in range(d // vec):
-                    if prefetch:  # the next group's rows, into L2 (see sparse.prefetch_l2)
+                    if prefetch:  # the next group's rows, into L2 (see schedule.prefetch_l2)
                         for i in T.unroll(G):
                             ahead = T.bind(rows[T.min((q + 1) * G + i, groups * G - 1)])
                             for part in T.unroll(2):

@@ -669,7 +669,7 @@ def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_st
     input channels, lists and rounds its own active ones (so no serial compaction: 3-6 us at
     K=2816, a tenth of the call) and sums their whole rows into its own int32 partial y, 8 rows
     walked together 64 bytes at a time. ``prefetch_steps``: prefetch the rows that many steps
-    ahead into L2 (``sparse.prefetch_l2``). Rows of 1-3 KB are too short for the hardware
+    ahead into L2 (``schedule.prefetch_l2``). Rows of 1-3 KB are too short for the hardware
     prefetchers, which stop at page boundaries and need a few misses to start: out of cache at
     50 %, prefetching into L2 took 57 us against 86 without (K=2816, N=1024; 1 step ahead and 2
     within noise of each other, 1 ahead of 2 in most runs); into L1 it gained half of that. Column

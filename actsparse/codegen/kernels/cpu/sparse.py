@@ -11,7 +11,7 @@ input channel k needs). The kernel, in one call:
 3. splits the output columns into chunks over threads (batch 1: splits the active list, see
    ``accumulate_rows_macro``); per step of
    ``rows_per_step`` active rows (default 16, measured best of 4/8/16/32; at batch 1 the target's
-   ``RowSchedule``: on x86 8, with an L2 prefetch) it loads a register block of y, FMAs all those rows
+   ``schedule.RowSchedule``: on x86 8, with an L2 prefetch) it loads a register block of y, FMAs all those rows
    into it and stores it once (shared/NOTES.md: one row per step fell to half the
    bandwidth). Columns past the last full vector block are done serially at the end.
 
