@@ -25,6 +25,7 @@ def test_only_the_x86_schedule_prefetches_the_dense_streams():
     assert X86_ROWS.stream_prefetch_bytes > 0 and PLAIN_ROWS.stream_prefetch_bytes == 0
     with batch1_row_schedule(X86_ROWS):
         assert _prefetches(dense_matmul(1, 64, 96)) == 1
+        assert _prefetches(dense_matmul(8, 64, 96)) == 0  # M > 1: compute-bound, no prefetch
         assert _prefetches(ffn_dense(64, 96)) == 2  # gate/up panels, then down panels
     with batch1_row_schedule(PLAIN_ROWS):
         assert _prefetches(dense_matmul(1, 64, 96)) == 0
