@@ -60,6 +60,8 @@ def print_bench(results: dict) -> None:
                       f"{row['weight_gbs']:.1f}", f"{row['fraction_of_bandwidth']:.0%}")
     console = Console()
     console.print(table)
+    console.print("weight GB/s: every weight byte of the model per run; a sparse model reads only the rows of "
+                  "active inputs, so its figure can pass the bandwidth")
     if results["weights_fit_in_cache"]:
         console.print("[yellow]note:[/] the weights fit in the last-level cache; figures are cache-inflated "
                       "(benchmarks/ rotate weight copies for memory-bound numbers)")
