@@ -40,7 +40,7 @@ class RowSchedule:
 # faster than none and 2 steps no better; with it, 8 rows per step beat 16 by 0-11 %.
 # Per-task lists took the serial compaction (3-6 us at K=2816) out of the call.
 # Dense panel streams: one prefetch per 128 bytes read, 16 KB (four pages) ahead, made the dense
-# FFN stack 12 % faster (8 and 32 KB: a little less; a plain two-thread read of the same bytes
+# FFN stack 10-12 % faster (8 and 32 KB: a little less; a plain two-thread read of the same bytes
 # gained 13 %). The hardware prefetchers stop at every 4 KB page boundary and restart on misses;
 # the prefetch has the next pages' lines on their way before the stream gets there.
 X86_ROWS = RowSchedule(rows_per_step=8, prefetch_steps=1, task_lists=True, stream_prefetch_bytes=16384)
