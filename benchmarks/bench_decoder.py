@@ -12,7 +12,9 @@ dense and on the sparsified ONNX (actsparse ops run through their ONNX function 
 torch eager, and TVM's default build of the dense ONNX (from_onnx + tvm.compile, no actsparse
 kernels). The weights (4 layers: ~200 MB) are several times the L3 cache, so every step reads
 them from DRAM. Times are the best of several blocks, round-robin across engines (shared machine); GB/s counts the
-dense weight bytes per step, for every engine, so it is comparable across rows.
+dense weight bytes per step, for every engine, so it is comparable across rows. The read probe
+(``kernels/cpu/probe.read_sum``: a plain read of as many bytes as the weights) runs in the same
+rounds; "of read bound" is each engine's speed as a share of it (median of same-round ratios).
 
     python benchmarks/bench_decoder.py [--layers 4] [--iters 20] [--skip-tvm-default]
 """
@@ -30,11 +32,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth_gbs, l3_cache_bytes  # noqa: E402
+from common import copy_bandwidth_gbs, l3_cache_bytes, read_bound_call  # noqa: E402
 
 from actsparse.bench import interleaved_blocks, paired_speedup  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+READ_BOUND = "read bound (plain read of the same bytes)"
 VOCAB = 1024
 TEAL = "sparsify{method=teal,sparsity=0.5}"
 
@@ -149,6 +152,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         torch_ids = [torch.from_numpy(f["input_ids"]) for f in feeds_list]
         engines["torch eager"] = lambda i: model(input_ids=torch_ids[i % len(torch_ids)], use_cache=False)
+        engines[READ_BOUND] = read_bound_call(nbytes)
         if not args.skip_tvm_default:
             run_tvm = tvm_default(dense_path, ["input_ids"])
             engines["TVM default build"] = lambda i: run_tvm(feeds(i))
@@ -160,17 +164,19 @@ def main(argv=None) -> dict:
     bandwidth = copy_bandwidth_gbs()
 
     speedups = {name: paired_speedup(blocks["onnxruntime dense"], blocks[name]) for name in times}
+    shares = {name: paired_speedup(blocks[READ_BOUND], blocks[name])[0] for name in times}
     print(f"\nBatch-1 decode step, {args.layers}-layer Llama stack ({nbytes / 1e6:.0f} MB fp32), "
           f"machine copy bandwidth {bandwidth:.1f} GB/s\n")
-    print("| engine | ms / step (best block) | vs ORT dense (median of block pairs) | quartiles | GB/s (dense bytes) |")
-    print("|---|---|---|---|---|")
+    print("| engine | ms / step (best block) | vs ORT dense (median of block pairs) | quartiles | GB/s (dense bytes) "
+          "| of read bound |")
+    print("|---|---|---|---|---|---|")
     rows = []
     for name, seconds in times.items():
         gbs = nbytes / seconds / 1e9
         median, q25, q75 = speedups[name]
-        print(f"| {name} | {seconds * 1e3:.2f} | {median:.2f}x | {q25:.2f}-{q75:.2f} | {gbs:.1f} |")
+        print(f"| {name} | {seconds * 1e3:.2f} | {median:.2f}x | {q25:.2f}-{q75:.2f} | {gbs:.1f} | {shares[name]:.2f} |")
         rows.append({"engine": name, "ms": seconds * 1e3, "speedup_vs_ort_dense": median,
-                     "speedup_quartiles": [q25, q75], "gbs": gbs})
+                     "speedup_quartiles": [q25, q75], "gbs": gbs, "share_of_read_bound": shares[name]})
     print(f"\nmax |actsparse - onnxruntime| on the same ONNX: dense {errors['dense']:.2e}, "
           f"TEAL {errors['teal50']:.2e}; compile (dense) {compile_dense:.1f} s")
     result = {

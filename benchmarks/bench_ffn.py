@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth_gbs, l3_cache_bytes, time_per_call  # noqa: E402
+from common import copy_bandwidth_gbs, l3_cache_bytes, read_bound_call, time_per_call  # noqa: E402
 
 from actsparse.bench import interleaved_blocks, paired_speedup  # noqa: E402
 
@@ -224,23 +224,6 @@ def time_tvm_default(proto, inputs, timer=None) -> tuple[float, np.ndarray]:
     call = lambda i: vm["main"](xs[i % len(xs)])  # noqa: E731
     seconds = timer(call, 2, blocks=2) if timer else time_per_call(call, iters=2, blocks=2, warmup=1)
     return seconds, y0
-
-
-def read_bound_call(weight_bytes: int):
-    """A call reading ``weight_bytes`` with the read probe (``kernels/cpu/probe.read_sum``): how
-    fast this machine reads that many bytes, for the dense engines to be measured against."""
-    import tvm
-
-    from actsparse.codegen.kernels.cpu.build import build_kernel
-    from actsparse.codegen.kernels.cpu.probe import read_sum
-    from actsparse.codegen.targets import resolve_target
-
-    tasks = os.cpu_count() or 1
-    size = weight_bytes // 4 // (tasks * 64) * (tasks * 64)
-    kernel = build_kernel(read_sum(size, tasks), resolve_target("host")).raw
-    data = tvm.runtime.tensor(np.ones(size, np.float32))
-    partial = tvm.runtime.tensor(np.zeros((tasks, 16), np.float32))
-    return lambda i: kernel(data, partial)
 
 
 def time_indexed(weights, inputs, active: float, iters: int, timer=time_per_call) -> tuple[float, int]:

@@ -37,3 +37,20 @@ def ort_matmul_session(weights: list[np.ndarray], threads: int | None = None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session, [i.name for i in inputs]
+
+
+def read_bound_call(weight_bytes: int):
+    """A call reading ``weight_bytes`` with the read probe (``kernels/cpu/probe.read_sum``): how
+    fast this machine reads that many bytes, for the dense engines to be measured against."""
+    import tvm
+
+    from actsparse.codegen.kernels.cpu.build import build_kernel
+    from actsparse.codegen.kernels.cpu.probe import read_sum
+    from actsparse.codegen.targets import resolve_target
+
+    tasks = os.cpu_count() or 1
+    size = weight_bytes // 4 // (tasks * 64) * (tasks * 64)
+    kernel = build_kernel(read_sum(size, tasks), resolve_target("host")).raw
+    data = tvm.runtime.tensor(np.ones(size, np.float32))
+    partial = tvm.runtime.tensor(np.zeros((tasks, 16), np.float32))
+    return lambda i: kernel(data, partial)
