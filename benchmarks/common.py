@@ -45,11 +45,11 @@ def read_bound_call(weight_bytes: int):
     import tvm
 
     from actsparse.codegen.kernels.cpu.build import build_kernel
-    from actsparse.codegen.kernels.cpu.probe import read_sum
+    from actsparse.codegen.kernels.cpu.probe import STEP, read_sum
     from actsparse.codegen.targets import resolve_target
 
     tasks = os.cpu_count() or 1
-    size = weight_bytes // 4 // (tasks * 64) * (tasks * 64)
+    size = weight_bytes // 4 // (tasks * STEP) * (tasks * STEP)
     kernel = build_kernel(read_sum(size, tasks), resolve_target("host")).raw
     data = tvm.runtime.tensor(np.ones(size, np.float32))
     partial = tvm.runtime.tensor(np.zeros((tasks, 16), np.float32))

@@ -93,7 +93,7 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
                 for j in T.vectorized(block):
                     acc[i, j] = T.float32(0)
             for kk in range(k):
-                prefetch_stream(flat, (b * k + kk) * block, kk)
+                prefetch_stream(flat, (b * k + kk) * block)
                 for i in T.unroll(rows):
                     # Rows past m (last tile) recompute row m-1; their results are not stored.
                     xv = T.bind(x[T.min(m0 + i, last_row), kk])

@@ -51,7 +51,7 @@ def panel_dot_macro(block: int):
         for j in T.vectorized(block):
             acc[j] = T.float32(0)
         for kk in range(k):
-            prefetch_stream(flat, (p * k + kk) * block, kk)
+            prefetch_stream(flat, (p * k + kk) * block)
             value = T.bind(v[kk])
             for j in T.vectorized(block):
                 acc[j] = acc[j] + value * w[p, kk, j]

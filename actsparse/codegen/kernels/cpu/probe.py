@@ -34,7 +34,7 @@ def read_sum(size: int, tasks: int = 2):
                 for j in T.vectorized(16):
                     acc[u, j] = T.float32(0)
             for i in range(part // STEP):
-                prefetch_stream(a, t * part + i * STEP, i)
+                prefetch_stream(a, t * part + i * STEP)
                 for u in T.unroll(4):
                     for j in T.vectorized(16):
                         acc[u, j] = acc[u, j] + a[t * part + i * STEP + u * 16 + j]

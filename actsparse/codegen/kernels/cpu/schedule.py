@@ -75,18 +75,17 @@ def current_row_schedule() -> RowSchedule:
     return _row_schedule
 
 
-def stream_prefetch_macro(element_bytes: int, every: int = 1, ahead_bytes: int | None = None):
-    """T.macro(flat, offset, step): every ``every``-th ``step``, prefetch the element ``ahead_bytes``
-    (default: the current schedule's ``stream_prefetch_bytes``) past ``flat[offset]`` into L2,
-    clamped to the buffer's end; nothing at all when that distance is 0. ``flat`` is a 1-D view of
-    the stream's buffer."""
+def stream_prefetch_macro(element_bytes: int, ahead_bytes: int | None = None):
+    """T.macro(flat, offset): prefetch the element ``ahead_bytes`` (default: the current schedule's
+    ``stream_prefetch_bytes``) past ``flat[offset]`` into L2, clamped to the buffer's end; nothing
+    at all when that distance is 0. ``flat`` is a 1-D view of the stream's buffer; callers issue
+    one per step of their stream (128 bytes in the panel GEMVs, 256 in the read probe)."""
     ahead = current_row_schedule().stream_prefetch_bytes if ahead_bytes is None else ahead_bytes
     ahead_elements = ahead // element_bytes
 
     @T.macro
-    def prefetch_stream(flat, offset, step):
+    def prefetch_stream(flat, offset):
         if ahead_elements > 0:
-            if step % every == 0:
-                prefetch_l2(T.address_of(flat[T.min(offset + ahead_elements, flat.shape[0] - 1)]))
+            prefetch_l2(T.address_of(flat[T.min(offset + ahead_elements, flat.shape[0] - 1)]))
 
     return prefetch_stream
