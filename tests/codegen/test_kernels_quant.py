@@ -237,6 +237,24 @@ def test_int8_sparse_vnni_matches_numpy(kernels, mode, k, n, sparsity):
         assert not y.any()
 
 
+@pytest.mark.parametrize("lines", [0, 1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+def test_int8_sparse_vnni_listing_prefetch_leaves_results_alone(kernels, lines, sparsity):
+    """The prefetch while listing (of rows listed so far; of the channel itself before the first
+    active one) only moves data: every line count gives the reference result. k=300, n=70: two
+    64-byte lines per row, so at 3 lines per channel the prefetch runs ahead of the list and clamps."""
+    if not quant.has_int8_dot_product(resolve_target("host")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    k, n = 300, 70
+    rng = np.random.default_rng(lines)
+    x, w = _case(1, k, n, 5)
+    x, extra, x_ref = _mode_inputs("threshold", x, sparsity, rng)
+    q, s = quantize_per_channel(w)
+    kernel = kernels(quant.int8_sparse_matmul_vnni, k, n, "threshold", listing_prefetch_lines=lines)
+    y = kernel(x, *extra, *quant.pack_int8_sparse_vnni(q, s))
+    np.testing.assert_allclose(y, _int8_sparse_vnni_reference(x_ref.astype(np.float64), q, s), atol=ATOL, rtol=RTOL)
+
+
 def test_int8_sparse_vnni_packing_layout():
     """Inside a 64-column block, byte 4i + t of a row holds column 16t + i, offset by +128."""
     q = (np.arange(2 * 70) % 200 - 100).astype(np.int8).reshape(2, 70)
