@@ -654,9 +654,9 @@ def pack_int8_sparse_vnni(q: np.ndarray, scale: np.ndarray):
 
 
 # Lines of already-listed rows the VNNI kernel prefetches per channel it lists: the listing
-# (3 us at K=2816, a 20th of the call out of cache) then overlaps the first rows' fetch instead
-# of preceding it. Out of cache at 50 %, interleaved A/Bs: 2 lines +1 to +7 % (median of rounds,
-# four runs, K=2816 N=1024 and K=1024 N=2816); 1 and 4 lines about as much; 8 no gain.
+# (2.5-3 us at K=2816, a 20th of the call out of cache) then overlaps the first rows' fetch
+# instead of preceding it. Out of cache at 50 %, interleaved A/Bs: 2 lines +1 to +7 % (median of
+# rounds; five A/Bs, K=2816 N=1024 and K=1024 N=2816); 1 and 4 lines about as much; 8 no gain.
 LISTING_PREFETCH_LINES = 2
 
 
