@@ -740,9 +740,11 @@ def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_st
                 idx[c, count[0]] = kk
                 for t in T.unroll(4):
                     xb[c, count[0] * 4 + t] = T.shift_left(T.bitwise_and(q, 255), 8 * t)
-                for u in T.unroll(listing_prefetch_lines):  # line `line` of the listed rows, in order
+                # Line `line` of the listed rows, in order; clamped to the last one listed. Before the
+                # first active channel, idx[c, 0] is this channel (written just above).
+                for u in T.unroll(listing_prefetch_lines):
                     line = T.bind((kk - c * k // P) * listing_prefetch_lines + u)
-                    row = T.bind(idx[c, T.min(line // blocks, T.max(count[0] - 1, 0))])  # (0: this channel)
+                    row = T.bind(idx[c, T.min(line // blocks, T.max(count[0] - 1, 0))])
                     prefetch_l2(T.address_of(wflat[row * width + line % blocks * VNNI_BLOCK]))
                 qsum[0] = qsum[0] + q
                 count[0] = count[0] + T.Select(active, 1, 0)
