@@ -31,9 +31,12 @@ class CompileResult:
 def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, *,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, passes: list[dict] | None = None,
                   report: dict | None = None, bundle_runtime: bool | str = False,
-                  on_step: Progress | None = None, copy: bool = True) -> CompileResult:
+                  on_step: Progress | None = None, copy: bool = True, prepare: Callable | None = None,
+                  extra_manifest: dict | None = None, extra_files: dict[str, bytes] | None = None) -> CompileResult:
     """Lower `model` for `target_name` and write the artifact at `output`. The model is not
-    modified unless `copy=False` (for callers that own it and will not use it again)."""
+    modified unless `copy=False` (for callers that own it and will not use it again).
+    `prepare(model)` rewrites the graph before shapes are fixed (e.g. the KV-cache lowering);
+    `extra_manifest` / `extra_files` go into the artifact as they are."""
     from actsparse.codegen.lower import select_kernels, specialize_shapes, to_relax
     from actsparse.codegen.package import write_artifact
     from actsparse.codegen.targets import resolve_target, target_summary
@@ -52,6 +55,8 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
                              "compile models so far")
     if copy:  # lowering rewrites the graph; callers that own a fresh model skip this copy
         model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    if prepare is not None:
+        prepare(model)
     step("specializing shapes")
     model = specialize_shapes(model, input_shapes or {})
     step("selecting kernels")
@@ -90,6 +95,7 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
         output, executable, dict(zip(names, values)), _signature(model.graph.inputs, model),
         _signature(model.graph.outputs, model), target_summary(target), passes or [],
         (report or {}) | {"kernels": plan.layers}, bundle_runtime=bundle_runtime, fcompile=fcompile,
+        extra_manifest=extra_manifest, extra_files=extra_files,
     )
     timings["write"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start

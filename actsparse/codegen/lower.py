@@ -453,11 +453,12 @@ def _our_converters(target):
     from tvm.relax.frontend.onnx import onnx_frontend
 
     from actsparse.codegen.ffn_fusion import fused_ffn_converters
+    from actsparse.codegen.kv_cache import kv_converters
     from actsparse.codegen.quant_lowering import quant_converters
 
     original = onnx_frontend._get_convert_map
     kernels = _KernelCache(target)
-    fused = fused_ffn_converters(target) | quant_converters(target)
+    fused = fused_ffn_converters(target) | quant_converters(target) | kv_converters(target)
 
     def extended():
         table = dict(original()) | fused

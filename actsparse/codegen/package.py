@@ -38,6 +38,8 @@ def write_artifact(
     lib_cross_compiler: str | None = None,
     fcompile: Callable | None = None,
     bundle_runtime: bool | str | os.PathLike = False,
+    extra_manifest: dict | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write `executable` (from `tvm.compile`) and its weights as an artifact at `path`.
 
@@ -54,6 +56,9 @@ def write_artifact(
         no apache-tvm: True takes the installed apache-tvm's (host architecture only), a
         path takes that file (e.g. one from an aarch64 apache-tvm wheel).
 
+    extra_manifest: more top-level manifest sections (e.g. "lm" for a language model).
+    extra_files: {relative path: bytes} written into the artifact (and hashed like every file).
+
     Returns the path written. Raises ActsparseError on bad arguments; an existing
     destination is replaced only if it is an artifact (or an empty directory / a file when
     writing a tar).
@@ -65,7 +70,7 @@ def write_artifact(
     artifact.validate_tensor_specs(inputs, "inputs")
     artifact.validate_tensor_specs(outputs, "outputs")
     inputs, outputs = [_spec(s) for s in inputs], [_spec(s) for s in outputs]
-    _check_json(target=target, passes=passes, report=report)
+    _check_json(target=target, passes=passes, report=report, extra_manifest=extra_manifest or {})
     _check_destination(path, as_tar)
     runtime_source = _runtime_to_bundle(bundle_runtime, target["machine"])
 
@@ -80,7 +85,15 @@ def write_artifact(
         if runtime_source is not None:
             (content / "lib").mkdir()
             shutil.copyfile(runtime_source, content / artifact.BUNDLED_RUNTIME_NAME)
+        for rel, data in (extra_files or {}).items():
+            file = content / artifact.check_member_name(rel)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(data)
         manifest = _manifest(content, target, inputs, outputs, list(ordered_params), passes, report, runtime_source)
+        reserved = sorted(set(extra_manifest or {}) & set(manifest))
+        if reserved:
+            raise ActsparseError(f"extra_manifest: {reserved[0]!r} is a reserved manifest key")
+        manifest |= dict(extra_manifest or {})
         _write_json(content / artifact.MANIFEST_NAME, manifest)
         if as_tar:
             artifact.write_tar(content, staging / "artifact.tar")

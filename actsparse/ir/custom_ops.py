@@ -4,6 +4,11 @@ onnxruntime and onnx.checker accept a model that uses them; codegen lowers them 
 - `Sparsify(x, threshold) -> y`: y = x where |x| > threshold, else 0 (TEAL, CATS).
 - `SparsifyWeighted(x, threshold, channel_scale) -> y`: y = x where |x| * scale > threshold,
   else 0; `channel_scale[k]` is the norm of the weight row that input channel k reads (WINA).
+- `CachedAttention(q, k, v, past_k, past_v) -> (out, present_k, present_v)`: one decode step of
+  causal attention over a KV cache. q [kv_heads, group, head_dim] (already scaled), k and v
+  [kv_heads, 1, head_dim], past_* [kv_heads, past, head_dim]; present_* = past_* with k / v
+  appended; out = softmax(q present_kᵀ) present_v. The compiled form keeps the cache as runtime
+  state instead (codegen/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -18,6 +23,25 @@ VERSION = 1
 SPARSIFY = "Sparsify"
 SPARSIFY_WEIGHTED = "SparsifyWeighted"
 CUSTOM_OPS = (SPARSIFY, SPARSIFY_WEIGHTED)
+CACHED_ATTENTION = "CachedAttention"
+
+
+def _cached_attention_proto(onnx_opset: int) -> onnx.FunctionProto:
+    nodes = [
+        helper.make_node("Concat", ["past_k", "k"], ["present_k"], axis=1),
+        helper.make_node("Concat", ["past_v", "v"], ["present_v"], axis=1),
+        helper.make_node("Transpose", ["present_k"], ["k_t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "k_t"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "present_v"], ["out"]),
+    ]
+    return helper.make_function(DOMAIN, CACHED_ATTENTION, ["q", "k", "v", "past_k", "past_v"],
+                                ["out", "present_k", "present_v"], nodes,
+                                opset_imports=[helper.make_opsetid("", onnx_opset)])
+
+
+def is_cached_attention(node: ir.Node) -> bool:
+    return node.domain == DOMAIN and node.op_type == CACHED_ATTENTION
 
 
 def _function_proto(name: str, onnx_opset: int) -> onnx.FunctionProto:
@@ -42,13 +66,14 @@ def _function_proto(name: str, onnx_opset: int) -> onnx.FunctionProto:
 
 def ensure_function(model: ir.Model, name: str) -> None:
     """Add the op's function definition and the `actsparse` opset import, once."""
-    if name not in CUSTOM_OPS:
+    if name not in (*CUSTOM_OPS, CACHED_ATTENTION):
         raise ValueError(f"unknown actsparse op {name!r}")
     model.opset_imports.setdefault(DOMAIN, VERSION)
     key = (DOMAIN, name, "")
     if key not in model.functions:
         onnx_opset = model.opset_imports.get("", 18)
-        model.functions[key] = ir.serde.deserialize_function(_function_proto(name, onnx_opset))
+        proto = _cached_attention_proto(onnx_opset) if name == CACHED_ATTENTION else _function_proto(name, onnx_opset)
+        model.functions[key] = ir.serde.deserialize_function(proto)
 
 
 def is_sparsify(node: ir.Node) -> bool:

@@ -66,6 +66,11 @@ def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
         gpu = ffi.CudaTensors() if on_gpu else None
         if gpu is not None:
             params = [gpu.to_device(np.from_dlpack(p)) for p in params]
+        if "lm" in manifest:  # a language model: generate() over a KV cache owned by the runtime
+            from actsparse.runtime.generate import LanguageModel
+
+            files = {rel: _verified_bytes(root, rel, manifest) for rel in manifest["files"] if rel.startswith("tokenizer/")}
+            return LanguageModel(manifest, module, params, source=path, gpu=gpu, files=files)
         return CompiledModel(manifest, module, params, source=path, gpu=gpu)
     finally:
         artifact.remove_tree(workdir)
@@ -309,14 +314,19 @@ def _check_device(target: dict, device: str | None) -> str:
     return "cpu"
 
 
+def _verified_bytes(root: Path, rel: str, manifest: dict) -> bytes:
+    data = (root / rel).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["files"][rel]:
+        raise ActsparseError(f"artifact {root}: {rel} changed while loading")
+    return data
+
+
 def _verified_private_copy(root: Path, rel: str, manifest: dict, workdir: Path) -> Path:
     """Copy a shared library into the private `workdir` from bytes whose sha256 was just re-checked.
 
     The library is loaded from that copy, so a file swapped after `verify_files` is never executed.
     """
-    data = (root / rel).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["files"][rel]:
-        raise ActsparseError(f"artifact {root}: {rel} changed while loading")
+    data = _verified_bytes(root, rel, manifest)
     target = workdir / "lib" / Path(rel).name
     target.parent.mkdir(mode=0o700, exist_ok=True)
     target.write_bytes(data)

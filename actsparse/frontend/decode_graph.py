@@ -1,0 +1,179 @@
+"""Build the one-token decode step of a causal LM as an ONNX graph, from a `DecoderSpec`.
+
+    inputs:  input_ids int64 [1, 1], position int64 [1],
+             past_key.{i}, past_value.{i} float32 [kv_heads, past, head_dim] per layer
+    outputs: logits float32 [1, vocab], present_key.{i}, present_value.{i} [kv_heads, past + 1, head_dim]
+
+Per layer, on a [1, hidden] row (2-D, as the FFN fusion and block discovery expect):
+    h = RMSNorm(x); q, k, v = h @ Wq, h @ Wk, h @ Wv (+ bias); RoPE(q, k) from the model's own
+    cos/sin tables gathered at `position`; out = actsparse.CachedAttention(q * scale, k, v, past);
+    x += out @ Wo; x += down(act(gate(RMSNorm(x))) * up(RMSNorm(x)))
+Every linear is a MatMul named after its module (`layers.0.mlp.gate_proj`), with the weight
+stored [in, out], so `sparsify`, `quantize`, ... find and rewrite them like any other graph's.
+The graph runs in onnxruntime (CachedAttention has a function body): that run is the
+reference the compiled decode step is checked against, and calibration feeds come from it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from actsparse.frontend.causal_lm import DecoderSpec
+from actsparse.ir.custom_ops import CACHED_ATTENTION, DOMAIN, VERSION, ensure_function
+
+OPSET = 18
+PAST = "past"  # the symbolic past-length dim of the cache inputs
+
+
+def cache_names(layers: int) -> list[tuple[str, str]]:
+    return [(f"past_key.{i}", f"past_value.{i}") for i in range(layers)]
+
+
+def present_names(layers: int) -> list[tuple[str, str]]:
+    return [(f"present_key.{i}", f"present_value.{i}") for i in range(layers)]
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._constants: dict[tuple, str] = {}
+        self.value_info: list[onnx.ValueInfoProto] = []
+
+    def node(self, op: str, inputs: list[str], name: str, domain: str = "", outputs: int = 1, **attrs) -> list[str]:
+        outs = [f"{name}.out{j}" if outputs > 1 else f"{name}.out" for j in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+    def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        return self.node(op, inputs, name, **attrs)[0]
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value, dtype=np.float32) -> str:
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            self._constants[key] = self.weight(f"const.{len(self._constants)}", array)
+        return self._constants[key]
+
+
+def build_decode_graph(spec: DecoderSpec) -> ir.Model:
+    """The decode-step ONNX model of `spec` (see the module docstring)."""
+    b = _Builder()
+    w = spec.weights
+    d, hd, heads, kv = spec.hidden_size, spec.head_dim, spec.heads, spec.kv_heads
+    group = heads // kv
+    embed = b.weight("embed.weight", w["embed.weight"])
+    ids = b.op("Reshape", ["input_ids", b.const([1], np.int64)], "embed/ids")
+    x = b.op("Gather", [embed, ids], "embed")  # [1, d]
+    if spec.embed_scale != 1.0:
+        x = b.op("Mul", [x, b.const(spec.embed_scale)], "embed/scale")
+    cos = b.op("Gather", [b.weight("rope.cos", spec.rope_cos), "position"], "rope/cos")  # [1, hd]
+    sin = b.op("Gather", [b.weight("rope.sin", spec.rope_sin), "position"], "rope/sin")
+    scale = spec.attention_scale if spec.attention_scale is not None else hd ** -0.5
+    for i in range(spec.layers):
+        p = f"layers.{i}"
+        h = _rms_norm(b, spec, x, w[f"{p}.input_norm.weight"], f"{p}.input_layernorm")
+        q = _linear(b, spec, h, f"{p}.self_attn.q_proj", f"{p}.q_proj")
+        k = _linear(b, spec, h, f"{p}.self_attn.k_proj", f"{p}.k_proj")
+        v = _linear(b, spec, h, f"{p}.self_attn.v_proj", f"{p}.v_proj")
+        q = b.op("Reshape", [q, b.const([heads, hd], np.int64)], f"{p}.self_attn/q_heads")
+        k = b.op("Reshape", [k, b.const([kv, hd], np.int64)], f"{p}.self_attn/k_heads")
+        v = b.op("Reshape", [v, b.const([kv, 1, hd], np.int64)], f"{p}.self_attn/v_heads")
+        if spec.qk_norm:
+            q = _rms_norm(b, spec, q, w[f"{p}.q_norm.weight"], f"{p}.self_attn.q_norm")
+            k = _rms_norm(b, spec, k, w[f"{p}.k_norm.weight"], f"{p}.self_attn.k_norm")
+        q = _rope(b, q, cos, sin, hd, f"{p}.self_attn/rope_q")
+        k = _rope(b, k, cos, sin, hd, f"{p}.self_attn/rope_k")
+        q = b.op("Mul", [q, b.const(scale)], f"{p}.self_attn/scale")
+        q = b.op("Reshape", [q, b.const([kv, group, hd], np.int64)], f"{p}.self_attn/q_groups")
+        k = b.op("Reshape", [k, b.const([kv, 1, hd], np.int64)], f"{p}.self_attn/k_groups")
+        past_k, past_v = cache_names(spec.layers)[i]
+        present_k, present_v = present_names(spec.layers)[i]
+        name = f"{p}.self_attn/attention"
+        b.nodes.append(helper.make_node(CACHED_ATTENTION, [q, k, v, past_k, past_v],
+                                        [f"{name}.out", present_k, present_v], name=name, domain=DOMAIN))
+        b.value_info += [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+                         for n, s in ((q, [kv, group, hd]), (k, [kv, 1, hd]), (v, [kv, 1, hd]),
+                                      (f"{name}.out", [kv, group, hd]))]
+        attn = b.op("Reshape", [f"{name}.out", b.const([1, heads * hd], np.int64)], f"{p}.self_attn/merge")
+        o = _linear(b, spec, attn, f"{p}.self_attn.o_proj", f"{p}.o_proj")
+        x = b.op("Add", [x, o], f"{p}/attention_residual")
+        h = _rms_norm(b, spec, x, w[f"{p}.post_attention_norm.weight"], f"{p}.post_attention_layernorm")
+        gate = _linear(b, spec, h, f"{p}.mlp.gate_proj", f"{p}.gate_proj")
+        up = _linear(b, spec, h, f"{p}.mlp.up_proj", f"{p}.up_proj")
+        act = _activation(b, spec.activation, gate, f"{p}.mlp.act_fn")
+        hidden = b.op("Mul", [act, up], f"{p}.mlp/Mul")
+        down = _linear(b, spec, hidden, f"{p}.mlp.down_proj", f"{p}.down_proj")
+        x = b.op("Add", [x, down], f"{p}/residual")
+    h = _rms_norm(b, spec, x, w["norm.weight"], "norm")
+    head = w["embed.weight"] if spec.tied_embeddings else w["lm_head.weight"]
+    logits = b.op("MatMul", [h, b.weight("lm_head.weight_kn", head.T)], "lm_head")
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="output"))
+
+    cache_shape = [kv, PAST, hd]
+    present_shape = [kv, "present", hd]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 1]),
+              helper.make_tensor_value_info("position", TensorProto.INT64, [1])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, spec.vocab_size])]
+    for (pk, pv), (nk, nv) in zip(cache_names(spec.layers), present_names(spec.layers)):
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, cache_shape) for n in (pk, pv)]
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in (nk, nv)]
+    graph = helper.make_graph(b.nodes, f"{spec.family}_decode_step", inputs, outputs, initializer=b.inits,
+                              value_info=b.value_info)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, VERSION)])
+    proto.ir_version = 9
+    model = ir.serde.deserialize_model(proto)
+    ensure_function(model, CACHED_ATTENTION)
+    return model
+
+
+def _linear(b: _Builder, spec: DecoderSpec, x: str, node_name: str, key: str) -> str:
+    y = b.op("MatMul", [x, b.weight(f"{key}.weight_kn", spec.weights[f"{key}.weight"].T)], node_name)
+    bias = spec.weights.get(f"{key}.bias")
+    if bias is not None:
+        y = b.op("Add", [y, b.weight(f"{key}.bias", bias)], f"{node_name}/bias")
+    return y
+
+
+def _rms_norm(b: _Builder, spec: DecoderSpec, x: str, weight: np.ndarray, name: str) -> str:
+    """x / sqrt(mean(x^2) + eps) * (offset + w) over the last axis."""
+    square = b.op("Mul", [x, x], f"{name}/square")
+    mean = b.op("ReduceMean", [square, b.const([-1], np.int64)], f"{name}/mean", keepdims=1)
+    rms = b.op("Sqrt", [b.op("Add", [mean, b.const(spec.norm_eps)], f"{name}/eps")], f"{name}/sqrt")
+    normed = b.op("Div", [x, rms], f"{name}/div")
+    scale = (weight + spec.norm_offset).astype(np.float32)
+    return b.op("Mul", [normed, b.weight(f"{name}.weight", scale)], f"{name}/weight")
+
+
+def _rope(b: _Builder, x: str, cos: str, sin: str, hd: int, name: str) -> str:
+    """x * cos + rotate_half(x) * sin (the Llama convention: rotate_half(x) = [-x2, x1])."""
+    half = hd // 2
+    x1 = b.op("Slice", [x, b.const([0], np.int64), b.const([half], np.int64), b.const([-1], np.int64)], f"{name}/x1")
+    x2 = b.op("Slice", [x, b.const([half], np.int64), b.const([hd], np.int64), b.const([-1], np.int64)], f"{name}/x2")
+    rotated = b.op("Concat", [b.op("Neg", [x2], f"{name}/neg"), x1], f"{name}/rotate", axis=-1)
+    return b.op("Add", [b.op("Mul", [x, cos], f"{name}/cos"), b.op("Mul", [rotated, sin], f"{name}/sin")], f"{name}/add")
+
+
+def _activation(b: _Builder, kind: str, x: str, name: str) -> str:
+    if kind == "silu":
+        return b.op("Mul", [x, b.op("Sigmoid", [x], f"{name}/Sigmoid")], f"{name}/Mul")
+    if kind == "relu":
+        return b.op("Relu", [x], f"{name}/Relu")
+    if kind == "gelu":
+        erf = b.op("Erf", [b.op("Div", [x, b.const(np.sqrt(2.0))], f"{name}/Div")], f"{name}/Erf")
+        half = b.op("Mul", [b.op("Add", [erf, b.const(1.0)], f"{name}/Add"), b.const(0.5)], f"{name}/Half")
+        return b.op("Mul", [x, half], f"{name}/Mul")
+    if kind == "gelu_tanh":
+        cube = b.op("Mul", [b.op("Mul", [x, x], f"{name}/sq"), x], f"{name}/cube")
+        inner = b.op("Add", [x, b.op("Mul", [cube, b.const(0.044715)], f"{name}/c")], f"{name}/inner")
+        tanh = b.op("Tanh", [b.op("Mul", [inner, b.const(np.sqrt(2.0 / np.pi))], f"{name}/k")], f"{name}/Tanh")
+        half = b.op("Mul", [b.op("Add", [tanh, b.const(1.0)], f"{name}/Add"), b.const(0.5)], f"{name}/Half")
+        return b.op("Mul", [x, half], f"{name}/Mul")
+    raise ValueError(f"activation {kind!r}")

@@ -1,0 +1,175 @@
+"""Compile a causal LM into a generation artifact: a one-token decode step over a KV cache.
+
+    HF module / folder --read_causal_lm--> DecoderSpec --build_decode_graph--> decode ONNX
+        --passes (calibrated on decode-step activations)--> --lower_cached_attention-->
+        --compile_model--> artifact with a manifest "lm" section (+ the tokenizer, if any)
+
+The runtime's `LanguageModel` (runtime/generate.py) owns the cache buffers and runs the step
+once per token, for the prompt too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from actsparse.errors import ActsparseError
+
+DEFAULT_MAX_CONTEXT = 2048
+CALIBRATION_STEPS = 64  # decode steps whose activations calibrate the thresholds
+CALIBRATION_SEQUENCES = 4
+
+
+def load_decoder(model: Any, max_context: int):
+    """(DecoderSpec, decode-step ir.Model) of a transformers module or Hugging Face folder."""
+    from actsparse.frontend.causal_lm import read_causal_lm
+    from actsparse.frontend.decode_graph import build_decode_graph
+
+    if max_context < 2:
+        raise ActsparseError(f"max_context must be at least 2, got {max_context}")
+    spec = read_causal_lm(model, max_context)
+    return spec, build_decode_graph(spec)
+
+
+def tokenizer_of(model: Any, tokenizer: str | os.PathLike | None) -> tuple[dict | None, dict[str, bytes]]:
+    """The manifest's tokenizer entry and the files to pack: "bytes" (the in-repo LM's byte
+    tokenizer), a tokenizer.json (or a folder holding one), else the model folder's own."""
+    if tokenizer == "bytes":
+        from actsparse.lm.data import BOS, EOS
+
+        return {"kind": "bytes", "bos": BOS, "eos": EOS}, {}
+    candidates = []
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        candidates.append(path / "tokenizer.json" if path.is_dir() else path)
+        if not candidates[0].is_file():
+            raise ActsparseError(f"{tokenizer}: no tokenizer.json there")
+    elif isinstance(model, (str, os.PathLike)):
+        candidates.append(Path(model) / "tokenizer.json")
+    for file in candidates:
+        if file.is_file():
+            data = file.read_bytes()
+            _check_tokenizer(data, file)
+            return {"kind": "huggingface", "file": "tokenizer/tokenizer.json"}, {"tokenizer/tokenizer.json": data}
+    return None, {}
+
+
+def _check_tokenizer(data: bytes, file: Path) -> None:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return  # checked on the device, where text in/out needs it
+    try:
+        Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:
+        raise ActsparseError(f"{file}: not a tokenizer the tokenizers library reads ({exc})") from None
+
+
+def calibration_tokens(spec, tokenizer: dict | None, files: dict[str, bytes], calib_text: str | os.PathLike | None,
+                       seed: int = 0) -> list[np.ndarray]:
+    """Token sequences for calibration: `calib_text` (one sequence per paragraph), or by default a
+    held-out file of the Python standard library's source; random ids when there is no tokenizer."""
+    if calib_text is not None:
+        path = Path(calib_text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ActsparseError(f"{path}: cannot read calibration text ({exc})") from None
+        if not text.strip():
+            raise ActsparseError(f"{path}: calibration text is empty")
+    else:
+        text = _default_text()
+    steps = CALIBRATION_STEPS // CALIBRATION_SEQUENCES + 1
+    if tokenizer is None:
+        if calib_text is not None:
+            raise ActsparseError("--calib-text needs a tokenizer (a model folder with tokenizer.json, or --tokenizer)")
+        rng = np.random.default_rng(seed)
+        return [rng.integers(0, spec.vocab_size, steps) for _ in range(CALIBRATION_SEQUENCES)]
+    from actsparse.runtime.tokenizer import make_tokenizer
+
+    encode = make_tokenizer(tokenizer, files).encode
+    chunks = [c for c in text.split("\n\n") if c.strip()] or [text]
+    ids = np.concatenate([np.asarray(encode(c), np.int64) for c in chunks])
+    if len(ids) < steps:
+        ids = np.resize(ids, steps)
+    starts = np.linspace(0, len(ids) - steps, CALIBRATION_SEQUENCES).astype(int)
+    return [np.clip(ids[s:s + steps], 0, spec.vocab_size - 1) for s in starts]
+
+
+def _default_text() -> str:
+    from actsparse.lm.data import corpus_files
+
+    files = corpus_files("heldout")
+    return files[0].read_text(encoding="utf-8", errors="replace")[:20000] if files else "def f(x):\n    return x\n"
+
+
+def decode_feeds(model: ir.Model, sequences: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """One feed per decode step of each sequence (teacher-forced through onnxruntime), so the
+    thresholds see the activations the compiled decode step will see."""
+    from actsparse.frontend.decode_graph import cache_names
+    from actsparse.passes.verify import ort_session
+
+    session = ort_session(model)
+    layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key."))
+    kv, _, d = model.graph.inputs[2].shape
+    feeds = []
+    for tokens in sequences:
+        past = {n: np.zeros((int(kv), 0, int(d)), np.float32) for pair in cache_names(layers) for n in pair}
+        for position, token in enumerate(tokens):
+            feed = {"input_ids": np.array([[int(token)]], np.int64), "position": np.array([position], np.int64),
+                    **past}
+            if position:  # the first step sees an empty cache: no attention statistics worth keeping
+                feeds.append(feed)
+            outputs = session.run(None, feed)
+            names = [o.name for o in session.get_outputs()]
+            past = {name.replace("present_", "past_"): value for name, value in zip(names[1:], outputs[1:])}
+    return feeds
+
+
+def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: str | os.PathLike | None = None,
+                      max_context: int = DEFAULT_MAX_CONTEXT, calib_text: str | os.PathLike | None = None,
+                      tokenizer: str | os.PathLike | None = None, recipe=None, verify: bool = True, seed: int = 0,
+                      bundle_runtime: bool | str = False, on_pass=None, on_step: Callable[[str], None] | None = None):
+    """The causal LM `model` compiled for `target` as a generation artifact (see the module docstring)."""
+    import tempfile
+
+    from actsparse.api import CompiledArtifact, _accuracy_report, resolve_passes
+    from actsparse.codegen.compile import compile_model
+    from actsparse.codegen.kernels.cpu.attention import cache_capacity
+    from actsparse.codegen.kv_cache import lower_cached_attention
+    from actsparse.passes.base import PassContext
+    from actsparse.passes.pipeline import run_pipeline
+
+    step = on_step or (lambda message: None)
+    step("reading the model")
+    spec, decode = load_decoder(model, max_context)
+    tokenizer_entry, files = tokenizer_of(model, tokenizer)
+    records = []
+    specs = resolve_passes(passes, recipe) if (passes or recipe) else []
+    if specs:
+        step("calibrating on decode steps")
+        sequences = calibration_tokens(spec, tokenizer_entry, files, calib_text, seed)
+        feeds = decode_feeds(decode, sequences)
+        decode, records = run_pipeline(decode, specs, PassContext(calibration=feeds, seed=seed), verify=verify,
+                                       on_pass=on_pass)
+    capacity = cache_capacity(max_context)
+    window = spec.sliding_window if spec.sliding_window and spec.sliding_window < max_context else 0
+    caches: list[dict] = []
+
+    def prepare(graph: ir.Model) -> None:
+        caches.extend(lower_cached_attention(graph, capacity, window))
+
+    lm = spec.describe() | {"max_context": max_context, "cache_capacity": capacity, "window": window,
+                            "tokenizer": tokenizer_entry, "source": spec.source,
+                            "caches": caches}  # filled by prepare(), before the manifest is written
+    if output is None:
+        output = Path(tempfile.mkdtemp(prefix="actsparse-")) / "lm.actsparse"
+    result = compile_model(decode, target, output, input_shapes={"input_ids": (1, 1), "position": (1,)},
+                           passes=[r.to_json() for r in records], report=_accuracy_report(records),
+                           bundle_runtime=bundle_runtime, on_step=on_step, copy=False, prepare=prepare,
+                           extra_manifest={"lm": lm}, extra_files=files)
+    return CompiledArtifact(result.path, result.target, result.kernels, records, result.seconds)
