@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("compile", help="optimize and compile a model for a target into an artifact")
-    p.add_argument("model", help="input ONNX file")
+    p.add_argument("model", help="input ONNX file, or a causal LM folder (Hugging Face config.json + safetensors, "
+                                 "or an actsparse.lm checkpoint) to compile for generation")
     p.add_argument("-o", "--output", required=True, help="artifact path (a directory, or a .tar file)")
     p.add_argument("--target", default="host",
                    help="host (default), x86, rpi4, aarch64, cuda[:sm_XX], or a JSON target")
@@ -50,8 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put libtvm_runtime.so inside the artifact (this machine's, or the given file: "
                         "for rpi4, the aarch64 one from scripts/arm/build_userland.sh)")
     p.add_argument("--report", help="write the pass and compile report as JSON")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="causal LMs: tokens the KV cache holds (default 2048, capped by the model's positions)")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("generate", help="generate text (or token ids) with a compiled causal-LM artifact")
+    p.add_argument("artifact", help="LM artifact (from `actsparse compile MODEL_FOLDER`)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="prompt text (encoded with the artifact's tokenizer)")
+    group.add_argument("--prompt-ids", help="prompt token ids, comma-separated (for artifacts without a tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--stop", default=None, help="stop token ids, comma-separated (default: the model's EOS)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("run", help="run a compiled artifact (needs only numpy + apache-tvm-ffi)")
     p.add_argument("artifact", help="artifact directory or .tar")
@@ -109,8 +126,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", help='pipeline, e.g. "relufy,sparsify{method=teal,sparsity=0.5}" (default: cleanup)')
     p.add_argument("--recipe", help="YAML/JSON recipe (or an optimize --report file)")
     p.add_argument("--calib", help=".npz of named inputs (default: generated from the input signature)")
-    p.add_argument("--calib-text", help="text file: one calibration sample per line (needs --tokenizer)")
-    p.add_argument("--tokenizer", help="Hugging Face tokenizer folder for --calib-text")
+    p.add_argument("--calib-text", help="text file: one calibration sample per line (needs --tokenizer); for a "
+                                        "causal LM, text whose decode steps calibrate the thresholds")
+    p.add_argument("--tokenizer", help="Hugging Face tokenizer folder for --calib-text; for a causal LM, the "
+                                       "tokenizer.json to pack (default: the model folder's) or 'bytes'")
     # None = not given: a recipe's recorded calibration settings apply, else the defaults.
     p.add_argument("--samples", type=int, default=None, help="generated calibration samples (default 8)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for generated inputs (default 16)")
@@ -443,6 +462,12 @@ def cmd_compile(args) -> int:
 
     if _same_file(Path(args.output), Path(args.model)):
         raise ActsparseError(f"{args.output}: refusing to overwrite the input model; choose another -o")
+    from actsparse.frontend.causal_lm import is_causal_lm
+
+    if is_causal_lm(args.model):
+        return _compile_lm(args)
+    if args.max_context is not None:
+        raise ActsparseError("--max-context is for causal-LM folders; this model is an ONNX file")
     shapes = dict(_parse_shape(text) for text in args.input_shape)
     _check_writable_folder(args.report, "--report")
     _apply_recipe_calibration(args)
@@ -471,6 +496,61 @@ def cmd_compile(args) -> int:
                                         "kernels": result.kernels, "seconds": result.seconds})
     print(f"wrote {result.path}", file=sys.stderr)
     return 0
+
+
+def _compile_lm(args) -> int:
+    from actsparse.api import write_json_atomic
+    from actsparse.lm.compile import DEFAULT_MAX_CONTEXT, compile_causal_lm
+
+    if args.calib or args.input_shape:
+        raise ActsparseError("a causal LM is calibrated on decode steps: use --calib-text, not --calib/--input-shape")
+    _check_writable_folder(args.report, "--report")
+    with _progress("optimizing") as on_pass, _status() as step:
+        art = compile_causal_lm(args.model, args.target, args.passes, output=args.output, recipe=args.recipe,
+                                max_context=args.max_context or DEFAULT_MAX_CONTEXT, calib_text=args.calib_text,
+                                tokenizer=args.tokenizer, verify=not args.no_verify, seed=args.seed or 0,
+                                bundle_runtime=args.bundle_runtime, on_pass=on_pass, on_step=step)
+    print_records(art.records)
+    kernels = Counter(layer["kernel"] for layer in art.kernels)
+    print(f"compiled the decode step for {args.target} in {art.seconds['total']:.1f}s; linear kernels: "
+          + (", ".join(f"{k} x{v}" for k, v in kernels.items()) or "none"), file=sys.stderr)
+    if args.report:
+        write_json_atomic(args.report, {"passes": [r.to_json() for r in art.records], "target": art.target,
+                                        "kernels": art.kernels, "seconds": art.seconds})
+    print(f"wrote {art.path}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from actsparse.runtime import load
+    from actsparse.runtime.generate import LanguageModel
+
+    lm = load(args.artifact)
+    if not isinstance(lm, LanguageModel):
+        raise ActsparseError(f"{args.artifact}: not a language-model artifact (compile a causal-LM folder)")
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed,
+                    stop_tokens=_id_list(args.stop, "--stop") if args.stop is not None else None)
+    if args.prompt is not None:
+        lm.generate_text(args.prompt, args.max_new_tokens, on_text=lambda piece: print(piece, end="", flush=True),
+                         **sampling)
+        print()
+    else:
+        ids = _id_list(args.prompt_ids, "--prompt-ids")
+        for token in lm.generate(ids, args.max_new_tokens, **sampling):
+            print(token, end=" ", flush=True)
+        print()
+    stats = lm.stats
+    print(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tokens_per_second:.1f} tok/s; "
+          f"decode: {stats.new_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s", file=sys.stderr)
+    return 0
+
+
+def _id_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ActsparseError(f"{flag} {text!r}: expected comma-separated token ids, e.g. 1,306,4658") from None
 
 
 def _parse_shape(text: str) -> tuple[str, tuple[int, ...]]:

@@ -73,7 +73,9 @@ def sparsified(model: ir.Model, method: str, sparsity: float, calibration) -> tu
     """A copy of `model` with `method` applied at `sparsity`, and the pass's report."""
     from actsparse.passes import PassContext, make_pass
 
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    from actsparse.ir.large import copy_model
+
+    copy = copy_model(model)  # shares the tensors (passes replace them, never change them)
     if sparsity <= 0:
         return copy, {}
     name, options = method_pass(method, sparsity)

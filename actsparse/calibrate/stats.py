@@ -7,6 +7,7 @@ import onnx_ir as ir
 
 from actsparse.calibrate.data import Feeds
 from actsparse.errors import ActsparseError
+from actsparse.ir.large import copy_model
 
 
 def collect_values(model: ir.Model, names: list[str], samples: list[Feeds]) -> dict[str, list[np.ndarray]]:
@@ -14,7 +15,7 @@ def collect_values(model: ir.Model, names: list[str], samples: list[Feeds]) -> d
     gets the values as extra graph outputs."""
     if not names:
         return {}
-    probe = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    probe = copy_model(model)  # shares the tensors: no weight is copied or serialized
     values = {v.name: v for v in _all_values(probe.graph)}
     existing = {v.name for v in probe.graph.outputs}
     wanted = []

@@ -75,7 +75,7 @@ def is_causal_lm(model: Any) -> bool:
     """A transformers causal-LM module, or a folder holding a config.json of a decoder LM."""
     if isinstance(model, (str, Path)):
         path = Path(model)
-        return path.is_dir() and (path / "config.json").is_file()
+        return path.is_dir() and ((path / "config.json").is_file() or is_actsparse_lm_folder(path))
     config = getattr(model, "config", None)
     return config is not None and hasattr(model, "state_dict") and getattr(config, "model_type", None) is not None \
         and hasattr(model, "get_output_embeddings")
@@ -83,6 +83,10 @@ def is_causal_lm(model: Any) -> bool:
 
 def read_causal_lm(model: Any, max_context: int) -> DecoderSpec:
     """The DecoderSpec of a transformers module or a Hugging Face folder."""
+    if isinstance(model, (str, Path)) and is_actsparse_lm_folder(Path(model)):
+        from actsparse.lm.model import load_lm
+
+        return read_causal_lm(load_lm(Path(model)), max_context)
     if isinstance(model, (str, Path)):
         config, tensors = _folder(Path(model))
         source = str(model)
@@ -92,6 +96,12 @@ def read_causal_lm(model: Any, max_context: int) -> DecoderSpec:
         tensors = _TensorSource(lambda name: state[name], set(state))
         source = type(model).__name__
     return _spec(config, tensors, max_context, source)
+
+
+def is_actsparse_lm_folder(path: Path) -> bool:
+    """A checkpoint of the in-repo LM (`actsparse.lm.save_lm`: model.safetensors + model.config.json)."""
+    return (path / "model.config.json").is_file() and (path / "model.safetensors").is_file() \
+        and not (path / "config.json").is_file()
 
 
 class _TensorSource:

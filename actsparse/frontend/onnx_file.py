@@ -13,6 +13,7 @@ import onnx.numpy_helper
 import onnx_ir as ir
 
 from actsparse.errors import ActsparseError
+from actsparse.ir.large import has_external_tensors, tensor_bytes
 
 # Files at least this large keep their tensors in a side file (protobuf caps at 2 GB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -66,10 +67,15 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, source: str | os.Pat
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.exists():
         raise ActsparseError(f"{folder}: output folder does not exist")
-    proto = ir.serde.serialize_model(model)
-    large = proto.ByteSize() >= EXTERNAL_DATA_THRESHOLD if _fits_protobuf(proto) else True
-    if large:
-        _save_with_external_data(proto, path, folder, source)
+    # Large models are never serialized whole: their tensors (in memory or still in the input's
+    # data file) are written to OUT.data one by one.
+    proto = None
+    if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD and not has_external_tensors(model):
+        proto = ir.serde.serialize_model(model)
+        if not _fits_protobuf(proto) or proto.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+            proto = None
+    if proto is None:
+        _save_with_external_data(model, path, folder, source)
         return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
@@ -82,7 +88,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, source: str | os.Pat
         raise
 
 
-def _save_with_external_data(proto: onnx.ModelProto, path: Path, folder: Path, source) -> None:
+def _save_with_external_data(model: ir.Model, path: Path, folder: Path, source) -> None:
     """Write `path` and its tensors in `path.name + ".data"`: both are written in a private
     temp folder beside them and renamed into place, the data first. Each file is replaced
     atomically; a reader between the two renames sees the new data with the old model."""
@@ -92,8 +98,7 @@ def _save_with_external_data(proto: onnx.ModelProto, path: Path, folder: Path, s
         raise ActsparseError(f"{folder / data_name}: the input model's data; refusing to overwrite it, choose another -o")
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=folder))
     try:
-        onnx.save_model(proto, str(staging / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        ir.save(model, staging / path.name, external_data=data_name, size_threshold_bytes=1024)
         if (staging / data_name).exists():
             os.replace(staging / data_name, folder / data_name)
         os.replace(staging / path.name, path)

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from actsparse.ir.activations import Activation, match_activation
+from actsparse.ir.custom_ops import is_cached_attention
 from actsparse.ir.graph import dataflow_graph, nearest_downstream, nearest_upstream
 
 __all__ = [
@@ -111,7 +112,8 @@ class FFNBlock:
 
 @dataclass(eq=False)
 class AttentionBlock:
-    """Self-attention around one Softmax. q, k, v are the same Linear when `fused_qkv`."""
+    """Self-attention around one Softmax (or one actsparse.CachedAttention node of a decode step,
+    held in `softmax`). q, k, v are the same Linear when `fused_qkv`."""
 
     name: str
     q: Linear
@@ -395,9 +397,12 @@ def _find_attention_blocks(graph: ir.Graph, by_node: dict[ir.Node, Linear]) -> l
     blocks = []
     seen: set[tuple[int, int, int]] = set()
     for softmax in graph:
-        if softmax.op_type != "Softmax":
+        if is_cached_attention(softmax):  # a decode step's attention over the KV cache: q, k, v are its inputs
+            block = _cached_attention_block(softmax, dag, by_node, linear_nodes)
+        elif softmax.op_type != "Softmax":
             continue
-        block = _attention_around(softmax, dag, by_node, linear_nodes)
+        else:
+            block = _attention_around(softmax, dag, by_node, linear_nodes)
         if block is None:
             continue
         key = (id(block.q), id(block.k), id(block.v))
@@ -425,6 +430,14 @@ def _attention_around(softmax, dag, by_node, linear_nodes) -> AttentionBlock | N
     o = _unique_linear(nearest_downstream(dag, probs, linear_nodes), by_node)
     fused = q is k or k is v or q is v
     return AttentionBlock("", q, k, v, o, softmax, fused)
+
+
+def _cached_attention_block(node, dag, by_node, linear_nodes) -> AttentionBlock | None:
+    q, k, v = (_unique_linear(nearest_upstream(dag, value, linear_nodes), by_node) for value in node.inputs[:3])
+    if q is None or k is None or v is None:
+        return None
+    o = _unique_linear(nearest_downstream(dag, node, linear_nodes), by_node)
+    return AttentionBlock("", q, k, v, o, node, q is k or k is v or q is v)
 
 
 def _first_matmul(softmax: ir.Node, dag, *, upstream: bool, linear_nodes: set[ir.Node]) -> ir.Node | None:

@@ -42,6 +42,10 @@ def tokenizer_of(model: Any, tokenizer: str | os.PathLike | None) -> tuple[dict 
         from actsparse.lm.data import BOS, EOS
 
         return {"kind": "bytes", "bos": BOS, "eos": EOS}, {}
+    from actsparse.frontend.causal_lm import is_actsparse_lm_folder
+
+    if tokenizer is None and isinstance(model, (str, os.PathLike)) and is_actsparse_lm_folder(Path(model)):
+        return tokenizer_of(model, "bytes")  # the in-repo LM reads UTF-8 bytes
     candidates = []
     if tokenizer is not None:
         path = Path(tokenizer)

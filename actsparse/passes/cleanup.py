@@ -19,14 +19,16 @@ import onnxscript.optimizer
 
 from actsparse.passes.base import ActsparsePass, option, register
 
-# Serializing for onnx's shape inference must stay under protobuf's 2 GB limit.
-_SHAPE_INFERENCE_LIMIT = 1 << 30
+# onnx_ir's ShapeInferencePass serializes the model without its initializers above 1 KB (they
+# become typed graph inputs for the call), so weights of any size never reach the protobuf.
+# Tensors inside nodes (Constant values) still do: skip inference when those pass this.
+_INLINE_TENSOR_LIMIT = 1 << 30
 
 
 @dataclass
 class CleanupOptions:
     fold_constants: bool = option(True, "fold subgraphs whose inputs are all constant")
-    shape_inference: bool = option(True, "infer value shapes and types (skipped above 1 GB of weights)")
+    shape_inference: bool = option(True, "infer value shapes and types")
 
 
 @register
@@ -59,7 +61,7 @@ class CleanupPass(ActsparsePass):
         for pass_ in passes:
             model = pass_(model).model
         inferred = False
-        if self.options.shape_inference and _weight_bytes(model) < _SHAPE_INFERENCE_LIMIT:
+        if self.options.shape_inference and _inline_tensor_bytes(model) < _INLINE_TENSOR_LIMIT:
             model = common.ShapeInferencePass(strict_mode=False)(model).model
             inferred = True
         nodes_after = _count_nodes(model.graph)
@@ -76,5 +78,11 @@ def _count_nodes(graph: ir.Graph) -> int:
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(graph))
 
 
-def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+def _inline_tensor_bytes(model: ir.Model) -> int:
+    """Bytes of the tensors held by node attributes (Constant values), which shape inference serializes."""
+    total = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                total += attr.value.nbytes
+    return total

@@ -14,7 +14,7 @@ import yaml
 
 from actsparse.errors import ActsparseError, VerificationError
 from actsparse.passes.base import PassContext, make_pass, options_dict
-from actsparse.passes.verify import OutputComparison, check_model, compare_outputs, run_onnxruntime
+from actsparse.passes.verify import OutputComparison, check_model, compare_outputs, ort_session, run_onnxruntime
 
 
 @dataclass
@@ -179,7 +179,8 @@ def run_pipeline(
 
 def _outputs(model: ir.Model, samples: list[dict[str, np.ndarray]], after: str | None = None):
     try:
-        return [run_onnxruntime(model, sample) for sample in samples]
+        session = ort_session(model)  # one session for all samples: a large model's takes seconds to create
+        return [run_onnxruntime(session, sample) for sample in samples]
     except ActsparseError as exc:
         if after is None:
             raise

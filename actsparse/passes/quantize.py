@@ -48,6 +48,7 @@ from actsparse.calibrate.stats import as_rows, collect_values, token_masks
 from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import Linear, find_linears
 from actsparse.ir.custom_ops import add_initializer, unique_name, unique_node_name
+from actsparse.ir.large import copy_model
 from actsparse.passes.base import ActsparsePass, option, register
 
 GROUPS = (32, 64, 128)
@@ -130,7 +131,8 @@ class QuantizePass(ActsparsePass):
             raise ActsparseError("pass 'quantize': no linear layer with a constant float32 weight to quantize")
         inputs = _group_by_input(linears)
         speed_sample = self._speed_sample()
-        float_proto = ir.serde.serialize_model(model) if speed_sample is not None else None
+        # A copy sharing the float tensors (the pass replaces them in `model`): never serialized whole.
+        float_model = copy_model(model) if speed_sample is not None else None
         bytes_before = _initializer_bytes(model)
         weight_bytes_before = sum(l.in_features * l.out_features * int(l.weight.dtype.itemsize) for l in linears)
         if mode == "weight_only" and opts.format == "qdq":
@@ -157,8 +159,8 @@ class QuantizePass(ActsparsePass):
             "model_bytes_before": bytes_before, "model_bytes_after": bytes_after,
             "layers": layers, "stayed_float": skipped,
         }
-        if float_proto is not None:
-            self.report.update(_speed_vs_float(float_proto, ir.serde.serialize_model(model), speed_sample))
+        if float_model is not None:
+            self.report.update(_speed_vs_float(float_model, model, speed_sample))
         return ir.passes.PassResult(model, modified=True)
 
     def _speed_sample(self) -> dict[str, np.ndarray] | None:
@@ -715,17 +717,14 @@ def _raise_opset(model: ir.Model, version: int) -> None:
             function.opset_imports[""] = version
 
 
-def _speed_vs_float(float_proto, quantized_proto, sample: dict[str, np.ndarray], budget_seconds: float = 0.3) -> dict:
+def _speed_vs_float(float_model: ir.Model, quantized_model: ir.Model, sample: dict[str, np.ndarray],
+                    budget_seconds: float = 0.3) -> dict:
     """onnxruntime time of the float and the quantized model on ``sample``, interleaved; a
     ``warning`` when the quantized one is slower."""
-    import onnxruntime as ort
-
     from actsparse.bench import interleaved_best
+    from actsparse.passes.verify import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sessions = {name: ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                for name, proto in (("float", float_proto), ("quantized", quantized_proto))}
+    sessions = {name: ort_session(model) for name, model in (("float", float_model), ("quantized", quantized_model))}
     feeds = {name: {i.name: sample[i.name] for i in session.get_inputs() if i.name in sample}
              for name, session in sessions.items()}
     calls = {name: (lambda s, f: lambda _i: s.run(None, f))(session, feeds[name]) for name, session in sessions.items()}
