@@ -1,0 +1,49 @@
+"""The decode-attention kernel against a numpy reference: cache append, GQA groups, sliding
+window, stale entries past the current length never read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from actsparse.codegen.kernels.cpu.attention import cache_capacity, decode_attention  # noqa: E402
+from actsparse.codegen.targets import resolve_target  # noqa: E402
+
+
+def reference(q, keys, values, position, window):
+    start = max(0, position + 1 - window) if window else 0
+    scores = np.einsum("hgd,htd->hgt", q, keys[:, start:position + 1])
+    scores -= scores.max(-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("hgt,htd->hgd", probs, values[:, start:position + 1])
+
+
+@pytest.mark.parametrize("kv,group,d,window", [(2, 3, 16, 0), (1, 4, 32, 0), (3, 1, 8, 5)])
+def test_decode_attention_matches_numpy(kv, group, d, window):
+    capacity = cache_capacity(40)
+    assert capacity == 48
+    func = decode_attention(kv, group, d, capacity, window=window).with_attr("global_symbol", "attention")
+    kernel = tvm.compile(tvm.IRModule({"attention": func}), resolve_target("host"))["attention"]
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    # the buffers start with garbage (a previous, longer sequence): only 0..position may be read
+    cache_k = tvm.runtime.tensor(np.full((kv, d, capacity), 1e30, np.float32))
+    cache_v = tvm.runtime.tensor(np.full((kv, capacity, d), 1e30, np.float32))
+    for position in range(40):
+        q = rng.standard_normal((kv, group, d)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((kv, group, d), np.float32))
+        kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(keys[:, position:position + 1]),
+               tvm.runtime.tensor(values[:, position:position + 1]), cache_k, cache_v,
+               tvm.runtime.tensor(np.array([position], np.int64)), out)
+        np.testing.assert_allclose(out.numpy(), reference(q, keys, values, position, window), atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(cache_k.numpy()[:, :, :40], keys[:, :40].transpose(0, 2, 1))
+    np.testing.assert_array_equal(cache_v.numpy()[:, :40], values[:, :40])
+
+
+def test_capacity_must_be_whole_vectors():
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(1, 1, 8, 20)

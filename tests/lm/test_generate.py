@@ -1,0 +1,268 @@
+"""Causal LMs end to end: HF families -> decode-step ONNX (checked against transformers in
+onnxruntime) -> compiled decode step over the KV cache -> generate / perplexity / CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import actsparse  # noqa: E402
+from actsparse.errors import ActsparseError  # noqa: E402
+from actsparse.frontend.causal_lm import read_causal_lm  # noqa: E402
+from actsparse.frontend.decode_graph import build_decode_graph  # noqa: E402
+from actsparse.lm.compile import compile_causal_lm, decode_feeds  # noqa: E402
+from actsparse.runtime.generate import LanguageModel, sample  # noqa: E402
+
+COMMON = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, max_position_embeddings=128, eos_token_id=1, bos_token_id=0, pad_token_id=0)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON, rope_scaling=LLAMA3_ROPE),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON),
+    "mistral": lambda: transformers.MistralConfig(**COMMON),
+    "phi3": lambda: transformers.Phi3Config(**COMMON),
+    "gemma": lambda: transformers.GemmaConfig(**COMMON, head_dim=16),
+    "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
+}
+
+
+def random_lm(family: str, seed: int = 0):
+    """A random-init model whose norms and biases are not the trivial 1 / 0."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p += 0.1 * torch.randn_like(p)
+    return model
+
+
+def torch_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Plain argmax decoding with transformers' own KV cache (no EOS suppression, no stop)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        tokens = []
+        for _ in range(new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def ort_decode_logits(model_ir, tokens) -> np.ndarray:
+    """Logits of each position, from the decode-step graph run token by token in onnxruntime."""
+    from actsparse.passes.verify import ort_session
+
+    session = ort_session(model_ir)
+    names = [o.name for o in session.get_outputs()]
+    shape = model_ir.graph.inputs[2].shape
+    kv, d = int(shape[0]), int(shape[2])
+    past = {v.name: np.zeros((kv, 0, d), np.float32) for v in model_ir.graph.inputs[2:]}
+    rows = []
+    for position, token in enumerate(tokens):
+        out = session.run(None, {"input_ids": np.array([[token]]), "position": np.array([position]), **past})
+        rows.append(out[0][0])
+        past = {n.replace("present_", "past_"): v for n, v in zip(names[1:], out[1:])}
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decode_graph_matches_transformers(family):
+    model = random_lm(family)
+    decode = build_decode_graph(read_causal_lm(model, 64))
+    tokens = torch.randint(2, 300, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens).logits[0].numpy()
+    got = ort_decode_logits(decode, tokens[0].tolist())
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_phi3_fused_projections_become_a_gated_ffn():
+    from actsparse.ir.blocks import find_blocks
+
+    blocks = find_blocks(build_decode_graph(read_causal_lm(random_lm("phi3"), 32)))
+    assert [b.kind for b in blocks.ffn] == ["gated", "gated"]
+    assert len(blocks.attention) == 2 and all(b.o is not None for b in blocks.attention)
+
+
+def test_unsupported_family_and_context_are_clear_errors():
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                             ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(ActsparseError, match="not supported for generation"):
+        read_causal_lm(opt, 16)
+    with pytest.raises(ActsparseError, match="max_position_embeddings"):
+        read_causal_lm(random_lm("llama"), 4096)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return random_lm("llama")
+
+
+@pytest.fixture(scope="module")
+def dense_lm(llama, tmp_path_factory):
+    art = compile_causal_lm(llama, "host", output=tmp_path_factory.mktemp("lm") / "dense.actsparse", max_context=48)
+    return art
+
+
+def test_compiled_greedy_equals_transformers(llama, dense_lm):
+    lm = actsparse.load(dense_lm.path)
+    assert isinstance(lm, LanguageModel) and lm.max_context == 48
+    prompt = [0, 17, 42, 99, 5]
+    got = list(lm.generate(prompt, 30, stop_tokens=[]))
+    assert got == torch_greedy(llama, prompt, 30)
+    assert lm.stats.prompt_tokens == 5 and lm.stats.new_tokens == 30 and lm.stats.decode_tokens_per_second > 0
+    # a second sequence on the same object, without reloading, gives the same tokens
+    assert list(lm.generate(prompt, 30, stop_tokens=[])) == got
+
+
+def test_compiled_step_logits_and_perplexity_match_onnxruntime(llama, dense_lm):
+    decode = build_decode_graph(read_causal_lm(llama, 48))
+    tokens = [0, 5, 77, 123, 9, 250, 31, 8, 64, 12, 200, 3]
+    reference = ort_decode_logits(decode, tokens)
+    lm = actsparse.load(dense_lm.path)
+    lm.reset()
+    got = np.array([lm.step(t) for t in tokens])
+    np.testing.assert_allclose(got, reference, atol=1e-4, rtol=1e-4)
+    logp = reference - np.log(np.exp(reference).sum(-1, keepdims=True))
+    ort_ppl = float(np.exp(-np.mean([logp[i, tokens[i + 1]] for i in range(len(tokens) - 1)])))
+    assert lm.perplexity(tokens) == pytest.approx(ort_ppl, rel=1e-3)
+
+
+def test_generation_errors_are_clear(dense_lm):
+    lm = actsparse.load(dense_lm.path)
+    with pytest.raises(ActsparseError, match="context overflow"):
+        list(lm.generate([1, 2, 3], 46))
+    with pytest.raises(ActsparseError, match="outside the vocabulary"):
+        list(lm.generate([1, 300], 2))
+    with pytest.raises(ActsparseError, match="empty"):
+        list(lm.generate([], 2))
+    with pytest.raises(ActsparseError, match="top_p"):
+        list(lm.generate([1], 2, top_p=0))
+    with pytest.raises(ActsparseError, match="no tokenizer"):
+        lm.generate_text("hello", 4)
+    lm.reset()
+    for t in range(48):
+        lm.step(t % 7)
+    with pytest.raises(ActsparseError, match="context overflow"):
+        lm.step(1)
+
+
+def test_sampling_rules():
+    logits = np.array([1.0, 3.0, 2.0, -1.0])
+    assert sample(logits) == 1
+    rng = np.random.default_rng(0)
+    assert {sample(logits, 1.0, top_k=1, rng=rng) for _ in range(20)} == {1}
+    draws = {sample(logits, 1.0, top_k=2, rng=rng) for _ in range(200)}
+    assert draws == {1, 2}
+    assert {sample(logits, 1.0, top_p=0.5, rng=rng) for _ in range(50)} == {1}  # token 1 alone holds > 0.5
+    # repetition penalty divides a positive logit: 3 / 4 < 2
+    assert sample(logits, repetition_penalty=4.0, seen=[1]) == 2
+    a = [sample(logits, 0.8, rng=np.random.default_rng(7)) for _ in range(5)]
+    b = [sample(logits, 0.8, rng=np.random.default_rng(7)) for _ in range(5)]
+    assert a == b
+
+
+def test_seeded_sampling_and_streaming(dense_lm):
+    lm = actsparse.load(dense_lm.path)
+    seen = []
+    first = list(lm.generate([0, 4], 12, temperature=0.9, top_k=40, top_p=0.95, seed=3, stop_tokens=[],
+                             on_token=seen.append))
+    assert seen == first and len(first) == 12
+    assert list(lm.generate([0, 4], 12, temperature=0.9, top_k=40, top_p=0.95, seed=3, stop_tokens=[])) == first
+
+
+def test_teal_decode_step_runs_sparse_kernels_everywhere(llama, tmp_path):
+    art = compile_causal_lm(llama, "host", "sparsify{method=teal,sparsity=0.5}", output=tmp_path / "teal.actsparse",
+                            max_context=32)
+    kernels = {k["name"]: k["kernel"] for k in art.kernels}
+    attention = [n for n in kernels if "self_attn" in n]
+    assert len(attention) == 8 and all(kernels[n] == "threshold" for n in attention)
+    assert [kernels[f"layers.{i}.mlp"] for i in range(2)] == ["ffn_input_sparse"] * 2
+    layers = art.records[-1].report["layers"]
+    assert all(abs(l["calibrated_sparsity"] - 0.5) < 0.1 for l in layers)
+    lm = actsparse.load(art.path)
+    tokens = list(lm.generate([0, 3, 9], 10, stop_tokens=[]))
+    assert len(tokens) == 10 and all(0 <= t < 300 for t in tokens)
+    assert np.isfinite(lm.perplexity([0, 3, 9, 27, 81, 243]))
+
+
+def test_calibration_feeds_are_decode_steps(llama):
+    decode = build_decode_graph(read_causal_lm(llama, 32))
+    feeds = decode_feeds(decode, [np.array([0, 1, 2, 3]), np.array([5, 6, 7])])
+    assert len(feeds) == 3 + 2  # every step but each sequence's first
+    assert [f["position"][0] for f in feeds] == [1, 2, 3, 1, 2]
+    assert feeds[2]["past_key.0"].shape == (2, 3, 16)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A Hugging Face folder: config.json + model.safetensors + a word-level tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-qwen2"
+    model = random_lm("qwen2", seed=3)
+    model.save_pretrained(folder, safe_serialization=True)
+    words = ["<s>", "</s>"] + [f"w{i}" for i in range(298)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder, model
+
+
+def test_cli_compiles_a_hf_folder_and_generates_text(hf_folder, tmp_path):
+    folder, model = hf_folder
+    calib = tmp_path / "calib.txt"
+    calib.write_text("w1 w2 w3 w4 w5 w6 w7 w8 w9\n\nw10 w11 w12 w13 w14 w15 w16\n")
+    out = tmp_path / "lm.actsparse"
+    cli = [sys.executable, "-m", "actsparse.cli"]
+    done = subprocess.run(cli + ["compile", str(folder), "-o", str(out), "--max-context", "64", "--passes",
+                                 "sparsify{method=teal,sparsity=0.4,scope=ffn}", "--calib-text", str(calib)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "ffn_input_sparse x2" in done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lm"]["family"] == "qwen2" and manifest["lm"]["tokenizer"]["kind"] == "huggingface"
+    done = subprocess.run(cli + ["generate", str(out), "--prompt", "w5 w6 w7", "--max-new-tokens", "8", "--stop", ""],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("w") and len(done.stdout.split()) == 8
+    assert "decode: 8 tokens" in done.stderr and "tok/s" in done.stderr
+    done = subprocess.run(cli + ["generate", str(out), "--prompt-ids", "0,5,x"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("actsparse: error:") and "--prompt-ids" in done.stderr
+
+
+def test_cli_generate_refuses_a_model_that_is_not_an_lm(tmp_path):
+    from actsparse import zoo
+    import onnx
+
+    onnx.save(zoo.swiglu_stack(layers=1, d=32, f=64), tmp_path / "ffn.onnx")
+    art = actsparse.compile(str(tmp_path / "ffn.onnx"), output=tmp_path / "ffn.actsparse")
+    done = subprocess.run([sys.executable, "-m", "actsparse.cli", "generate", str(art.path), "--prompt-ids", "1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "not a language-model artifact" in done.stderr
+
+
+def test_in_repo_lm_greedy_64_tokens_equal_torch(tmp_path):
+    """Part 6: the in-repo LM (byte tokenizer), dense: 64 greedy tokens equal torch's."""
+    from actsparse.lm.model import build_lm, save_lm
+
+    torch_model = build_lm("tiny", seed=5).eval()
+    save_lm(torch_model, tmp_path / "ckpt")
+    art = compile_causal_lm(tmp_path / "ckpt", "host", output=tmp_path / "lm.actsparse", max_context=96)
+    lm = actsparse.load(art.path)
+    assert lm.tokenizer.kind == "bytes"
+    prompt = [256] + list(b"def f(x):")
+    assert list(lm.generate(prompt, 64, stop_tokens=[])) == torch_greedy(torch_model, prompt, 64)
+    text = lm.generate_text("def f(x):", 16, stop_tokens=[])
+    assert isinstance(text, str)
