@@ -1,5 +1,6 @@
-"""`python -m actsparse.runtime run ARTIFACT [--inputs in.npz] [-o out.npz] [--seed N]`: the thin
-runtime's command line, for devices that have only numpy, safetensors and apache-tvm-ffi."""
+"""`python -m actsparse.runtime run ARTIFACT [--inputs in.npz] [-o out.npz] [--seed N]` and
+`python -m actsparse.runtime generate LM_ARTIFACT --prompt-ids 1,2,3 [...]`: the thin runtime's
+command line, for devices that have only numpy, safetensors and apache-tvm-ffi."""
 
 from __future__ import annotations
 
@@ -17,10 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--inputs", help=".npz with one array per input name (default: random inputs)")
     run.add_argument("-o", "--output", help="write the outputs to this .npz (default: print a summary)")
     run.add_argument("--seed", type=int, default=0)
+    from actsparse.runtime.generate_command import add_generate_arguments, generate_command
+
+    add_generate_arguments(sub.add_parser("generate", help="generate with a language-model artifact"))
     args = parser.parse_args(argv)
     from actsparse.runtime.run_command import run_artifact_command
 
     try:
+        if args.command == "generate":
+            return generate_command(args)
         return run_artifact_command(args.artifact, args.inputs, args.output, args.seed)
     except ActsparseError as exc:
         print(f"actsparse: error: {' '.join(str(exc).split())}", file=sys.stderr)
