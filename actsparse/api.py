@@ -44,7 +44,9 @@ def to_ir_model(model: Any, example_inputs: Any = None) -> ir.Model:
     from actsparse.frontend.onnx_file import load_model
 
     if isinstance(model, ir.Model):  # passes work in place: never change the caller's model
-        return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        from actsparse.ir.large import copy_model
+
+        return copy_model(model)  # shares the tensors (never changed in place), keeps external data's folder
     if isinstance(model, onnx.ModelProto):
         return ir.serde.deserialize_model(model)
     if isinstance(model, (str, os.PathLike)):

@@ -40,6 +40,7 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     from actsparse.codegen.lower import select_kernels, specialize_shapes, to_relax
     from actsparse.codegen.package import write_artifact
     from actsparse.codegen.targets import resolve_target, target_summary
+    from actsparse.ir.large import copy_model
 
     step = on_step or (lambda message: None)
     timings: dict[str, float] = {}
@@ -54,7 +55,7 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
         raise ActsparseError(f"target {target_name!r}: only CPU targets (host, x86, rpi4, aarch64) and cuda "
                              "compile models so far")
     if copy:  # lowering rewrites the graph; callers that own a fresh model skip this copy
-        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        model = copy_model(model)  # shares the tensors: lowering replaces them, never changes them
     if prepare is not None:
         prepare(model)
     step("specializing shapes")

@@ -46,6 +46,7 @@ from actsparse.codegen.relax_util import as_converter, attr_text
 from actsparse.ir.blocks import Linear, find_blocks, find_linears, predicted_mask_input
 from actsparse.ir.activations import match_activation
 from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, add_initializer, unique_node_name
+from actsparse.ir.large import drop_pages
 
 FUSED_FFN = "ActsparseFusedFFN"
 LOWERING_DOMAIN = "actsparse.lowering"
@@ -365,6 +366,8 @@ def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> tuple[di
         entry |= {"input_threshold": block.input_threshold, "down_threshold": block.down_threshold}
         weight_names = ("gate_up", "down")
     inputs += [add_initializer(model, f"{name}.{suffix}", array) for suffix, array in zip(weight_names, packed)]
+    for array in (wg, wu, wd):  # packed copies replace them: mapped external data need not stay resident
+        drop_pages(array)
     attributes = {"kernel": ir.AttrString("kernel", form), "act": ir.AttrString("act", block.act),
                   "d": ir.AttrInt64("d", d), "f": ir.AttrInt64("f", f),
                   "shifted": ir.AttrInt64("shifted", int(block.shift is not None)),

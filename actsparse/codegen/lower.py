@@ -22,10 +22,11 @@ import onnx
 import onnx.inliner
 import onnx_ir as ir
 
-from actsparse.codegen.relax_util import as_converter, attr_text
+from actsparse.codegen.relax_util import as_converter, attr_text, weights_as_params
 from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import Linear, find_linears
 from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, SPARSIFY_WEIGHTED, add_initializer, unique_node_name
+from actsparse.ir.large import drop_pages, weightless_proto
 
 DENSE_LINEAR = "ActsparseDenseLinear"
 SPARSE_LINEAR = "ActsparseSparseLinear"
@@ -163,8 +164,11 @@ def _static_shape(value: ir.Value) -> list[int] | None:
 
 
 def _weight_kn(linear: Linear) -> np.ndarray:
-    w = linear.weight.const_value.numpy().astype(np.float32)
-    return np.ascontiguousarray(w.T if linear.weight_layout == "NK" else w)
+    w = linear.weight.const_value.numpy().astype(np.float32, copy=False)  # no copy of float32 (maybe mmapped)
+    kn = np.ascontiguousarray(w.T if linear.weight_layout == "NK" else w)
+    if kn is not w:
+        drop_pages(w)  # copied: external data need not stay resident (large models, ir/large.py)
+    return kn
 
 
 def _zero_producing(node: ir.Node) -> bool:
@@ -185,7 +189,7 @@ def to_relax(model: ir.Model, target):
     from tvm.relax.frontend.onnx import from_onnx
 
     _pack_dense_weights(model, target)
-    proto = ir.serde.serialize_model(model)
+    proto, weights = weightless_proto(model)  # weights stay arrays, out of the protobuf (2 GB cap, copies)
     proto = onnx.inliner.inline_local_functions(proto)
     _small_constants_inline(proto.graph)
     from actsparse.codegen.kernels.cpu.schedule import batch1_row_schedule, row_schedule_for
@@ -196,9 +200,9 @@ def to_relax(model: ir.Model, target):
         except Exception as exc:
             first = str(exc).strip().splitlines()
             raise ActsparseError(f"TVM cannot import the model: {first[-1] if first else type(exc).__name__}") from None
-    mod, params = detach_params(mod)
+    mod, params = weights_as_params(*detach_params(mod), weights)
     mod = schedule_tvm_ops(mod, target)
-    return mod, {name: [p.numpy() for p in values] for name, values in params.items()}
+    return mod, params
 
 
 def schedule_tvm_ops(mod, target):
@@ -410,7 +414,10 @@ def _pack_dense_weights(model: ir.Model, target) -> None:
         if len(weight.shape) == 3:
             continue  # already packed
         packed = pack_dense(weight.const_value.numpy(), block=block)
+        drop_pages(weight.const_value.numpy())
         node.replace_input_with(1, add_initializer(model, f"{node.name}.weight_packed", packed))
+        if not weight.uses():  # free an unpacked copy now: peak memory stays near 1x the weights
+            model.graph.initializers.pop(weight.name)
     import onnx_ir.passes.common as common
 
     common.RemoveUnusedNodesPass()(model)

@@ -10,6 +10,9 @@ keeps them there above 1 GB) stay memory-mapped and are read where they are used
 
 from __future__ import annotations
 
+import mmap
+
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -36,11 +39,12 @@ def has_external_tensors(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
-def weightless_proto(model: ir.Model, min_bytes: int = BIG_TENSOR_BYTES) -> tuple[onnx.ModelProto, list[ir.Value]]:
+def weightless_proto(model: ir.Model, min_bytes: int | None = None) -> tuple[onnx.ModelProto, list[ir.Value]]:
     """`model` as a protobuf whose initializers of at least `min_bytes` are graph inputs,
     appended after the model's own inputs, plus those initializers in that order (their
     `const_value` holds the data). Smaller external-data tensors are inlined. `model` is not
-    modified."""
+    modified. `min_bytes` defaults to BIG_TENSOR_BYTES."""
+    min_bytes = BIG_TENSOR_BYTES if min_bytes is None else min_bytes
     copy = copy_model(model)
     moved = []
     for value in copy.graph.initializers.values():
@@ -51,7 +55,6 @@ def weightless_proto(model: ir.Model, min_bytes: int = BIG_TENSOR_BYTES) -> tupl
             moved.append(value)
         elif isinstance(tensor, ir.ExternalTensor):  # small: inline, as the file is not beside the protobuf
             value.const_value = ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name)
-            release(tensor)
     if not moved:
         return ir.serde.serialize_model(copy), []
     moved_set = set(moved)
@@ -69,12 +72,13 @@ def weightless_proto(model: ir.Model, min_bytes: int = BIG_TENSOR_BYTES) -> tupl
     return proto, [originals[v.name] for v in moved]
 
 
-def release(tensor) -> None:
-    """Unmap an external-data tensor once its data was used (its pages count as the process's
-    memory while mapped). Reading it again maps it again. No-op for other tensors, and while a
-    numpy view of it is still alive."""
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:  # a view of the mapping is still in use
-            pass
+def drop_pages(array: np.ndarray) -> None:
+    """Let the kernel drop the resident pages of a memory-mapped (external-data) array once it
+    was read: they count as the process's memory while mapped, and the mapping lives as long as
+    the graph that held the tensor. The array stays valid: a read-only file mapping reads its
+    pages from the file again when used. No-op for arrays in memory."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is not None and not base.closed and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)

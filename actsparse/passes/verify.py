@@ -10,7 +10,8 @@ import onnx
 import onnx_ir as ir
 
 from actsparse.errors import ActsparseError, VerificationError
-from actsparse.ir.large import BIG_TENSOR_BYTES, copy_model, has_external_tensors, tensor_bytes, weightless_proto
+from actsparse.ir import large
+from actsparse.ir.large import copy_model, has_external_tensors, tensor_bytes, weightless_proto
 
 # Up to this many bytes of tensors, onnxruntime gets the whole model as one protobuf.
 _ORT_PROTO_LIMIT = 1 << 30
@@ -67,7 +68,7 @@ def _proto_for_ort(model: ir.Model, options) -> tuple[onnx.ModelProto, list]:
             continue
         if isinstance(tensor, ir.ExternalTensor) and str(Path(tensor.base_dir).resolve()) == folder:
             continue
-        if tensor.nbytes < BIG_TENSOR_BYTES and not isinstance(tensor, ir.ExternalTensor):
+        if tensor.nbytes < large.BIG_TENSOR_BYTES and not isinstance(tensor, ir.ExternalTensor):
             continue
         array = np.ascontiguousarray(tensor.numpy())
         names.append(value.name)
