@@ -92,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("example", help="write a built-in example model (ONNX) to try the tool on")
-    p.add_argument("name", choices=["swiglu", "gelu_mlp"], help="swiglu: Llama-style FFN stack; gelu_mlp: BERT-style")
-    p.add_argument("-o", "--output", required=True, help="output ONNX file")
+    p.add_argument("name", choices=["swiglu", "gelu_mlp", "lm"],
+                   help="swiglu: Llama-style FFN stack; gelu_mlp: BERT-style; lm: the in-repo Llama-architecture "
+                        "byte-level LM, briefly trained on the Python standard library (a folder to compile)")
+    p.add_argument("-o", "--output", required=True, help="output ONNX file (lm: output folder)")
+    p.add_argument("--size", default="mini", help="lm: tiny, mini (default) or small")
+    p.add_argument("--train-steps", type=int, default=400, help="lm: training steps (default 400, ~30 s on 2 cores)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d", type=int, default=1024, help="model width (default 1024)")
     p.add_argument("--f", type=int, default=2816, help="FFN width (default 2816)")
@@ -684,6 +688,13 @@ def cmd_example(args) -> int:
     from actsparse.frontend.onnx_file import save_model
     from actsparse.zoo import EXAMPLES
 
+    if args.name == "lm":
+        from actsparse.lm.train import example_lm
+
+        metrics = example_lm(args.output, size=args.size, steps=args.train_steps)
+        print(f"wrote {args.output} (actsparse.lm {args.size}, {metrics['parameters']:,} parameters, trained "
+              f"{metrics['step']} steps, held-out perplexity {metrics['heldout_perplexity']:.2f})", file=sys.stderr)
+        return 0
     if min(args.layers, args.d, args.f, args.tokens) <= 0:
         raise ActsparseError("--layers, --d, --f and --tokens must be positive")
     proto = EXAMPLES[args.name](layers=args.layers, d=args.d, f=args.f, tokens=args.tokens)

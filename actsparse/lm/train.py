@@ -213,6 +213,16 @@ def train_lm(out: str | Path, options: TrainOptions | None = None, *, minutes: f
     return metrics
 
 
+def example_lm(out: str | Path, size: str = "mini", steps: int = 400) -> dict:
+    """The built-in example LM: `size` trained `steps` short steps (128 tokens x 16) into `out`.
+    Cached like any run: the same command returns at once the second time."""
+    if steps < 1:
+        raise ActsparseError(f"--train-steps must be at least 1, got {steps}")
+    options = TrainOptions(size=size, steps=steps, seq_len=128, batch=16, lr=3e-3, warmup=min(20, steps),
+                           eval_windows=16)
+    return train_lm(out, options)
+
+
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
