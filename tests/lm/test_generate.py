@@ -266,3 +266,18 @@ def test_in_repo_lm_greedy_64_tokens_equal_torch(tmp_path):
     assert list(lm.generate(prompt, 64, stop_tokens=[])) == torch_greedy(torch_model, prompt, 64)
     text = lm.generate_text("def f(x):", 16, stop_tokens=[])
     assert isinstance(text, str)
+
+
+def test_sliding_window_matches_transformers(tmp_path):
+    """Mistral with a window shorter than the context: the compiled step attends to the last
+    `sliding_window` positions, as transformers does."""
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(**COMMON, sliding_window=6)).eval()
+    art = compile_causal_lm(model, "host", output=tmp_path / "sw.actsparse", max_context=32)
+    lm = actsparse.load(art.path)
+    assert lm.info["window"] == 6
+    tokens = [0, 5, 9, 33, 2, 7, 100, 42, 8, 17, 3, 4, 5, 6, 7, 8]
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0].numpy()
+    lm.reset()
+    np.testing.assert_allclose(np.array([lm.step(t) for t in tokens]), expected, atol=1e-4, rtol=1e-4)
