@@ -12,11 +12,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-def _finish(nodes, inputs, outputs, initializers, opset: int = 17) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "ffn_stack", inputs, outputs, initializer=initializers)
+def _finish(nodes, inputs, outputs, initializers: list, opset: int = 17) -> onnx.ModelProto:
+    """The model, taking the `initializers` out of the list one at a time (protobuf copies each
+    one in): a model of many GB (`actsparse example ... --layers 32`) is never held twice."""
+    graph = helper.make_graph(nodes, "ffn_stack", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8  # readable by every onnxruntime in use
-    onnx.checker.check_model(model)
+    size = 0
+    initializers.reverse()
+    while initializers:
+        tensor = initializers.pop()
+        size += len(tensor.raw_data)
+        model.graph.initializer.append(tensor)
+        del tensor
+    if size < 1 << 30:  # the checker serializes the model, and protobuf caps at 2 GB
+        onnx.checker.check_model(model)
     return model
 
 
