@@ -469,6 +469,7 @@ def _our_converters(target):
 
     def extended():
         table = dict(original()) | fused
+        table["Gather"] = _clipped_gather(table["Gather"])
         table[DENSE_LINEAR] = _converter(kernels, "dense")
         table[SPARSE_LINEAR] = _converter(kernels, "sparse")
         return table
@@ -478,6 +479,25 @@ def _our_converters(target):
         yield
     finally:
         onnx_frontend._get_convert_map = original
+
+
+def _clipped_gather(base):
+    """TVM's Gather converter with out-of-range indices clipped instead of read out of bounds:
+    TVM's default ("fast") take reads any address an index names (an embedding row, a rotary
+    table row), so a bad token id or position would crash the process, not raise."""
+    from tvm import relax
+
+    class ClippedGather(base):
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            original_take = relax.op.take
+            relax.op.take = lambda data, indices, axis=None, mode="fast": original_take(data, indices, axis, mode="clip")
+            try:
+                return super()._impl_v13(bb, inputs, attr, params)
+            finally:
+                relax.op.take = original_take
+
+    return ClippedGather
 
 
 class _KernelCache:
