@@ -51,7 +51,7 @@ def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
     try:
         root = _artifact_root(path, workdir)
         manifest = artifact.read_manifest(root)
-        artifact.verify_files(root, manifest)
+        artifact.verify_files(root, manifest, deferred=(manifest["params"]["file"],))  # checked as read
         artifact.check_machine(manifest["target"])
         on_gpu = _check_device(manifest["target"], device) == "cuda"
         bundled = manifest.get("runtime_library")
@@ -62,7 +62,8 @@ def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
             ffi.ensure_cuda_runtime(bundled_copy)
             ffi.serve_device_code(ffi.embedded_device_code(library))  # before TVM asks to compile it
         module = _load_module(library)
-        params = _load_params(root / manifest["params"]["file"], manifest["params"]["names"])
+        params_file = manifest["params"]["file"]
+        params = _load_params(root / params_file, manifest["params"]["names"], manifest["files"][params_file])
         gpu = ffi.CudaTensors() if on_gpu else None
         if gpu is not None:
             params = [gpu.to_device(np.from_dlpack(p)) for p in params]
@@ -344,21 +345,87 @@ def _load_module(library: Path):
         ) from None
 
 
-def _load_params(path: Path, names: list[str]) -> list:
-    """The weights as tvm_ffi tensors in manifest order, one tensor in flight at a time."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import safe_open
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
+                      "U64": np.uint64, "BOOL": np.bool_}
+_MAX_HEADER_BYTES = 100 << 20
+
+
+def _load_params(path: Path, names: list[str], sha256: str) -> list:
+    """The weights (a safetensors file) as tvm_ffi tensors in manifest order.
+
+    One pass over the file: each tensor is read straight into 64-byte-aligned memory while the
+    file's sha256 is computed; a mismatch raises before anything is returned. The format is
+    checked strictly (no holes, no overlaps, sizes that match dtype x shape)."""
+    import json
 
     tvm_ffi = import_tvm_ffi()
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            stored = set(handle.keys())
-            if stored != set(names):
-                diff = sorted(stored ^ set(names))
-                raise ActsparseError(f"artifact: params file and manifest disagree on {diff[0]!r}")
-            return [tvm_ffi.from_dlpack(aligned(handle.get_tensor(name))) for name in names]
-    except SafetensorError as exc:
-        raise ActsparseError(f"{path}: unreadable params ({exc})") from None
+    digest = hashlib.sha256()
+
+    def read(handle, size: int) -> bytes:
+        data = handle.read(size)
+        if len(data) != size:
+            raise ActsparseError(f"{path}: truncated params file")
+        digest.update(data)
+        return data
+
+    arrays: dict[str, np.ndarray] = {}
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(read(handle, 8), "little")
+        if header_size > _MAX_HEADER_BYTES:
+            raise ActsparseError(f"{path}: unreadable params (header of {header_size} bytes)")
+        try:
+            header = json.loads(read(handle, header_size))
+        except ValueError as exc:
+            raise ActsparseError(f"{path}: unreadable params ({exc})") from None
+        if not isinstance(header, dict):
+            raise ActsparseError(f"{path}: unreadable params (header is not an object)")
+        header.pop("__metadata__", None)
+        if set(header) != set(names):
+            raise ActsparseError(f"artifact: params file and manifest disagree on {sorted(set(header) ^ set(names))[0]!r}")
+        data_bytes = os.fstat(handle.fileno()).st_size - 8 - header_size
+        if max((_offsets(path, item)[1] for item in header.items()), default=0) > data_bytes:
+            raise ActsparseError(f"{path}: unreadable params (tensors extend past the end of the file)")
+        cursor = 0
+        for name, entry in sorted(header.items(), key=lambda item: _offsets(path, item)[0]):
+            begin, end = _offsets(path, (name, entry))
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            shape = entry.get("shape")
+            if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ActsparseError(f"{path}: unreadable params (tensor {name!r}: dtype/shape)")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if begin != cursor or end - begin != nbytes:
+                raise ActsparseError(f"{path}: unreadable params (tensor {name!r}: offsets)")
+            array = aligned(np.empty(0, np.uint8)) if nbytes == 0 else _aligned_empty(nbytes)
+            view = memoryview(array)
+            while view.nbytes:
+                count = handle.readinto(view)
+                if not count:
+                    raise ActsparseError(f"{path}: truncated params file")
+                digest.update(view[:count])
+                view = view[count:]
+            arrays[name] = array.view(dtype).reshape(shape)
+            cursor = end
+        while chunk := handle.read(1 << 20):  # trailing bytes still count for the checksum
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise ActsparseError(f"artifact: {path.name} does not match its sha256 in the manifest (modified or corrupt)")
+    return [tvm_ffi.from_dlpack(arrays[name]) for name in names]
+
+
+def _offsets(path: Path, item) -> tuple[int, int]:
+    name, entry = item
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ActsparseError(f"{path}: unreadable params (tensor {name!r}: data_offsets)")
+    return offsets[0], offsets[1]
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    buffer = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    offset = -buffer.ctypes.data % ALIGNMENT
+    return buffer[offset:offset + nbytes]
 
 
 def _merge_named(first: dict, second: dict) -> dict:

@@ -127,8 +127,8 @@ def test_library_swapped_after_the_check_is_never_loaded(artifact_dir, tmp_path,
     root = Path(shutil.copytree(artifact_dir, tmp_path / "copy"))
     real_verify = artifact.verify_files
 
-    def verify_then_swap(path, manifest):  # an attacker racing the loader
-        real_verify(path, manifest)
+    def verify_then_swap(path, manifest, **options):  # an attacker racing the loader
+        real_verify(path, manifest, **options)
         (path / "model.so").write_bytes(b"\x7fELF swapped")
 
     monkeypatch.setattr(artifact, "verify_files", verify_then_swap)
