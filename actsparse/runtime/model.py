@@ -349,6 +349,7 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
                       "U64": np.uint64, "BOOL": np.bool_}
 _MAX_HEADER_BYTES = 100 << 20
+_READ_CHUNK = 16 << 20
 
 
 def _load_params(path: Path, names: list[str], sha256: str) -> list:
@@ -357,16 +358,28 @@ def _load_params(path: Path, names: list[str], sha256: str) -> list:
     One pass over the file: each tensor is read straight into 64-byte-aligned memory while the
     file's sha256 is computed; a mismatch raises before anything is returned. The format is
     checked strictly (no holes, no overlaps, sizes that match dtype x shape)."""
-    import json
+    from concurrent.futures import ThreadPoolExecutor
 
     tvm_ffi = import_tvm_ffi()
     digest = hashlib.sha256()
+    hasher = ThreadPoolExecutor(1)  # hashes what was read while the next tensor is read (hashlib drops the GIL)
+    try:
+        arrays = _read_params(path, names, digest, hasher)
+    finally:
+        hasher.shutdown(wait=True)
+    if digest.hexdigest() != sha256:
+        raise ActsparseError(f"artifact: {path.name} does not match its sha256 in the manifest (modified or corrupt)")
+    return [tvm_ffi.from_dlpack(arrays[name]) for name in names]
+
+
+def _read_params(path: Path, names: list[str], digest, hasher) -> dict[str, np.ndarray]:
+    import json
 
     def read(handle, size: int) -> bytes:
         data = handle.read(size)
         if len(data) != size:
             raise ActsparseError(f"{path}: truncated params file")
-        digest.update(data)
+        hasher.submit(digest.update, data)
         return data
 
     arrays: dict[str, np.ndarray] = {}
@@ -399,18 +412,16 @@ def _load_params(path: Path, names: list[str], sha256: str) -> list:
             array = aligned(np.empty(0, np.uint8)) if nbytes == 0 else _aligned_empty(nbytes)
             view = memoryview(array)
             while view.nbytes:
-                count = handle.readinto(view)
+                count = handle.readinto(view[:_READ_CHUNK])
                 if not count:
                     raise ActsparseError(f"{path}: truncated params file")
-                digest.update(view[:count])
+                hasher.submit(digest.update, view[:count])
                 view = view[count:]
             arrays[name] = array.view(dtype).reshape(shape)
             cursor = end
         while chunk := handle.read(1 << 20):  # trailing bytes still count for the checksum
-            digest.update(chunk)
-    if digest.hexdigest() != sha256:
-        raise ActsparseError(f"artifact: {path.name} does not match its sha256 in the manifest (modified or corrupt)")
-    return [tvm_ffi.from_dlpack(arrays[name]) for name in names]
+            hasher.submit(digest.update, chunk)
+    return arrays
 
 
 def _offsets(path: Path, item) -> tuple[int, int]:
