@@ -56,6 +56,9 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
                              "compile models so far")
     if copy:  # lowering rewrites the graph; callers that own a fresh model skip this copy
         model = copy_model(model)  # shares the tensors: lowering replaces them, never changes them
+    from actsparse.ir.graph import name_unnamed_nodes
+
+    name_unnamed_nodes(model)  # the kernel report names layers by node name
     if prepare is not None:
         prepare(model)
     step("specializing shapes")

@@ -94,3 +94,21 @@ def _nearest(neighbours, start: ir.Node, targets: set[ir.Node], limit: int) -> s
                 frontier.append(neighbour)
     return found
 
+
+
+def name_unnamed_nodes(model: ir.Model) -> int:
+    """Give every node without a name (valid ONNX) a unique, stable one: `{op_type}_{n}` in graph
+    order, skipping names already taken. Passes key layers and reports by node name, so two
+    unnamed linears must not share the empty name. Returns how many nodes were named."""
+    taken = {node.name for node in model.graph if node.name}
+    count = 0
+    for index, node in enumerate(model.graph):
+        if node.name:
+            continue
+        name, suffix = f"{node.op_type}_{index}", 1
+        while name in taken:
+            name, suffix = f"{node.op_type}_{index}_{suffix}", suffix + 1
+        node.name = name
+        taken.add(name)
+        count += 1
+    return count

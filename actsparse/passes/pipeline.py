@@ -146,8 +146,11 @@ def run_pipeline(
     """Run the passes in order; after each: onnx.checker, shape inference, and onnxruntime
     outputs against the model before it (exact passes must match to 1e-5, the others report
     cosine / max error against the previous and the original model)."""
+    from actsparse.ir.graph import name_unnamed_nodes
+
     context = context or PassContext()
     passes = [make_pass(spec.name, spec.options, context) for spec in specs]  # fail fast on bad options
+    name_unnamed_nodes(model)  # passes and reports name layers by node name
     samples = (context.calibration or [])[:verify_samples] if verify else []
     original_outputs = previous_outputs = _outputs(model, samples) if samples else None
     records = []
