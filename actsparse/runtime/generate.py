@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from actsparse.errors import ActsparseError
-from actsparse.runtime.model import CompiledModel, aligned
+from actsparse.runtime.model import CompiledModel, aligned, call_vm
 
 
 @dataclass
@@ -104,7 +104,8 @@ class LanguageModel(CompiledModel):
             self._token[0, 0] = token
             self._position[0] = self.length
             try:
-                logits = self._main()(self._token_tensor, self._position_tensor, *self._caches, *self._params)
+                logits = call_vm(lambda: self._main()(self._token_tensor, self._position_tensor, *self._caches,
+                                                      *self._params))
             except Exception as exc:
                 raise ActsparseError(f"model execution failed: {exc}") from None
             self.length += 1

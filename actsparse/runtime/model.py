@@ -30,6 +30,35 @@ _CUDA_VM_INIT = (ffi.KDL_CUDA, 0, 2, 1, 0, 2)  # device: GPU 0; host: CPU
 _CPU_TARGET_KINDS = ("llvm", "c")
 
 
+# A shared library cannot be unloaded once TVM holds its functions: each load of a private copy
+# used to map one more (load -> run -> del cycles grew the process without bound). A library
+# already loaded (same sha256) is reused instead; distinct libraries stay mapped for the process.
+_LOADED_LIBRARIES: dict[str, object] = {}
+
+# TVM gives every OS thread that calls a parallel kernel a thread pool of its own, which outlives
+# the thread: 600 short-lived caller threads left 1,200 OS threads behind. Calls from threads
+# other than the main thread therefore run on these long-lived workers (at most one per core).
+_workers = None
+_workers_lock = threading.Lock()
+
+
+def _worker_pool():
+    global _workers
+    with _workers_lock:
+        if _workers is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _workers = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="actsparse-vm")
+        return _workers
+
+
+def call_vm(function):
+    """`function()` (a VM call) on this thread if it is the main thread, else on a worker."""
+    if threading.current_thread() is threading.main_thread():
+        return function()
+    return _worker_pool().submit(function).result()
+
+
 def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
     """Load an artifact (a directory or a `.tar` of one) for running on this machine.
 
@@ -57,11 +86,16 @@ def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
         bundled = manifest.get("runtime_library")
         bundled_copy = _verified_private_copy(root, bundled, manifest, workdir) if bundled else None
         ensure_tvm_runtime(bundled_copy)
-        library = _verified_private_copy(root, manifest["library"], manifest, workdir)
-        if on_gpu:
-            ffi.ensure_cuda_runtime(bundled_copy)
-            ffi.serve_device_code(ffi.embedded_device_code(library))  # before TVM asks to compile it
-        module = _load_module(library)
+        library_sha256 = manifest["files"][manifest["library"]]
+        module = None if on_gpu else _LOADED_LIBRARIES.get(library_sha256)
+        if module is None:
+            library = _verified_private_copy(root, manifest["library"], manifest, workdir)
+            if on_gpu:
+                ffi.ensure_cuda_runtime(bundled_copy)
+                ffi.serve_device_code(ffi.embedded_device_code(library))  # before TVM asks to compile it
+            module = _load_module(library)
+            if not on_gpu:
+                _LOADED_LIBRARIES[library_sha256] = module
         params_file = manifest["params"]["file"]
         params = _load_params(root / params_file, manifest["params"]["names"], manifest["files"][params_file])
         gpu = ffi.CudaTensors() if on_gpu else None
@@ -148,7 +182,7 @@ class CompiledModel:
         else:
             tensors = [self._tvm_ffi.from_dlpack(a) for a in self._check_inputs(values)]
         try:
-            result = self._main()(*tensors, *self._params)
+            result = call_vm(lambda: self._main()(*tensors, *self._params))
         except ActsparseError:
             raise
         except Exception as exc:  # the VM's own checks (free dims, kernel asserts)

@@ -107,8 +107,10 @@ def test_member_claiming_a_huge_size_is_refused_before_extraction(artifact_dir, 
 
 @pytest.fixture()
 def loads(monkeypatch):
-    """Record every shared library the runtime asks tvm_ffi to load."""
+    """Record every shared library the runtime asks tvm_ffi to load (with an empty cache of
+    loaded libraries, so that each test's load really loads)."""
     calls = []
+    monkeypatch.setattr(runtime_model, "_LOADED_LIBRARIES", {})
     real = runtime_model._load_module
     monkeypatch.setattr(runtime_model, "_load_module", lambda library: calls.append(library) or real(library))
     return calls
