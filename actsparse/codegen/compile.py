@@ -59,6 +59,9 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     from actsparse.ir.graph import name_unnamed_nodes
 
     name_unnamed_nodes(model)  # the kernel report names layers by node name
+    from actsparse.codegen.op_check import check_lowerable_ops
+
+    check_lowerable_ops(model)
     if prepare is not None:
         prepare(model)
     step("specializing shapes")

@@ -1,0 +1,45 @@
+"""Refuse, before lowering, the ops the compiler would otherwise misread.
+
+TVM's ONNX importer dispatches on the op type alone: a `MatMul` of domain `evil.example`
+compiled and ran as a plain MatMul, and an `actsparse.Sparsify` with three inputs or a made-up
+attribute compiled as if it were well formed. `optimize` refuses such models through
+onnx.checker and onnxruntime; `compile` (which may run no pass at all) checks here.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from actsparse.errors import ActsparseError
+from actsparse.ir.custom_ops import CACHED_ATTENTION, DOMAIN, SPARSIFY, SPARSIFY_WEIGHTED
+
+# actsparse ops: (inputs, outputs); none takes attributes.
+_ACTSPARSE_SIGNATURES = {
+    SPARSIFY: (2, 1), SPARSIFY_WEIGHTED: (3, 1), CACHED_ATTENTION: (5, 3),
+    "PredictActive": (5, 1), "PredictActiveTopK": (5, 1), "PredictActiveStat": (5, 1),
+}
+_MICROSOFT_OPS = {"MatMulNBits"}  # lowered by codegen/quant_lowering.py
+
+
+def check_lowerable_ops(model: ir.Model) -> None:
+    """One ActsparseError naming the first node the compiler cannot lower faithfully."""
+    local_functions = {(domain, name) for domain, name, _ in model.functions}
+    for node in model.graph:
+        domain = node.domain or ""
+        where = f"node {node.name!r} ({domain + '.' if domain else ''}{node.op_type})"
+        if domain in ("", "ai.onnx") or (domain, node.op_type) in local_functions and domain != DOMAIN:
+            continue
+        if domain == DOMAIN:
+            signature = _ACTSPARSE_SIGNATURES.get(node.op_type)
+            if signature is None:
+                raise ActsparseError(f"{where}: unknown actsparse op (known: {', '.join(_ACTSPARSE_SIGNATURES)})")
+            inputs, outputs = signature
+            if len(node.inputs) != inputs or len(node.outputs) != outputs or any(v is None for v in node.inputs):
+                raise ActsparseError(f"{where}: takes {inputs} inputs and {outputs} outputs, has "
+                                     f"{len(node.inputs)} and {len(node.outputs)}")
+            if node.attributes:
+                raise ActsparseError(f"{where}: takes no attributes, has {', '.join(node.attributes)}")
+            continue
+        if domain == "com.microsoft" and node.op_type in _MICROSOFT_OPS:
+            continue
+        raise ActsparseError(f"{where}: the compiler does not support ops of domain {domain!r}")
