@@ -61,7 +61,28 @@ def build_model(folder: Path, layers: int, seed: int = 0):
     model = transformers.LlamaForCausalLM(config).eval()
     if not (folder / "config.json").is_file():
         model.save_pretrained(folder, safe_serialization=True)
+    _write_tokenizer(folder)
     return model
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """A SentencePiece tokenizer.model for llama.cpp's converter (it pads the vocabulary to the
+    model's 49152): trained in a second on standard-library source. Speed does not depend on it."""
+    if (folder / "tokenizer.model").is_file():
+        return
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        return  # only the llama.cpp engines need it
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    corpus = folder / "tokenizer-corpus.txt"
+    corpus.write_text("\n".join(p.read_text(errors="replace") for p in sorted(root.glob("*.py"))[:40]))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=2000,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+                                   minloglevel=2)
+    corpus.unlink()
 
 
 # ------------------------------------------------------------------ engines
@@ -86,7 +107,7 @@ class ActsparseEngine:
     def run(self, prompt, new_tokens):
         list(self.lm.generate(prompt, new_tokens, stop_tokens=[]))
         stats = self.lm.stats
-        return stats.prompt_seconds, stats.decode_seconds, stats.new_tokens
+        return stats.prompt_seconds, stats.decode_seconds, stats.decode_steps
 
     def long(self, context, new_tokens):
         self.lm.reset()
@@ -276,11 +297,19 @@ def _gguf(folder: Path, work: Path, kind: str) -> Path:
     if not out.is_file():
         base = work / "model-f32.gguf" if kind in ("q8_0", "q4_0") else out
         if not base.is_file():
-            subprocess.run([sys.executable, converter, str(folder), "--outfile", str(base),
-                            "--outtype", "f32" if base != out else kind], check=True, capture_output=True)
+            gguf_py = Path(converter).parent / "gguf-py"  # the converter's own gguf package version
+            env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(gguf_py), os.environ.get("PYTHONPATH")]))}
+            done = subprocess.run([sys.executable, converter, str(folder), "--outfile", str(base),
+                                   "--outtype", "f32" if base != out else kind], capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise RuntimeError(f"convert_hf_to_gguf failed: {done.stderr.strip().splitlines()[-1:]}")
         if base != out:
-            quantize = os.environ.get("LLAMA_QUANTIZE", "llama-quantize")
-            subprocess.run([quantize, str(base), str(out), kind.upper()], check=True, capture_output=True)
+            import llama_cpp
+
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+            if llama_cpp.llama_model_quantize(str(base).encode(), str(out).encode(), params) != 0:
+                raise RuntimeError(f"llama_model_quantize to {kind} failed")
     return out
 
 

@@ -31,6 +31,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     new_tokens: int = 0
+    decode_steps: int = 0  # steps run for new tokens (the first new token comes from the prompt's last step)
     decode_seconds: float = 0.0
 
     @property
@@ -39,7 +40,8 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        return self.new_tokens / self.decode_seconds if self.decode_seconds else 0.0
+        """Decode steps per second (sampling included)."""
+        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
 class LanguageModel(CompiledModel):
@@ -159,6 +161,7 @@ class LanguageModel(CompiledModel):
                 logits = self.step(token)
                 elapsed += time.perf_counter() - mark
                 stats.decode_seconds = elapsed
+                stats.decode_steps += 1
 
     def generate_text(self, prompt: str, max_new_tokens: int = 64, *, on_text: Callable[[str], None] | None = None,
                       **sampling) -> str:
