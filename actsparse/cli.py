@@ -158,13 +158,31 @@ def _interrupted_message(status: int) -> str:
     return f"actsparse: {what}; no partial output was left"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, crash_guard: bool | None = None) -> int:
+    """The `actsparse` command. `crash_guard` (default: on for the console command, i.e. when
+    `argv` is None; off for in-process calls) runs `compile` in a forked child, so that a crash
+    of the native compiler becomes one line and exit status 2 (see `run_crash_guarded`)."""
     _received.clear()
     previous = _handle_sigterm(_on_sigterm)
     previous_int = _handle_signal("SIGINT", _on_sigint)
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args) or 0
+        def work() -> int:
+            args = build_parser().parse_args(argv)
+            guarded = crash_guard if crash_guard is not None else argv is None
+            if guarded and args.func is cmd_compile:
+                return run_crash_guarded(lambda: handled(lambda: args.func(args)), getattr(args, "output", None))
+            return args.func(args) or 0
+
+        return handled(work)
+    finally:
+        _handle_sigterm(previous)
+        _handle_signal("SIGINT", previous_int)
+
+
+def handled(work) -> int:
+    """`work()`'s exit status, every exception turned into one line on stderr and a status."""
+    try:
+        return work() or 0
     except ActsparseError as exc:
         print(f"actsparse: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
@@ -183,9 +201,62 @@ def main(argv: list[str] | None = None) -> int:
         print(f"actsparse: internal error: {type(exc).__name__}: {one_line(str(exc).splitlines()[0]) if str(exc) else ''} "
               f"(set ACTSPARSE_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+
+
+def run_crash_guarded(work, output: str | None = None) -> int:
+    """Run `work()` (which returns an exit status) in a forked child and return its status.
+
+    No input may kill the command without a word: if the child dies of a signal (TVM or LLVM
+    overflowing their stack on a pathological graph, a bad kernel), this says so in one line,
+    removes the half-written temp files beside `output`, and raises ActsparseError (exit 2).
+    SIGINT reaches the child directly (same process group); a SIGTERM sent to this process is
+    passed on to it. Without fork (not POSIX), `work()` runs here.
+    """
+    import signal
+
+    if not hasattr(os, "fork"):
+        return work()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the caller's stack
+        status = 1
+        try:
+            status = work()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    forward = lambda signum, frame: os.kill(pid, signum)  # noqa: E731
+    previous_term = _handle_signal("SIGTERM", forward)
+    previous_int = _handle_signal("SIGINT", signal.SIG_IGN)  # the child gets it and reports
+    try:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
     finally:
-        _handle_sigterm(previous)
+        _handle_signal("SIGTERM", previous_term)
         _handle_signal("SIGINT", previous_int)
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        _remove_staging(output)
+        raise ActsparseError(f"the compiler crashed on this model ({name}); nothing was written. Please report it "
+                             "with the model (set ACTSPARSE_DEBUG=1 to see where)")
+    return os.WEXITSTATUS(status)
+
+
+def _remove_staging(output: str | None) -> None:
+    """The temp files and folders a killed writer leaves beside its destination."""
+    import shutil
+
+    if not output:
+        return
+    destination = Path(output)
+    for leftover in destination.parent.glob(f".{destination.name}.*tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
 def one_line(text: str) -> str:

@@ -189,6 +189,7 @@ def to_relax(model: ir.Model, target):
     from tvm.relax.frontend.onnx import from_onnx
 
     _pack_dense_weights(model, target)
+    balance_variadic_ops(model)
     proto, weights = weightless_proto(model)  # weights stay arrays, out of the protobuf (2 GB cap, copies)
     proto = onnx.inliner.inline_local_functions(proto)
     _small_constants_inline(proto.graph)
@@ -421,6 +422,47 @@ def _pack_dense_weights(model: ir.Model, target) -> None:
     import onnx_ir.passes.common as common
 
     common.RemoveUnusedNodesPass()(model)
+
+
+_VARIADIC_OPS = ("Sum", "Max", "Min", "Mean")
+_VARIADIC_FAN_IN = 8  # above this many inputs, a variadic op becomes a balanced tree
+
+
+def balance_variadic_ops(model: ir.Model) -> int:
+    """Sum / Max / Min / Mean of many inputs -> a balanced tree of two-input nodes (Mean: a Sum
+    tree, then a division by the count). TVM imports a variadic node as a chain, one level per
+    input, and its recursive passes overflowed the stack on a 10,000-input Sum (SIGSEGV, nothing
+    on stderr); a tree is log2(n) deep. Returns the number of nodes rewritten."""
+    rewritten = 0
+    for node in list(model.graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _VARIADIC_OPS or len(node.inputs) <= _VARIADIC_FAN_IN:
+            continue
+        op = "Sum" if node.op_type == "Mean" else node.op_type
+        level = list(node.inputs)
+        depth = 0
+        while len(level) > 1:
+            paired = []
+            for i in range(0, len(level) - 1, 2):
+                pair = ir.Node("", op, [level[i], level[i + 1]], name=unique_node_name(model, f"{node.name}/tree{depth}"))
+                model.graph.insert_before(node, pair)
+                paired.append(pair.outputs[0])
+            if len(level) % 2:
+                paired.append(level[-1])
+            level, depth = paired, depth + 1
+        result = level[0]
+        if node.op_type == "Mean":
+            count = add_initializer(model, f"{node.name}.count", np.array(len(node.inputs), np.float32))
+            divide = ir.Node("", "Div", [result, count], name=unique_node_name(model, f"{node.name}/mean"))
+            model.graph.insert_before(node, divide)
+            result = divide.outputs[0]
+        output = node.outputs[0]
+        result.shape, result.type = output.shape, output.type
+        name = output.name
+        ir.convenience.replace_all_uses_with(output, result, replace_graph_outputs=True)
+        model.graph.remove(node, safe=False)
+        output.name, result.name = f"{name}.replaced", name
+        rewritten += 1
+    return rewritten
 
 
 def _small_constants_inline(graph: onnx.GraphProto) -> None:

@@ -282,3 +282,14 @@ def test_sliding_window_matches_transformers(tmp_path):
         expected = model(torch.tensor([tokens])).logits[0].numpy()
     lm.reset()
     np.testing.assert_allclose(np.array([lm.step(t) for t in tokens]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_actsparse_compile_takes_a_causal_lm_module_without_a_wrapper(llama, tmp_path):
+    """The issue's first failure: actsparse.compile(LlamaForCausalLM(...)) with no example inputs."""
+    art = actsparse.compile(llama, target="host", passes="sparsify{method=teal,sparsity=0.5}",
+                            output=tmp_path / "lm.actsparse", max_context=32)
+    lm = actsparse.load(art.path)
+    assert isinstance(lm, LanguageModel) and lm.max_context == 32
+    assert len(list(lm.generate([0, 1, 2], 4, stop_tokens=[]))) == 4
+    with pytest.raises(ActsparseError, match="for causal LMs"):
+        actsparse.compile(str(tmp_path / "missing.onnx"), max_context=8)

@@ -1,0 +1,119 @@
+"""Perplexity through the compiled decode path (KV cache, batch-1 kernels) next to onnxruntime's.
+
+    .venv/bin/python examples/lm_compiled_perplexity.py [--dir runs/lm_mini] [--size mini]
+        [--train-steps 240] [--windows 32] [--out benchmarks/results/lm_mini_compiled.json]
+
+1. trains (or loads, cached) the in-repo LM with the configuration of the committed results
+   (benchmarks/results/lm_mini.json: 240 steps of 16 x 128 tokens, lr 4e-3, seed 0);
+2. onnxruntime: the full-sequence model (input_ids [1, 128] -> logits) on the held-out windows,
+   as examples/lm_sparsity.py measures it;
+3. compiled: the decode step compiled for this machine, run token by token over the same windows
+   (`LanguageModel.perplexity`), dense and with TEAL at 50 % (FFN inputs, as the README's table;
+   and every linear), thresholds calibrated on decode steps of built-in text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "dense": None,
+    "TEAL 50% (FFN inputs)": "sparsify{method=teal,sparsity=0.5,scope=ffn}",
+    "TEAL 50% (all linears)": "sparsify{method=teal,sparsity=0.5}",
+    "TEAL 40% (all linears)": "sparsify{method=teal,sparsity=0.4}",
+}
+
+
+def onnxruntime_perplexity(model, windows: np.ndarray) -> float:
+    """Full-sequence perplexity: the LM exported to ONNX, run by onnxruntime on each window."""
+    import onnxruntime as ort
+    import torch
+
+    path = Path(ROOT / ".cache" / "lm-compiled-ppl.onnx")
+    path.parent.mkdir(exist_ok=True)
+    wrapper = _Logits(model)
+    torch.onnx.export(wrapper, (torch.tensor(windows[:1], dtype=torch.int64),), str(path), dynamo=True,
+                      input_names=["input_ids"], output_names=["logits"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    nll, count = 0.0, 0
+    for window in windows:
+        logits = session.run(None, {"input_ids": window[None].astype(np.int64)})[0][0].astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
+        count += len(window) - 1
+    return float(np.exp(nll / count))
+
+
+class _Logits:
+    def __new__(cls, model):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids):
+                return self.model(input_ids, use_cache=False).logits
+
+        return Wrapper()
+
+
+def compiled_perplexity(lm, windows: np.ndarray) -> float:
+    nll, count = 0.0, 0
+    for window in windows:
+        nll += np.log(lm.perplexity(window.tolist())) * (len(window) - 1)
+        count += len(window) - 1
+    return float(np.exp(nll / count))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=str(ROOT / "runs" / "lm_mini"))
+    parser.add_argument("--size", default="mini")
+    parser.add_argument("--train-steps", type=int, default=240)
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lm_mini_compiled.json"))
+    args = parser.parse_args(argv)
+
+    import actsparse
+    from actsparse.lm.compile import compile_causal_lm
+    from actsparse.lm.data import corpus_tokens, eval_windows
+    from actsparse.lm.model import load_lm
+    from actsparse.lm.train import TrainOptions, train_lm
+
+    options = TrainOptions(size=args.size, steps=args.train_steps, seq_len=128, batch=16, lr=4e-3, warmup=20)
+    metrics = train_lm(args.dir, options)
+    windows = eval_windows(corpus_tokens("heldout", Path(args.dir)), args.seq_len, args.windows).astype(np.int64)
+    reference = onnxruntime_perplexity(load_lm(args.dir), windows)
+    print(f"onnxruntime, full sequence: perplexity {reference:.5f} ({len(windows)} windows of {args.seq_len})")
+    rows = []
+    for label, passes in VARIANTS.items():
+        start = time.perf_counter()
+        art = compile_causal_lm(args.dir, "host", passes, output=Path(args.dir) / "compiled.actsparse",
+                                max_context=args.seq_len)
+        lm = actsparse.load(art.path)
+        ppl = compiled_perplexity(lm, windows)
+        rows.append({"variant": label, "passes": passes, "perplexity": round(ppl, 5),
+                     "change_vs_onnxruntime_dense": round(ppl / reference - 1, 5),
+                     "seconds": round(time.perf_counter() - start, 1)})
+        print(f"compiled decode path, {label}: perplexity {ppl:.5f} ({ppl / reference - 1:+.2%} vs onnxruntime dense)")
+    results = {"model": {"size": args.size, "train_steps": metrics["step"], "parameters": metrics["parameters"]},
+               "windows": len(windows), "seq_len": args.seq_len, "onnxruntime_perplexity": round(reference, 5),
+               "compiled": rows}
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
