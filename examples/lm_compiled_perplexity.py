@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     for label, passes in VARIANTS.items():
         start = time.perf_counter()
         art = compile_causal_lm(args.dir, "host", passes, output=Path(args.dir) / "compiled.actsparse",
-                                max_context=args.seq_len)
+                                max_context=windows.shape[1])
         lm = actsparse.load(art.path)
         ppl = compiled_perplexity(lm, windows)
         rows.append({"variant": label, "passes": passes, "perplexity": round(ppl, 5),
