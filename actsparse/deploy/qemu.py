@@ -50,13 +50,14 @@ class EmulatedBoard:
     def from_userland(cls, cache_dir: str | os.PathLike) -> EmulatedBoard:
         """The board in a userland folder built by scripts/arm/build_userland.sh."""
         cache = Path(cache_dir).resolve()
-        board = cls(cache / "root", cache / "site", cache / RUNTIME_IN_USERLAND)
-        for path in (board.root / PYTHON_IN_ROOT, board.runtime_library):
+        root, site, runtime = cache / "root", cache / "site", cache / RUNTIME_IN_USERLAND
+        # The userland first: with neither it nor qemu installed, building it is the next step.
+        for path in (root / PYTHON_IN_ROOT, runtime):
             if not path.is_file():
                 raise ActsparseError(f"arm64 userland incomplete: {path} is missing; {BUILD_HINT}")
-        if not board.site.is_dir():
-            raise ActsparseError(f"arm64 userland incomplete: {board.site} is missing; {BUILD_HINT}")
-        return board
+        if not site.is_dir():
+            raise ActsparseError(f"arm64 userland incomplete: {site} is missing; {BUILD_HINT}")
+        return cls(root, site, runtime)
 
     # ------------------------------------------------------------ running programs
 

@@ -34,6 +34,12 @@ def local_server():
 @pytest.fixture(scope="module")
 def aarch64_artifact(tmp_path_factory):
     """An rpi4 artifact without a bundled runtime (enough to be refused by an x86_64 device)."""
+    import shutil
+
+    from tests.arm.conftest import _unavailable
+
+    if shutil.which("aarch64-linux-gnu-g++") is None:  # `make test` on a fresh machine has no cross compiler
+        _unavailable("aarch64-linux-gnu-g++ not installed: run scripts/arm/setup_toolchain.sh")
     return write_model_artifact(tmp_path_factory.mktemp("aarch64") / "model", "rpi4")
 
 
