@@ -53,13 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the pass and compile report as JSON")
     p.add_argument("--max-context", type=int, default=None,
                    help="causal LMs: tokens the KV cache holds (default 2048, capped by the model's positions)")
+    p.add_argument("--sign", metavar="KEY", help="sign the artifact with this private key (from `actsparse keygen`)")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts (PREFIX.key, PREFIX.pub)")
+    p.add_argument("-o", "--output", required=True, metavar="PREFIX", help="writes PREFIX.key (mode 0600) and PREFIX.pub")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("sign", help="sign an artifact (directory or .tar) in place with a private key")
+    p.add_argument("artifact", help="artifact directory or .tar")
+    p.add_argument("--key", required=True, help="private key (PREFIX.key from `actsparse keygen`)")
+    p.set_defaults(func=cmd_sign)
 
     from actsparse.runtime.generate_command import add_generate_arguments
 
     p = sub.add_parser("generate", help="generate text (or token ids) with a compiled causal-LM artifact")
     add_generate_arguments(p)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("run", help="run a compiled artifact (needs only numpy + apache-tvm-ffi)")
@@ -67,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help=".npz with one array per input name (default: random inputs)")
     p.add_argument("-o", "--output", help="write the outputs to this .npz (default: print a summary)")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="time a compiled artifact against onnxruntime on the same inputs")
     p.add_argument("artifact", help="artifact directory or .tar")
+    _add_trust_arg(p)
     p.add_argument("--against", default="onnxruntime", help="baselines: onnxruntime (default), none")
     p.add_argument("--onnx", help="ONNX model onnxruntime runs (default: the model the artifact was compiled from)")
     p.add_argument("--iters", type=int, default=50, help="runs per timing block (default 50)")
@@ -116,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="show one pass in full")
     p.set_defaults(func=cmd_passes)
     return parser
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust", action="append", default=[], metavar="PUB",
+                   help="refuse the artifact unless this public key signed it (repeatable; default: "
+                        "$ACTSPARSE_TRUSTED_KEYS, else unsigned artifacts load)")
+
+
+def _apply_trust(args) -> None:
+    """--trust PUB: every load in this command must find a signature by one of these keys."""
+    from actsparse.runtime.signing import TRUST_ENV_VAR, trusted_keys_from
+
+    if getattr(args, "trust", None):
+        trusted_keys_from(args.trust)  # unreadable or wrong-type keys: one line, before anything runs
+        os.environ[TRUST_ENV_VAR] = os.pathsep.join(str(Path(k).resolve()) for k in args.trust)
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -168,6 +196,7 @@ def main(argv: list[str] | None = None, *, crash_guard: bool | None = None) -> i
     try:
         def work() -> int:
             args = build_parser().parse_args(argv)
+            _apply_trust(args)
             guarded = crash_guard if crash_guard is not None else argv is None
             if guarded and args.func is cmd_compile:
                 return run_crash_guarded(lambda: handled(lambda: args.func(args)), getattr(args, "output", None))
@@ -529,6 +558,10 @@ def cmd_compile(args) -> int:
 
     if _same_file(Path(args.output), Path(args.model)):
         raise ActsparseError(f"{args.output}: refusing to overwrite the input model; choose another -o")
+    if args.sign:  # a bad key fails now, not after minutes of compiling
+        from actsparse.runtime.signing import load_private_key
+
+        load_private_key(args.sign)
     from actsparse.frontend.causal_lm import is_causal_lm
 
     if is_causal_lm(args.model):
@@ -561,7 +594,31 @@ def cmd_compile(args) -> int:
     if args.report:
         write_json_atomic(args.report, {"passes": [r.to_json() for r in records], "target": result.target,
                                         "kernels": result.kernels, "seconds": result.seconds})
+    _sign_if_asked(args, result.path)
     print(f"wrote {result.path}", file=sys.stderr)
+    return 0
+
+
+def _sign_if_asked(args, path) -> None:
+    if getattr(args, "sign", None):
+        from actsparse.runtime.signing import sign_artifact
+
+        print(f"signed with key {sign_artifact(path, args.sign)}", file=sys.stderr)
+
+
+def cmd_keygen(args) -> int:
+    from actsparse.runtime.signing import generate_keypair
+
+    private, public = generate_keypair(args.output)
+    print(f"wrote {private} (private: keep it secret) and {public} (give it to devices: --trust {public})",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from actsparse.runtime.signing import sign_artifact
+
+    print(f"signed {args.artifact} with key {sign_artifact(args.artifact, args.key)}", file=sys.stderr)
     return 0
 
 
@@ -584,6 +641,7 @@ def _compile_lm(args) -> int:
     if args.report:
         write_json_atomic(args.report, {"passes": [r.to_json() for r in art.records], "target": art.target,
                                         "kernels": art.kernels, "seconds": art.seconds})
+    _sign_if_asked(args, art.path)
     print(f"wrote {art.path}", file=sys.stderr)
     return 0
 

@@ -252,8 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default="", help="RPC key clients must present (default: none)")
     parser.add_argument("--workdir", type=Path, default=None, help="where sessions keep uploaded files")
     parser.add_argument("--session-timeout", type=float, default=None, help="kill a session after this many seconds")
+    parser.add_argument("--trust", action="append", default=[], metavar="PUB",
+                        help="run only artifacts signed by this public key (repeatable); sessions inherit it")
     args = parser.parse_args(argv)
     try:
+        if args.trust:  # sessions are forked from this process: every load they do checks the signature
+            import os
+
+            from actsparse.runtime.signing import TRUST_ENV_VAR, trusted_keys_from
+
+            trusted_keys_from(args.trust)
+            os.environ[TRUST_ENV_VAR] = os.pathsep.join(str(Path(k).resolve()) for k in args.trust)
         serve(args.host, args.port, args.key, args.workdir, args.session_timeout)
     except ActsparseError as exc:
         print(f"error: {exc}", file=sys.stderr)

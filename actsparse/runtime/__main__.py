@@ -18,13 +18,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--inputs", help=".npz with one array per input name (default: random inputs)")
     run.add_argument("-o", "--output", help="write the outputs to this .npz (default: print a summary)")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--trust", action="append", default=[], metavar="PUB",
+                     help="refuse the artifact unless this public key signed it (repeatable)")
     from actsparse.runtime.generate_command import add_generate_arguments, generate_command
 
-    add_generate_arguments(sub.add_parser("generate", help="generate with a language-model artifact"))
+    generate = sub.add_parser("generate", help="generate with a language-model artifact")
+    add_generate_arguments(generate)
+    generate.add_argument("--trust", action="append", default=[], metavar="PUB",
+                          help="refuse the artifact unless this public key signed it (repeatable)")
     args = parser.parse_args(argv)
     from actsparse.runtime.run_command import run_artifact_command
 
     try:
+        if args.trust:
+            import os
+
+            from actsparse.runtime.signing import TRUST_ENV_VAR, trusted_keys_from
+
+            trusted_keys_from(args.trust)
+            os.environ[TRUST_ENV_VAR] = os.pathsep.join(args.trust)
         if args.command == "generate":
             return generate_command(args)
         return run_artifact_command(args.artifact, args.inputs, args.output, args.seed)

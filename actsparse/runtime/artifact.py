@@ -34,6 +34,7 @@ from actsparse.errors import ActsparseError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"  # optional Ed25519 signature of the manifest (runtime/signing.py)
 LIBRARY_NAME = "model.so"
 PARAMS_NAME = "params.safetensors"
 BUNDLED_RUNTIME_NAME = "lib/libtvm_runtime.so"
@@ -110,7 +111,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def hash_files(root: Path) -> dict[str, str]:
     """{posix relative path: sha256} of every regular file under `root` except the manifest."""
-    return {rel: sha256_file(root / rel) for rel in sorted(_list_files(root)) if rel != MANIFEST_NAME}
+    return {rel: sha256_file(root / rel) for rel in sorted(_list_files(root)) if rel not in (MANIFEST_NAME, SIGNATURE_NAME)}
 
 
 def _list_files(root: Path) -> list[str]:
@@ -128,7 +129,7 @@ def verify_files(root: Path, manifest: dict, *, deferred: tuple[str, ...] = ()) 
     The sha256 of the `deferred` files is left to the caller, which checks it while reading them
     (the weights: one pass over a GB-sized file instead of two)."""
     expected = manifest["files"]
-    present = set(_list_files(root)) - {MANIFEST_NAME}
+    present = set(_list_files(root)) - {MANIFEST_NAME, SIGNATURE_NAME}
     missing = sorted(set(expected) - present)
     if missing:
         raise ActsparseError(f"artifact {root}: file {missing[0]} listed in the manifest is missing")
@@ -148,14 +149,26 @@ def verify_files(root: Path, manifest: dict, *, deferred: tuple[str, ...] = ()) 
 # ---------------------------------------------------------------- manifest
 
 
-def read_manifest(root: Path) -> dict:
-    """Parse and validate `root/manifest.json`."""
+def read_manifest(root: Path, *, trusted_keys: list | None = None) -> dict:
+    """Parse and validate `root/manifest.json`. With `trusted_keys` (public keys), the manifest's
+    exact bytes must carry a valid signature by one of them (runtime/signing.py), checked on the
+    same bytes that are then parsed."""
     path = root / MANIFEST_NAME
     if path.is_symlink() or not path.is_file():
         raise ActsparseError(f"{root}: not an actsparse artifact (no {MANIFEST_NAME})")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ActsparseError(f"{path}: unreadable manifest ({exc})") from None
+    if trusted_keys:
+        from actsparse.runtime.signing import SIGNATURE_NAME, verify_signature
+
+        signature = root / SIGNATURE_NAME
+        signed = signature.read_bytes() if signature.is_file() and not signature.is_symlink() else None
+        verify_signature(data, signed, trusted_keys, str(root))
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ActsparseError(f"{path}: unreadable manifest ({exc})") from None
     validate_manifest(manifest)
     return manifest
@@ -304,7 +317,7 @@ def _check_tar_against_manifest(archive: tarfile.TarFile, members: dict[str, tar
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ActsparseError(f"{tar_path}: unreadable manifest ({exc})") from None
     validate_manifest(manifest)
-    files = {name for name, m in members.items() if m.isreg()} - {MANIFEST_NAME}
+    files = {name for name, m in members.items() if m.isreg()} - {MANIFEST_NAME, SIGNATURE_NAME}
     missing = sorted(set(manifest["files"]) - files)
     if missing:
         raise ActsparseError(f"{tar_path}: file {missing[0]} listed in the manifest is missing")

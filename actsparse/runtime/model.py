@@ -59,7 +59,7 @@ def call_vm(function):
     return _worker_pool().submit(function).result()
 
 
-def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
+def load(path: str | os.PathLike, device: str | None = None, *, trusted_keys=None) -> CompiledModel:
     """Load an artifact (a directory or a `.tar` of one) for running on this machine.
 
     Before any shared library is loaded, every file's sha256 is checked against the
@@ -68,18 +68,25 @@ def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:
     extracted into a private temp directory, which is removed before `load` returns (the
     loaded code and weights live in memory). Each problem raises one ActsparseError.
 
+    `trusted_keys`: public keys (paths of `actsparse keygen` .pub files, or key objects); default
+    $ACTSPARSE_TRUSTED_KEYS. When any is configured, the manifest must be signed by one of them
+    (runtime/signing.py), checked before anything else is read or loaded.
+
     `device`: "cpu" or "cuda" (GPU 0); None takes the artifact's (cuda artifacts run on "cuda").
     A cuda artifact also needs an NVIDIA GPU of at least the compiled arch and TVM's CUDA runtime
     plugin (libtvm_runtime_cuda.so, in the apache-tvm wheel); its weights are copied to the GPU
     once here.
     """
+    from actsparse.runtime.signing import trusted_keys_from
+
     path = Path(path)
     if not path.exists():
         raise ActsparseError(f"{path}: no such artifact")
+    trusted = trusted_keys_from(trusted_keys)
     workdir = Path(tempfile.mkdtemp(prefix="actsparse-artifact-"))  # mode 0700: private
     try:
         root = _artifact_root(path, workdir)
-        manifest = artifact.read_manifest(root)
+        manifest = artifact.read_manifest(root, trusted_keys=trusted)
         artifact.verify_files(root, manifest, deferred=(manifest["params"]["file"],))  # checked as read
         artifact.check_machine(manifest["target"])
         on_gpu = _check_device(manifest["target"], device) == "cuda"
