@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from actsparse.atomic import replace_into  # noqa: E402
+
 import json
 import os
 from dataclasses import dataclass
@@ -231,7 +233,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=_json_default)
             f.write("\n")
-        os.replace(tmp, path)
+        replace_into(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

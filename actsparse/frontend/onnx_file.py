@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from actsparse.atomic import replace_into  # noqa: E402
+
 import math
 import os
 import shutil
@@ -81,7 +83,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, source: str | os.Pat
     os.close(fd)
     try:
         onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
+        replace_into(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -100,8 +102,8 @@ def _save_with_external_data(model: ir.Model, path: Path, folder: Path, source) 
     try:
         ir.save(model, staging / path.name, external_data=data_name, size_threshold_bytes=1024)
         if (staging / data_name).exists():
-            os.replace(staging / data_name, folder / data_name)
-        os.replace(staging / path.name, path)
+            replace_into(staging / data_name, folder / data_name)
+        replace_into(staging / path.name, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from actsparse.atomic import replace_into  # noqa: E402
+
 import math
 import os
 import sys
@@ -65,7 +67,7 @@ def save_npz_atomic(path: str, arrays: dict) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, target)
+        replace_into(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
