@@ -87,9 +87,19 @@ def _cast(array: np.ndarray, value: ir.Value, source: str) -> np.ndarray:
         raise ActsparseError(f"{source}: input {value.name!r} contains NaN or Inf")
     if array.dtype == dtype:
         return array
-    same_kind = np.can_cast(array.dtype, dtype, casting="same_kind")
-    if not same_kind and not (np.issubdtype(array.dtype, np.integer) and np.issubdtype(dtype, np.integer)):
+    # Documented casts (README, Safety): another float precision or byte order to the model's
+    # float type; integers to the model's integer type when every value fits. Anything else is refused.
+    both_float = np.issubdtype(array.dtype, np.floating) and np.issubdtype(dtype, np.floating)
+    both_int = np.issubdtype(array.dtype, np.integer) and np.issubdtype(dtype, np.integer)
+    if not both_float and not both_int and array.dtype.newbyteorder("=") != dtype:
         raise ActsparseError(f"{source}: input {value.name!r} has dtype {array.dtype}, model expects {dtype}")
+    if both_int and array.size:
+        limits = np.iinfo(dtype)
+        if array.min() < limits.min or array.max() > limits.max:
+            raise ActsparseError(f"{source}: input {value.name!r} has values outside {dtype} "
+                                 f"({array.min()}..{array.max()}); model expects {dtype}")
+    if both_float and np.finfo(array.dtype).max > np.finfo(dtype).max and np.abs(array).max(initial=0) > np.finfo(dtype).max:
+        raise ActsparseError(f"{source}: input {value.name!r} has values beyond {dtype}'s range")
     return array.astype(dtype)
 
 

@@ -210,3 +210,23 @@ def test_calibrate_modules_import_on_their_own():
     """Each module imports first in a fresh interpreter (no circular import with actsparse.passes)."""
     for module in ("actsparse.calibrate.data", "actsparse.calibrate"):
         subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+
+
+def test_documented_casts_and_refusals(tmp_path):
+    """float64 / big-endian float32 are cast (documented); integers only when they fit; kinds never mix."""
+    import onnx_ir as ir
+
+    from actsparse import zoo
+    from actsparse.calibrate.data import feeds_from_arrays
+    from actsparse.errors import ActsparseError
+
+    model = ir.serde.deserialize_model(zoo.swiglu_stack(layers=1, d=8, f=16))
+    x = np.random.default_rng(0).standard_normal((1, 8))
+    for array in (x, x.astype(">f4")):
+        feeds = feeds_from_arrays({"x": array}, model)
+        assert feeds[0]["x"].dtype == np.float32 and feeds[0]["x"].dtype.isnative
+        np.testing.assert_allclose(feeds[0]["x"], x.astype(np.float32))
+    with pytest.raises(ActsparseError, match="model expects float32"):
+        feeds_from_arrays({"x": x.astype(np.int64)}, model)
+    with pytest.raises(ActsparseError, match="beyond float32's range"):
+        feeds_from_arrays({"x": np.full((1, 8), 1e300)}, model)
