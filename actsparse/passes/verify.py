@@ -31,6 +31,7 @@ def check_model(model: ir.Model, after: str) -> None:
 def ort_session(model: ir.Model, *, threads: int = 0):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # errors come back as one line of ours, not ORT's coloured log first
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
