@@ -326,24 +326,33 @@ def cmd_inspect(args) -> int:
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{args.model}[/]  opset {summary['opset']}  "
-                  f"{summary['parameters']:,} parameters ({summary['parameter_bytes'] / 1e6:.1f} MB)  "
-                  f"{summary['nodes']} nodes")
+    header = _safe(args.model, style="bold")
+    header.append(f"  opset {summary['opset']}  {summary['parameters']:,} parameters "
+                  f"({summary['parameter_bytes'] / 1e6:.1f} MB)  {summary['nodes']} nodes")
+    console.print(header)
     io = Table("kind", "name", "dtype", "shape", title="inputs / outputs")
     for kind in ("inputs", "outputs"):
         for item in summary[kind]:
-            io.add_row(kind[:-1], item["name"], item["dtype"], str(item["shape"]))
+            io.add_row(kind[:-1], _safe(item["name"]), item["dtype"], _safe(item["shape"]))
     console.print(io)
     ops = Table("op", "count", title="ops")
     for op, count in summary["ops"].items():
-        ops.add_row(op, str(count))
+        ops.add_row(_safe(op), str(count))
     console.print(ops)
     blocks = Table("block", "kind", "activation", "linears (in x out)", title="blocks found")
     for block in summary["ffn_blocks"] + summary["attention_blocks"]:
-        blocks.add_row(block["name"], block["kind"], block.get("activation", ""), ", ".join(block["linears"]))
+        blocks.add_row(_safe(block["name"]), block["kind"], block.get("activation", ""), _safe(", ".join(block["linears"])))
     console.print(blocks)
     console.print(f"linear layers: {summary['linears']}  activations: {summary['activations'] or 'none'}")
     return 0
+
+
+def _safe(value, style: str = ""):
+    """Text from a model file for the terminal: control characters escaped (a name with ESC or a
+    newline must not drive the terminal or break the table) and never read as rich markup."""
+    from rich.text import Text
+
+    return Text(one_line(str(value)), style=style)
 
 
 def model_summary(model) -> dict:
@@ -494,10 +503,10 @@ def print_records(records) -> None:
     for r in records:
         acc = r.vs_original
         table.add_row(
-            r.name, ",".join(f"{k}={v}" for k, v in r.options.items() if not isinstance(v, dict) or v),
+            r.name, _safe(",".join(f"{k}={v}" for k, v in r.options.items() if not isinstance(v, dict) or v)),
             "yes" if r.modified else "no",
             f"{acc.cosine:.5f}" if acc else "-", f"{acc.max_abs_error:.2e}" if acc else "-",
-            _short_report(r.report),
+            _safe(_short_report(r.report)),
         )
     console = Console(stderr=True)
     if not console.is_terminal:
@@ -505,7 +514,7 @@ def print_records(records) -> None:
     console.print(table)
     for r in records:
         if isinstance(r.report.get("warning"), str):
-            console.print(f"[yellow]warning[/yellow] ({r.name}): {r.report['warning']}", markup=True, highlight=False)
+            console.print(_safe(f"warning ({r.name}): {r.report['warning']}", style="yellow"))
 
 
 def _short_report(report: dict) -> str:
