@@ -720,6 +720,8 @@ def cmd_deploy(args) -> int:
 
     host, port = _rpc_address(args.rpc)
     manifest = _artifact_manifest(args.artifact)
+    if "lm" in manifest:
+        return _deploy_lm(args, manifest, host, port)
     feeds = _artifact_inputs(_SpecModel(manifest), args.inputs, args.seed)
     reference_path = args.reference or manifest.get("report", {}).get("source")
     reference = None
@@ -739,6 +741,51 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+LM_DEPLOY_PROMPT = 16  # prompt tokens of the greedy check run on the board
+LM_DEPLOY_NEW = 32
+
+
+def _lm_prompt(manifest: dict) -> list[int]:
+    """A fixed prompt: the BOS id (if any), then ids spread over the vocabulary."""
+    lm = manifest["lm"]
+    vocab = int(lm["vocab_size"])
+    start = [int(lm["bos_token_id"])] if lm.get("bos_token_id") is not None else []
+    return start + [(7919 * i + 1) % vocab for i in range(LM_DEPLOY_PROMPT - len(start))]
+
+
+def _remote_generate(args, host: str, port: int, manifest: dict, new_tokens: int) -> dict:
+    from actsparse.deploy.rpc import connect
+
+    board = connect(host, port, key=args.key, timeout=getattr(args, "timeout", 10.0))
+    try:
+        name = board.upload_artifact(args.artifact)
+        return board.generate(name, _lm_prompt(manifest), new_tokens) | {"device": board.info()}
+    finally:
+        board.close()
+
+
+def _deploy_lm(args, manifest: dict, host: str, port: int) -> int:
+    """An LM artifact: greedy tokens generated on the board, compared with a reference artifact
+    for this machine (--reference HOST_LM.actsparse) when one is given."""
+    result = _remote_generate(args, host, port, manifest, LM_DEPLOY_NEW)
+    print(f"deployed to {host}:{port} ({result['device'].get('machine', '?')}): checksums verified; generated "
+          f"{len(result['tokens'])} tokens at {result['decode_tokens_per_second']:.1f} tok/s decode, "
+          f"{result['prompt_tokens_per_second']:.1f} tok/s prompt", file=sys.stderr)
+    print(" ".join(map(str, result["tokens"])))
+    if args.reference:
+        from actsparse.runtime import load
+
+        reference = load(args.reference)
+        if not hasattr(reference, "generate"):
+            raise ActsparseError(f"--reference {args.reference}: give an LM artifact compiled for this machine")
+        expected = list(reference.generate(_lm_prompt(manifest), LM_DEPLOY_NEW, stop_tokens=[]))
+        if expected != result["tokens"]:
+            first = next(i for i, (a, b) in enumerate(zip(expected, result["tokens"])) if a != b)
+            raise ActsparseError(f"the board's greedy tokens differ from {args.reference}'s from token {first}")
+        print(f"greedy tokens equal {args.reference}'s", file=sys.stderr)
+    return 0
+
+
 def _bench_remote(args) -> int:
     import numpy as np
 
@@ -746,6 +793,15 @@ def _bench_remote(args) -> int:
 
     host, port = _rpc_address(args.rpc)
     manifest = _artifact_manifest(args.artifact)
+    if "lm" in manifest:
+        result = _remote_generate(args, host, port, manifest, max(2, args.iters))
+        print(f"{host}:{port}: decode {result['decode_tokens_per_second']:.2f} tok/s, prompt "
+              f"{result['prompt_tokens_per_second']:.2f} tok/s (device side, {len(result['tokens'])} greedy tokens)")
+        if args.json_out:
+            from actsparse.api import write_json_atomic
+
+            write_json_atomic(args.json_out, {k: v for k, v in result.items() if k != "tokens"})
+        return 0
     feeds = _artifact_inputs(_SpecModel(manifest), None, 0)
     board = connect(host, port, key=args.key)
     try:

@@ -172,6 +172,14 @@ class RemoteBoard:
         with np.load(io.BytesIO(self.download_bytes(outputs_name)), allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
 
+    def generate(self, name: str, prompt: list[int], max_new_tokens: int) -> dict:
+        """Greedy generation on the device with an uploaded LM artifact:
+        {tokens, prompt_tokens_per_second, decode_tokens_per_second} (device-side timings)."""
+        if name not in self._uploaded:
+            raise ActsparseError(f"no artifact {name!r} uploaded in this session: call upload_artifact first")
+        request = json.dumps({"prompt": [int(t) for t in prompt], "max_new_tokens": int(max_new_tokens)})
+        return json.loads(str(self._call("actsparse.rpc.generate_artifact", name, self._uploaded[name], request)))
+
     def close(self) -> None:
         """End the session (the device's server then serves the next client)."""
         self._functions.clear()

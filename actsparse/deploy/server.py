@@ -88,7 +88,10 @@ def register_session_functions(workdir: Path) -> None:
         return str(_session_path(workdir, name))
 
     def load_module(name: str):
-        return tvm_ffi.load_module(workpath(name))
+        # TVM's RPC client API would load any uploaded shared library here: native code from the
+        # network. This server runs only artifacts, checked by actsparse.runtime.load.
+        raise PermissionError(f"refused to load {name!r}: this server runs only actsparse artifacts "
+                              "(upload_artifact + run / generate)")
 
     def info() -> str:
         return json.dumps(
@@ -125,12 +128,30 @@ def register_session_functions(workdir: Path) -> None:
         _write_npz(Path(workpath(outputs_npz)), outputs)
         return json.dumps({"seconds": seconds})
 
+    def generate_artifact(artifact: str, expected_sha256: str, request: str) -> str:
+        """Greedy generation with an LM artifact: request {prompt: [ids], max_new_tokens}."""
+        key = f"{artifact}:{expected_sha256}"
+        if key not in loaded:
+            if sha256(artifact) != expected_sha256:
+                raise ValueError(f"{artifact} does not have the sha256 the client uploaded; upload it again")
+            loaded[key] = load(workpath(artifact))
+        model = loaded[key]
+        if not hasattr(model, "generate"):
+            raise ValueError(f"{artifact} is not a language-model artifact")
+        options = json.loads(request)
+        tokens = list(model.generate([int(t) for t in options["prompt"]], int(options["max_new_tokens"]),
+                                     stop_tokens=[]))
+        stats = model.stats
+        return json.dumps({"tokens": tokens, "prompt_tokens_per_second": stats.prompt_tokens_per_second,
+                           "decode_tokens_per_second": stats.decode_tokens_per_second})
+
     for name, func in (
         ("tvm.rpc.server.workpath", workpath),
         ("tvm.rpc.server.load_module", load_module),
         ("actsparse.rpc.info", info),
         ("actsparse.rpc.sha256", sha256),
         ("actsparse.rpc.run_artifact", run_artifact),
+        ("actsparse.rpc.generate_artifact", generate_artifact),
     ):
         tvm_ffi.register_global_func(name, func, override=True)
 
