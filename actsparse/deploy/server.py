@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -223,6 +224,42 @@ def _wait_session(pid: int, timeout: float | None) -> None:
         time.sleep(0.05)
 
 
+def session_timeout_for(server: float | None, client: float | None) -> float | None:
+    """The session's time limit: the server's, shortened (never lengthened) by a client's request.
+    A client's -timeout=1e9, nan, inf or a negative number cannot hold the only session longer."""
+    if client is None or not math.isfinite(client) or client <= 0:
+        return server
+    return client if server is None else min(server, client)
+
+
+def _accept_in_background(listener: socket.socket, key: str) -> "queue.Queue":
+    """Accept connections and run each handshake in a thread of its own, with its own deadline, so
+    that silent or slow connections never delay other clients; clients that passed it queue up
+    for the one session at a time (returned queue of (conn, peer, options))."""
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue()
+
+    def shake(conn: socket.socket, peer) -> None:
+        options = handshake(conn, key)
+        if options is None or options.get("probe"):
+            conn.close()
+            return
+        ready.put((conn, peer, options))
+
+    def accept_forever() -> None:
+        while True:
+            try:
+                conn, peer = listener.accept()
+            except OSError:
+                return  # the listener was closed
+            threading.Thread(target=shake, args=(conn, peer), daemon=True).start()
+
+    threading.Thread(target=accept_forever, daemon=True, name="actsparse-rpc-accept").start()
+    return ready
+
+
 def serve(host: str, port: int, key: str = "", workroot: Path | None = None, session_timeout: float | None = None):
     """Listen on host:port and serve TVM RPC sessions one at a time, forever.
 
@@ -239,13 +276,10 @@ def serve(host: str, port: int, key: str = "", workroot: Path | None = None, ses
     listener.bind((host, port))
     listener.listen(1)
     print(f"{READY_LINE} {host}:{listener.getsockname()[1]}", flush=True)
+    ready = _accept_in_background(listener, key)
     while True:
-        conn, peer = listener.accept()
-        options = handshake(conn, key)
-        if options is None or options.get("probe"):
-            conn.close()
-            continue
-        timeout = options.get("timeout", session_timeout)
+        conn, peer, options = ready.get()
+        timeout = session_timeout_for(session_timeout, options.get("timeout"))
         workdir = Path(tempfile.mkdtemp(prefix="session-", dir=workroot))
         pid = os.fork()
         if pid == 0:
