@@ -143,11 +143,16 @@ class SparsifyPass(ActsparsePass):
             allocation = greedy_allocation(groups, curves, target)
         else:
             allocation = {g.name: target for g in groups}
+        blocks = find_blocks(model) if self.options.overrides else None
+        block_linears = {b.name: {l.name for l in b.linears} for b in blocks.ffn} if blocks else {}
+        block_linears |= {b.name: {l.name for l in (b.q, b.k, b.v, b.o) if l} for b in blocks.attention} if blocks else {}
         for key, value in self.options.overrides.items():
-            matches = [g for g in groups if key == g.name or key in [l.name for l in g.linears]]
+            # A group's name, one of its linears, or a block name as `actsparse inspect` prints it.
+            matches = [g for g in groups if key == g.name or key in [l.name for l in g.linears]
+                       or key in block_linears and block_linears[key] & {l.name for l in g.linears}]
             if not matches:
-                raise ActsparseError(f"pass 'sparsify': override {key!r} names no sparsified layer; "
-                                     f"layers: {', '.join(g.name for g in groups)}")
+                raise ActsparseError(f"pass 'sparsify': override {key!r} names no sparsified layer; blocks: "
+                                     f"{', '.join(block_linears) or 'none'}; layers: {', '.join(g.name for g in groups)}")
             for group in matches:
                 allocation[group.name] = value
         return allocation

@@ -465,3 +465,21 @@ def test_cleanup_after_sparsify_keeps_the_custom_ops(llama_onnx):
     specs = [PassSpec("sparsify", {"scope": "down"}), PassSpec("cleanup")]
     after, records = run_pipeline(model, specs, PassContext(calibration=samples))  # cleanup must be exact
     assert len(_sparsify_nodes(after)) == 2 and records[1].vs_previous.within(1e-5)
+
+
+def test_overrides_accept_the_block_names_inspect_prints(tmp_path):
+    """`actsparse inspect` prints blocks (layers.0.mlp); overrides by that name set every layer of the block."""
+    import onnx
+
+    import actsparse
+    from actsparse import zoo
+    from actsparse.cli import model_summary
+    from actsparse.frontend.onnx_file import load_model
+
+    onnx.save(zoo.swiglu_stack(layers=2, d=32, f=64), tmp_path / "m.onnx")
+    block = model_summary(load_model(tmp_path / "m.onnx"))["ffn_blocks"][0]["name"]
+    result = actsparse.optimize(str(tmp_path / "m.onnx"),
+                                passes=f"sparsify{{method=teal,sparsity=0.5,scope=ffn,overrides={block}:0.2}}")
+    targets = {layer["name"]: layer["target"] for layer in result.records[-1].report["layers"]}
+    assert {t for name, t in targets.items() if name.startswith(block)} == {0.2}
+    assert {t for name, t in targets.items() if not name.startswith(block)} == {0.5}
