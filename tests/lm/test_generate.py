@@ -293,3 +293,19 @@ def test_actsparse_compile_takes_a_causal_lm_module_without_a_wrapper(llama, tmp
     assert len(list(lm.generate([0, 1, 2], 4, stop_tokens=[]))) == 4
     with pytest.raises(ActsparseError, match="for causal LMs"):
         actsparse.compile(str(tmp_path / "missing.onnx"), max_context=8)
+
+
+def test_bf16_and_fp16_checkpoints_compile_as_float32(tmp_path):
+    """Downloaded models are usually bf16 / fp16 safetensors: the weights are read as float32 and
+    the compiled model matches transformers run in float32 on the same (rounded) weights."""
+    for dtype in (torch.bfloat16, torch.float16):
+        model = random_lm("llama", seed=4).to(dtype)
+        folder = tmp_path / str(dtype).split(".")[-1]
+        model.save_pretrained(folder, safe_serialization=True)
+        art = compile_causal_lm(folder, "host", output=folder / "lm.actsparse", max_context=16)
+        lm = actsparse.load(art.path)
+        tokens = [0, 9, 99, 199]
+        with torch.no_grad():
+            expected = model.float()(torch.tensor([tokens])).logits[0].numpy()
+        lm.reset()
+        np.testing.assert_allclose(np.array([lm.step(t) for t in tokens]), expected, atol=1e-4, rtol=1e-3)
