@@ -62,6 +62,11 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     from actsparse.codegen.op_check import check_lowerable_ops
 
     check_lowerable_ops(model)
+    from actsparse.codegen.widen_float16 import widen_float16
+
+    widened = widen_float16(model)  # no fp16 arithmetic in the CPU kernels: computed in float32
+    if widened:
+        step("float16 model: compiling in float32 (weights widened; inputs and outputs stay float16)")
     if prepare is not None:
         prepare(model)
     step("specializing shapes")
@@ -101,7 +106,7 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     path = write_artifact(
         output, executable, dict(zip(names, values)), _signature(model.graph.inputs, model),
         _signature(model.graph.outputs, model), target_summary(target), passes or [],
-        (report or {}) | {"kernels": plan.layers}, bundle_runtime=bundle_runtime, fcompile=fcompile,
+        (report or {}) | {"kernels": plan.layers} | ({"float16": "computed in float32"} if widened else {}), bundle_runtime=bundle_runtime, fcompile=fcompile,
         extra_manifest=extra_manifest, extra_files=extra_files,
     )
     timings["write"] = time.perf_counter() - mark

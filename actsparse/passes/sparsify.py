@@ -162,7 +162,7 @@ class SparsifyPass(ActsparsePass):
     def _insert(self, model: ir.Model, group: _Group, scale: np.ndarray | None) -> ir.Value:
         """Sparsify the group's value for its linear readers; the threshold is a new graph input
         until `_freeze_threshold` turns it into an initializer."""
-        dtype = group.value.dtype if group.value.dtype is not None else ir.DataType.FLOAT
+        dtype = _activation_dtype(group)
         base = group.linears[0].name if self.options.method != "cats" else group.name
         t = ir.Value(name=unique_name(model, f"{base}.sparsify_threshold"), shape=ir.Shape([]), type=ir.TensorType(dtype))
         model.graph.inputs.append(t)
@@ -253,6 +253,15 @@ def _threshold(scores: np.ndarray, sparsity: float) -> float:
 def _scores(x: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     magnitude = np.abs(x)
     return magnitude * scale if scale is not None else magnitude
+
+
+def _activation_dtype(group: _Group) -> ir.DataType:
+    """The sparsified value's float type: its own when known, else its linear's weight type (an
+    fp16 model needs an fp16 threshold: onnxruntime refuses Greater(fp16, fp32))."""
+    if group.value.dtype is not None:
+        return group.value.dtype
+    weight = group.linears[0].weight.const_value if group.linears else None
+    return weight.dtype if weight is not None and weight.dtype.is_floating_point() else ir.DataType.FLOAT
 
 
 def _channel_scale(group: _Group) -> np.ndarray:

@@ -308,7 +308,7 @@ def test_overrides_in_pipeline_text():
 
 def test_unknown_override_is_a_clear_error():
     with pytest.raises(ActsparseError, match=r"override 'layers\.9\.mlp' names no sparsified layer; "
-                                             r"layers: layers\.0\.mlp\.down_proj"):
+                                             r"blocks: layers\.0\.mlp; layers: layers\.0\.mlp\.down_proj"):
         _sparsify(_swiglu(), _samples(), scope="down", overrides={"layers.9.mlp": 0.5})
 
 
