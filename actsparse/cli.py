@@ -90,12 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="also write the results as JSON")
     p.add_argument("--rpc", metavar="HOST:PORT", help="time on a remote board over TVM RPC (device-side timings)")
     p.add_argument("--key", default="", help="RPC session key")
+    p.add_argument("--token-file", help="the secret of a server started with --token-file (challenge-response)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("deploy", help="upload an artifact to a board over TVM RPC, verify, run, compare")
     p.add_argument("artifact", help="artifact directory or .tar")
     p.add_argument("--rpc", required=True, metavar="HOST:PORT", help="the board's RPC server (python -m actsparse.deploy.server)")
     p.add_argument("--key", default="", help="RPC session key")
+    p.add_argument("--token-file", help="the secret of a server started with --token-file (challenge-response)")
     p.add_argument("--inputs", help=".npz inputs (default: random, seeded)")
     p.add_argument("--reference", help="ONNX model whose onnxruntime outputs the board must match "
                                        "(default: the model the artifact was compiled from, if present)")
@@ -730,7 +732,7 @@ def cmd_deploy(args) -> int:
     elif args.reference:
         raise ActsparseError(f"--reference {args.reference}: no such file")
     result = deploy_and_run(args.artifact, feeds, host, port, key=args.key, timeout=args.timeout,
-                            reference=reference, atol=args.atol)
+                            reference=reference, atol=args.atol, token=_token(args))
     print(f"deployed to {host}:{port} ({result.device.get('machine', '?')}): checksums verified, "
           f"ran in {min(result.seconds) * 1e3:.2f} ms", file=sys.stderr)
     if result.max_abs_error is not None:
@@ -753,10 +755,16 @@ def _lm_prompt(manifest: dict) -> list[int]:
     return start + [(7919 * i + 1) % vocab for i in range(LM_DEPLOY_PROMPT - len(start))]
 
 
+def _token(args) -> bytes | None:
+    from actsparse.deploy.server import read_token
+
+    return read_token(Path(args.token_file)) if getattr(args, "token_file", None) else None
+
+
 def _remote_generate(args, host: str, port: int, manifest: dict, new_tokens: int) -> dict:
     from actsparse.deploy.rpc import connect
 
-    board = connect(host, port, key=args.key, timeout=getattr(args, "timeout", 10.0))
+    board = connect(host, port, key=args.key, timeout=getattr(args, "timeout", 10.0), token=_token(args))
     try:
         name = board.upload_artifact(args.artifact)
         return board.generate(name, _lm_prompt(manifest), new_tokens) | {"device": board.info()}
@@ -803,7 +811,7 @@ def _bench_remote(args) -> int:
             write_json_atomic(args.json_out, {k: v for k, v in result.items() if k != "tokens"})
         return 0
     feeds = _artifact_inputs(_SpecModel(manifest), None, 0)
-    board = connect(host, port, key=args.key)
+    board = connect(host, port, key=args.key, token=_token(args))
     try:
         name = board.upload_artifact(args.artifact)
         board.run(name, feeds, repeat=3)  # warm-up: load once, first-touch the weights

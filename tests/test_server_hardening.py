@@ -39,3 +39,84 @@ def test_silent_connections_do_not_delay_a_real_client():
         finally:
             for conn in silent:
                 conn.close()
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory):
+    pytest.importorskip("tvm_ffi")
+    import os
+
+    from actsparse.deploy.process import start_local_rpc_server
+
+    folder = tmp_path_factory.mktemp("token")
+    token = folder / "token"
+    token.write_bytes(os.urandom(32))
+    token.chmod(0o600)
+    with start_local_rpc_server(token_file=token) as server:
+        server.token_path = token
+        yield server, token.read_bytes()
+
+
+def test_a_token_server_refuses_clients_without_it_or_with_a_wrong_one(token_server):
+    from actsparse.deploy.rpc import connect
+    from actsparse.errors import ActsparseError
+
+    server, token = token_server
+    with pytest.raises(ActsparseError, match="refused"):
+        connect("127.0.0.1", server.port, timeout=5)  # no token: the plain TVM handshake is refused
+    with pytest.raises(ActsparseError, match="refused the session"):
+        connect("127.0.0.1", server.port, timeout=5, token=b"x" * 32)
+    board = connect("127.0.0.1", server.port, timeout=5, token=token)
+    try:
+        assert board.info()["machine"]
+    finally:
+        board.close()
+
+
+def test_an_answered_challenge_cannot_be_replayed(token_server):
+    """A key seen on the wire (auth:<nonce>:<mac>) is good once: the nonce is consumed."""
+    import struct
+
+    from actsparse.deploy.rpc import probe
+    from actsparse.deploy.server import AUTH_PREFIX, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS, RPC_MAGIC, token_mac
+
+    server, token = token_server
+    nonce = probe("127.0.0.1", server.port, challenge=True)
+    hello = f"client:{AUTH_PREFIX}{nonce}:{token_mac(token, nonce)}".encode()
+    codes = []
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+            conn.sendall(struct.pack("<ii", RPC_MAGIC, len(hello)) + hello)
+            codes.append(struct.unpack("<i", conn.recv(4))[0])
+    assert codes == [RPC_CODE_SUCCESS, RPC_CODE_MISMATCH]
+
+
+def test_token_files_must_be_private_and_long_enough(tmp_path):
+    from actsparse.deploy.server import read_token
+    from actsparse.errors import ActsparseError
+
+    path = tmp_path / "t"
+    path.write_bytes(b"a" * 32)
+    path.chmod(0o644)
+    with pytest.raises(ActsparseError, match="readable by others"):
+        read_token(path)
+    path.chmod(0o600)
+    assert read_token(path) == b"a" * 32
+    path.write_bytes(b"short")
+    with pytest.raises(ActsparseError, match="at least 16 bytes"):
+        read_token(path)
+
+
+def test_cli_deploy_with_a_token_file(token_server, tmp_path):
+    import onnx
+
+    import actsparse
+    from actsparse import zoo
+    from actsparse.cli import main
+
+    server, _ = token_server
+    onnx.save(zoo.swiglu_stack(layers=1, d=32, f=64), tmp_path / "m.onnx")
+    art = actsparse.compile(str(tmp_path / "m.onnx"), output=tmp_path / "m.actsparse")
+    rpc = f"127.0.0.1:{server.port}"
+    assert main(["deploy", str(art.path), "--rpc", rpc, "--token-file", str(server.token_path)]) == 0
+    assert main(["deploy", str(art.path), "--rpc", rpc]) == 2

@@ -107,6 +107,8 @@ def start_local_rpc_server(
     key: str = "",
     session_timeout: float | None = None,
     startup_timeout: float = 60,
+    token_file: str | os.PathLike | None = None,
+    trust: Sequence[str | os.PathLike] = (),
 ) -> RpcServerProcess:
     """Start ``python -m actsparse.deploy.server`` on this machine, on a loopback address."""
     if not ipaddress.ip_address(host).is_loopback:
@@ -116,4 +118,8 @@ def start_local_rpc_server(
         command += ["--key", key]
     if session_timeout is not None:
         command += ["--session-timeout", str(session_timeout)]
+    if token_file is not None:
+        command += ["--token-file", str(token_file)]
+    for key_file in trust:
+        command += ["--trust", str(key_file)]
     return start_server_process(command, {**os.environ, "PYTHONUNBUFFERED": "1"}, host, startup_timeout)

@@ -44,23 +44,30 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1].strip() if lines else type(exc).__name__
 
 
-def probe(host: str, port: int, key: str = "", timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+def probe(host: str, port: int, key: str = "", timeout: float = DEFAULT_CONNECT_TIMEOUT_S, *,
+          challenge: bool = False) -> str | None:
     """Check within `timeout` that host:port is a TVM RPC server that accepts `key`.
 
     TVM's own connect waits without limit for a server that accepted the TCP connection but
     never answers; this probe does TVM's handshake itself, with a timeout, so that nothing
     listening, a silent peer, a non-RPC service and a wrong key each give one clear error.
     An actsparse server starts no session for it; TVM's own serves an empty one that ends at once.
+    With `challenge`, returns the one-time nonce a token-protected server sent (else None).
     """
-    from actsparse.deploy.server import PROBE_OPTION, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS, RPC_MAGIC
+    from actsparse.deploy.server import (CHALLENGE_OPTION, PROBE_OPTION, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS,
+                                         RPC_MAGIC)
 
     where = f"RPC server {host}:{port}"
-    hello = f"client:{key} {PROBE_OPTION}".encode()
+    hello = f"client:{key} {PROBE_OPTION}{' ' + CHALLENGE_OPTION if challenge else ''}".encode()
+    reply = b""
     try:
         with socket.create_connection((host, port), timeout=timeout) as conn:
             conn.settimeout(timeout)
             conn.sendall(struct.pack("<ii", RPC_MAGIC, len(hello)) + hello)
             answer = conn.recv(4)
+            if challenge and len(answer) == 4 and struct.unpack("<i", answer)[0] == RPC_CODE_SUCCESS:
+                size = struct.unpack("<i", _recv_all(conn, 4))[0]
+                reply = _recv_all(conn, size) if 0 < size <= 4096 else b""
     except ConnectionRefusedError:
         raise ActsparseError(
             f"{where} refused the connection: is `python -m actsparse.deploy.server` running there?"
@@ -74,6 +81,22 @@ def probe(host: str, port: int, key: str = "", timeout: float = DEFAULT_CONNECT_
         raise ActsparseError(f"{where} refused the RPC key {key!r}")
     if code != RPC_CODE_SUCCESS:
         raise ActsparseError(f"{host}:{port} is not a TVM RPC server (unexpected handshake answer)")
+    if challenge:
+        nonce = reply.decode("utf-8", "replace").partition("server:")[2]
+        if len(nonce) != 32:
+            raise ActsparseError(f"{where} sent no challenge: it was not started with --token-file")
+        return nonce
+    return None
+
+
+def _recv_all(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 @dataclass
@@ -199,23 +222,32 @@ def connect(
     key: str = "",
     timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     session_timeout: float | None = None,
+    token: bytes | None = None,
 ) -> RemoteBoard:
     """Open an RPC session with the device at host:port.
 
     `timeout` bounds reaching the server; `session_timeout` asks the server to end the
     session after that many seconds. Raises ActsparseError when nothing listens, the server
-    does not answer, or it refuses the key.
+    does not answer, or it refuses the key. `token`: the secret of a server started with
+    --token-file; the client answers its challenge (HMAC of a one-time nonce), never sends it.
     """
-    probe(host, port, key, timeout)
+    nonce = probe(host, port, key, timeout, challenge=token is not None)
     tvm_ffi = import_tvm_ffi()
     ensure_tvm_runtime()
     rpc_connect = tvm_ffi.get_global_func("rpc.Connect", allow_missing=True)
     if rpc_connect is None:
         raise ActsparseError("this TVM runtime was built without RPC support (rpc.Connect missing)")
+    if token is not None:
+        from actsparse.deploy.server import AUTH_PREFIX, token_mac
+
+        key = f"{AUTH_PREFIX}{nonce}:{token_mac(token, nonce)}"
     client_key = key + (f" -timeout={session_timeout:g}" if session_timeout else "")
     try:
         session = rpc_connect(host, int(port), client_key, False)
     except Exception as exc:
+        if "cannot find server that matches key" in str(exc):
+            raise ActsparseError(f"RPC server {host}:{port} refused the session: a wrong key or token, or the server "
+                                 "requires --token-file") from None
         raise ActsparseError(f"RPC handshake with {host}:{port} failed: {_first_line(exc)}") from None
     return RemoteBoard(host, int(port), session)
 
@@ -242,13 +274,14 @@ def deploy_and_run(
     repeat: int = 1,
     reference: Mapping[str, np.ndarray] | None = None,
     atol: float = 1e-4,
+    token: bytes | None = None,
 ) -> DeployResult:
     """Upload the artifact at `path`, verify it on the device, run it, fetch the outputs.
 
     With `reference` (e.g. the host-compiled model's outputs), each output must match it
     within `atol` (max absolute difference) or an ActsparseError says which one differs.
     """
-    with connect(host, port, key=key, timeout=timeout) as board:
+    with connect(host, port, key=key, timeout=timeout, token=token) as board:
         device = board.info()
         name = board.upload_artifact(path)
         outputs = board.run(name, inputs, repeat=repeat)

@@ -51,6 +51,10 @@ RPC_CODE_MISMATCH = RPC_MAGIC + 2
 # A client that only checks the handshake (actsparse.deploy.rpc.probe) adds this option: no
 # session is started for it. TVM's own server ignores options it does not know.
 PROBE_OPTION = "-actsparse-probe"
+CHALLENGE_OPTION = "-actsparse-challenge"  # a probe asking for a nonce to answer (token authentication)
+AUTH_PREFIX = "auth:"  # the key of an authenticated client: auth:<nonce>:<hex HMAC-SHA256(token, nonce)>
+_NONCE_LIFETIME_S = 30.0
+MIN_TOKEN_BYTES = 16
 READY_LINE = "actsparse-rpc-server listening on"
 _HANDSHAKE_TIMEOUT_S = 10.0
 _MAX_KEY_BYTES = 4096
@@ -170,8 +174,53 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return data
 
 
-def handshake(conn: socket.socket, key: str) -> dict | None:
-    """TVM's RPC handshake. Returns the client's options ({"timeout": s}) or None to drop it."""
+class TokenAuth:
+    """Challenge-response on a shared secret, inside TVM's handshake (the secret never crosses the
+    wire): a probe with CHALLENGE_OPTION gets a one-time nonce in the server's reply; the session's
+    key must then be ``auth:<nonce>:<HMAC-SHA256(token, nonce)>``. Nonces expire after 30 s and are
+    consumed by their first use, so a captured key cannot be replayed."""
+
+    def __init__(self, token: bytes):
+        import threading
+
+        if len(token) < MIN_TOKEN_BYTES:
+            raise ActsparseError(f"the token must hold at least {MIN_TOKEN_BYTES} bytes (got {len(token)})")
+        self.token = token
+        self._nonces: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def challenge(self) -> str:
+        import secrets
+
+        nonce = secrets.token_hex(16)
+        now = time.monotonic()
+        with self._lock:
+            self._nonces = {n: t for n, t in self._nonces.items() if now - t < _NONCE_LIFETIME_S}
+            self._nonces[nonce] = now
+        return nonce
+
+    def accepts(self, client_key: str) -> bool:
+        import hmac
+
+        if not client_key.startswith(AUTH_PREFIX):
+            return False
+        nonce, _, mac = client_key[len(AUTH_PREFIX):].partition(":")
+        with self._lock:
+            issued = self._nonces.pop(nonce, None)
+        if issued is None or time.monotonic() - issued >= _NONCE_LIFETIME_S:
+            return False
+        return hmac.compare_digest(mac, token_mac(self.token, nonce))
+
+
+def token_mac(token: bytes, nonce: str) -> str:
+    import hmac
+
+    return hmac.new(token, f"actsparse-rpc:{nonce}".encode(), "sha256").hexdigest()
+
+
+def handshake(conn: socket.socket, key: str, auth: TokenAuth | None = None) -> dict | None:
+    """TVM's RPC handshake. Returns the client's options ({"timeout": s}) or None to drop it.
+    With `auth`, sessions must answer a challenge (TokenAuth) instead of presenting `key`."""
     conn.settimeout(_HANDSHAKE_TIMEOUT_S)
     try:
         (magic,) = struct.unpack("<i", _recv_exact(conn, 4))
@@ -181,10 +230,17 @@ def handshake(conn: socket.socket, key: str) -> dict | None:
         if not 0 < length <= _MAX_KEY_BYTES:
             return None
         words = _recv_exact(conn, length).decode("utf-8", "replace").split()
-        if not words or words[0] != f"client:{key}":
+        probing = PROBE_OPTION in words[1:]
+        if auth is not None and probing:  # a probe learns nothing but a fresh nonce
+            accepted, reply = True, f"server:{auth.challenge()}".encode() if CHALLENGE_OPTION in words else b"server:"
+        elif auth is not None:
+            accepted = bool(words) and words[0].startswith("client:") and auth.accepts(words[0][len("client:"):])
+            reply = b"server:authenticated"
+        else:
+            accepted, reply = bool(words) and words[0] == f"client:{key}", f"server:{key}".encode()
+        if not accepted:
             conn.sendall(struct.pack("<i", RPC_CODE_MISMATCH))
             return None
-        reply = f"server:{key}".encode()
         conn.sendall(struct.pack("<i", RPC_CODE_SUCCESS) + struct.pack("<i", len(reply)) + reply)
     except (OSError, ConnectionError, struct.error):
         return None
@@ -224,6 +280,19 @@ def _wait_session(pid: int, timeout: float | None) -> None:
         time.sleep(0.05)
 
 
+def read_token(path: Path) -> bytes:
+    """A token file's bytes (at least 16), refusing one that others can read."""
+    try:
+        if os.stat(path).st_mode & 0o077:
+            raise ActsparseError(f"{path}: the token file is readable by others; chmod 600 it")
+        token = Path(path).read_bytes()
+    except OSError as exc:
+        raise ActsparseError(f"{path}: cannot read the token ({exc.strerror or exc})") from None
+    if len(token) < MIN_TOKEN_BYTES:
+        raise ActsparseError(f"{path}: the token must hold at least {MIN_TOKEN_BYTES} bytes")
+    return token
+
+
 def session_timeout_for(server: float | None, client: float | None) -> float | None:
     """The session's time limit: the server's, shortened (never lengthened) by a client's request.
     A client's -timeout=1e9, nan, inf or a negative number cannot hold the only session longer."""
@@ -232,7 +301,7 @@ def session_timeout_for(server: float | None, client: float | None) -> float | N
     return client if server is None else min(server, client)
 
 
-def _accept_in_background(listener: socket.socket, key: str) -> "queue.Queue":
+def _accept_in_background(listener: socket.socket, key: str, auth: TokenAuth | None = None) -> "queue.Queue":
     """Accept connections and run each handshake in a thread of its own, with its own deadline, so
     that silent or slow connections never delay other clients; clients that passed it queue up
     for the one session at a time (returned queue of (conn, peer, options))."""
@@ -242,7 +311,7 @@ def _accept_in_background(listener: socket.socket, key: str) -> "queue.Queue":
     ready: queue.Queue = queue.Queue()
 
     def shake(conn: socket.socket, peer) -> None:
-        options = handshake(conn, key)
+        options = handshake(conn, key, auth)
         if options is None or options.get("probe"):
             conn.close()
             return
@@ -260,7 +329,8 @@ def _accept_in_background(listener: socket.socket, key: str) -> "queue.Queue":
     return ready
 
 
-def serve(host: str, port: int, key: str = "", workroot: Path | None = None, session_timeout: float | None = None):
+def serve(host: str, port: int, key: str = "", workroot: Path | None = None, session_timeout: float | None = None,
+          token: bytes | None = None):
     """Listen on host:port and serve TVM RPC sessions one at a time, forever.
 
     Port 0 picks a free port. Prints ``READY_LINE host:port`` once listening (what
@@ -276,7 +346,7 @@ def serve(host: str, port: int, key: str = "", workroot: Path | None = None, ses
     listener.bind((host, port))
     listener.listen(1)
     print(f"{READY_LINE} {host}:{listener.getsockname()[1]}", flush=True)
-    ready = _accept_in_background(listener, key)
+    ready = _accept_in_background(listener, key, TokenAuth(token) if token is not None else None)
     while True:
         conn, peer, options = ready.get()
         timeout = session_timeout_for(session_timeout, options.get("timeout"))
@@ -307,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default="", help="RPC key clients must present (default: none)")
     parser.add_argument("--workdir", type=Path, default=None, help="where sessions keep uploaded files")
     parser.add_argument("--session-timeout", type=float, default=None, help="kill a session after this many seconds")
+    parser.add_argument("--token-file", type=Path, default=None,
+                        help="require clients to prove they hold this secret (challenge-response; the secret "
+                             "never crosses the network); make one with: head -c 32 /dev/urandom > token")
     parser.add_argument("--trust", action="append", default=[], metavar="PUB",
                         help="run only artifacts signed by this public key (repeatable); sessions inherit it")
     args = parser.parse_args(argv)
@@ -318,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
 
             trusted_keys_from(args.trust)
             os.environ[TRUST_ENV_VAR] = os.pathsep.join(str(Path(k).resolve()) for k in args.trust)
-        serve(args.host, args.port, args.key, args.workdir, args.session_timeout)
+        token = read_token(args.token_file) if args.token_file else None
+        serve(args.host, args.port, args.key, args.workdir, args.session_timeout, token)
     except ActsparseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
