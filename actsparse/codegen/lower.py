@@ -80,10 +80,21 @@ def select_kernels(model: ir.Model, target=None) -> KernelPlan:
     from actsparse.codegen.quant_lowering import select_quant_kernels
 
     # Quantized linears (QDQ, dynamic, MatMulNBits) first, then gated FFN blocks that fit
-    # one fused kernel, then every remaining float linear.
-    quant_layers = select_quant_kernels(model, lanes=kernel_lanes(target, "dense") if target is not None else 16,
-                                        int8_dot=has_int8_dot_product(target))
-    plan = KernelPlan(fuse_ffn_blocks(model))
+    # one fused kernel, then every remaining float linear. A CUDA target takes only the kernels
+    # that have a CUDA twin (kernels/cuda): the dense FFN runs as three dense GEMVs there, and
+    # quantized linears stay with TVM's own lowering until they have CUDA kernels.
+    on_cuda = target is not None and target.kind.name == "cuda"
+    if on_cuda:
+        if any(node.op_type == "MatMulNBits" for node in model.graph):
+            raise ActsparseError("int4 weights (MatMulNBits) have no CUDA kernel yet: compile for a CPU target, or "
+                                 "quantize with format=qdq for TVM's own lowering")
+        quant_layers = [{"name": node.name, "kernel": "tvm", "reason": "no CUDA int8/int4 kernel yet"}
+                        for node in model.graph if node.op_type in ("MatMulInteger", "MatMulNBits", "DequantizeLinear")]
+    else:
+        quant_layers = select_quant_kernels(model, lanes=kernel_lanes(target, "dense") if target is not None else 16,
+                                            int8_dot=has_int8_dot_product(target))
+    with _cuda_fusable_forms() if on_cuda else contextlib.nullcontext():
+        plan = KernelPlan(fuse_ffn_blocks(model))
     plan.layers += quant_layers
     for linear in find_linears(model):
         # A linear fed by one rewritten above reads the rewrite's output now.
@@ -139,6 +150,12 @@ def select_kernels(model: ir.Model, target=None) -> KernelPlan:
     common.RemoveUnusedNodesPass()(model)
     model.opset_imports.setdefault(LOWERING_DOMAIN, 1)
     return plan
+
+
+def _cuda_fusable_forms():
+    from actsparse.codegen.ffn_fusion import GATE_SPARSE, INPUT_SPARSE, enabled_forms
+
+    return enabled_forms({GATE_SPARSE, INPUT_SPARSE})  # the fused FFN kernels with a CUDA version
 
 
 def _lowerable(linear: Linear) -> bool:

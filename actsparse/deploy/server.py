@@ -116,14 +116,17 @@ def register_session_functions(workdir: Path) -> None:
                 digest.update(block)
         return digest.hexdigest()
 
-    def run_artifact(artifact: str, expected_sha256: str, inputs_npz: str, outputs_npz: str, repeat: int) -> str:
+    def loaded_artifact(artifact: str, expected_sha256: str):
         # Keyed by content: an artifact uploaded again under the same name is loaded again.
         key = f"{artifact}:{expected_sha256}"
         if key not in loaded:
             if sha256(artifact) != expected_sha256:
                 raise ValueError(f"{artifact} does not have the sha256 the client uploaded; upload it again")
             loaded[key] = load(workpath(artifact))
-        model = loaded[key]
+        return loaded[key]
+
+    def run_artifact(artifact: str, expected_sha256: str, inputs_npz: str, outputs_npz: str, repeat: int) -> str:
+        model = loaded_artifact(artifact, expected_sha256)
         inputs = _read_npz(Path(workpath(inputs_npz)))
         seconds = []
         for _ in range(max(1, int(repeat))):
@@ -135,12 +138,7 @@ def register_session_functions(workdir: Path) -> None:
 
     def generate_artifact(artifact: str, expected_sha256: str, request: str) -> str:
         """Greedy generation with an LM artifact: request {prompt: [ids], max_new_tokens}."""
-        key = f"{artifact}:{expected_sha256}"
-        if key not in loaded:
-            if sha256(artifact) != expected_sha256:
-                raise ValueError(f"{artifact} does not have the sha256 the client uploaded; upload it again")
-            loaded[key] = load(workpath(artifact))
-        model = loaded[key]
+        model = loaded_artifact(artifact, expected_sha256)
         if not hasattr(model, "generate"):
             raise ValueError(f"{artifact} is not a language-model artifact")
         options = json.loads(request)
