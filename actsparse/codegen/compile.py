@@ -76,7 +76,10 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     timings["prepare"] = time.perf_counter() - start
     step("importing into TVM Relax")
     mark = time.perf_counter()
-    mod, params = to_relax(model, target)
+    from actsparse.codegen.relax_util import quiet_native_stderr
+
+    with quiet_native_stderr():
+        mod, params = to_relax(model, target)
     timings["import"] = time.perf_counter() - mark
     step(f"compiling for {target_name}")
     mark = time.perf_counter()
@@ -84,18 +87,20 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
 
     fcompile = None
     try:
-        if is_cuda:  # our CUDA kernels in place of the CPU ones; device code compiled by nvcc
-            cuda.retarget_kernels(mod)
-            with cuda.nvcc_mode():
+        with quiet_native_stderr():
+            if is_cuda:  # our CUDA kernels in place of the CPU ones; device code compiled by nvcc
+                cuda.retarget_kernels(mod)
+                with cuda.nvcc_mode():
+                    executable = tvm.compile(mod, target=target)
+                fcompile = cuda.embedding_fcompile(cuda.compile_device_code(executable, str(target.attrs["arch"])))
+            else:
                 executable = tvm.compile(mod, target=target)
-            fcompile = cuda.embedding_fcompile(cuda.compile_device_code(executable, str(target.attrs["arch"])))
-        else:
-            executable = tvm.compile(mod, target=target)
     except ActsparseError:
         raise
     except Exception as exc:
-        lines = [l for l in str(exc).strip().splitlines() if l.strip()]
-        raise ActsparseError(f"TVM failed to compile the model: {lines[-1][:300] if lines else type(exc).__name__}") from None
+        from actsparse.codegen.relax_util import tvm_error_summary
+
+        raise ActsparseError(f"TVM failed to compile the model: {tvm_error_summary(exc)}") from None
     timings["compile"] = time.perf_counter() - mark
     step("writing the artifact")
     mark = time.perf_counter()

@@ -216,8 +216,9 @@ def to_relax(model: ir.Model, target):
         try:
             mod = from_onnx(proto, keep_params_in_input=True, sanitize_input_names=False)
         except Exception as exc:
-            first = str(exc).strip().splitlines()
-            raise ActsparseError(f"TVM cannot import the model: {first[-1] if first else type(exc).__name__}") from None
+            from actsparse.codegen.relax_util import tvm_error_summary
+
+            raise ActsparseError(f"TVM cannot import the model: {tvm_error_summary(exc)}") from None
     mod, params = weights_as_params(*detach_params(mod), weights)
     mod = schedule_tvm_ops(mod, target)
     return mod, params

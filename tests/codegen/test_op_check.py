@@ -56,3 +56,24 @@ def test_well_formed_actsparse_ops_still_compile(tmp_path):
     onnx.save(zoo.swiglu_stack(layers=1, d=32, f=64), path)
     art = actsparse.compile(str(path), passes="sparsify{method=wina,sparsity=0.5}", output=tmp_path / "m.actsparse")
     assert art.kernels
+
+
+def test_a_tvm_failure_is_one_meaningful_line(tmp_path):
+    """A MatMul whose weight has the transposed shape: TVM fails deep inside; the user gets one line
+    that says what (not TVM's caret lines or its C++ warnings first)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    w = numpy_helper.from_array(np.ones((16, 8), np.float32), "w")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "t.onnx")
+    done = subprocess.run([sys.executable, "-m", "actsparse.cli", "compile", str(tmp_path / "t.onnx"), "-o",
+                           str(tmp_path / "o")], capture_output=True, text=True)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("actsparse: error: TVM failed to compile the model: ")
+    assert "mismatch" in lines[0] and "^^^" not in lines[0]
