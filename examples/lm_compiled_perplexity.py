@@ -9,7 +9,11 @@
    as examples/lm_sparsity.py measures it;
 3. compiled: the decode step compiled for this machine, run token by token over the same windows
    (`LanguageModel.perplexity`), dense and with TEAL at 50 % (FFN inputs, as the README's table;
-   and every linear), thresholds calibrated on decode steps of built-in text.
+   and every linear), thresholds calibrated on decode steps of built-in text;
+4. relufied (SiLU -> ReLU + ProSparse L1 fine-tuning, as lm_mini.json's relufy stage: 150 steps,
+   lr 2e-3, L1 stages 0.05/0.15/0.3), compiled as it is (the ReLU-gated FFN kernel) and with a
+   rank-32 active-neuron predictor (`predictor{mode=threshold,recall=0.95}`, lm_mini.json's
+   "threshold r95"), trained on 4,096 decode steps of built-in text.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+PREDICTOR_CALIBRATION_STEPS = 4096  # rows the predictor trains on (lm_mini.json's: 48 windows x 128)
 VARIANTS = {
     "dense": None,
     "TEAL 50% (FFN inputs)": "sparsify{method=teal,sparsity=0.5,scope=ffn}",
@@ -38,7 +43,7 @@ def onnxruntime_perplexity(model, windows: np.ndarray) -> float:
 
     path = Path(ROOT / ".cache" / "lm-compiled-ppl.onnx")
     path.parent.mkdir(exist_ok=True)
-    wrapper = _Logits(model)
+    wrapper = _Logits(model).eval()
     torch.onnx.export(wrapper, (torch.tensor(windows[:1], dtype=torch.int64),), str(path), dynamo=True,
                       input_names=["input_ids"], output_names=["logits"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -75,6 +80,38 @@ def compiled_perplexity(lm, windows: np.ndarray) -> float:
     return float(np.exp(nll / count))
 
 
+def relufied_rows(args, windows: np.ndarray, reference: float) -> list[dict]:
+    import actsparse
+    from actsparse.lm.compile import compile_causal_lm
+    from actsparse.lm.data import corpus_tokens
+    from actsparse.lm.model import load_lm, save_lm
+    from actsparse.train.relufy import relufy
+
+    folder = Path(args.dir) / "relufied"
+    if not (folder / "model.safetensors").is_file():
+        model = load_lm(args.dir)
+        result = relufy(model, corpus_tokens("train", Path(args.dir)), eval_windows=windows[:8], act="relu",
+                        steps=150, lr=2e-3, l1_stages=(0.05, 0.15, 0.3), seq_len=128, batch=16, export=False)
+        model.config.hidden_act = "relu"  # the swapped activation, for readers of the checkpoint
+        save_lm(model, folder)
+    relufied_reference = onnxruntime_perplexity(load_lm(folder), windows)
+    print(f"onnxruntime, relufied, full sequence: perplexity {relufied_reference:.5f}")
+    rows = []
+    for label, passes in (("relufied", None), ("relufied + predictor (threshold, recall 0.95)",
+                                                "predictor{mode=threshold,recall=0.95}")):
+        art = compile_causal_lm(folder, "host", passes, output=folder / "compiled.actsparse",
+                                max_context=windows.shape[1], calibration_steps=PREDICTOR_CALIBRATION_STEPS)
+        ppl = compiled_perplexity(actsparse.load(art.path), windows)
+        kernels = sorted({k["kernel"] for k in art.kernels if "mlp" in k["name"]})
+        rows.append({"variant": label, "passes": passes, "perplexity": round(ppl, 5), "ffn_kernels": kernels,
+                     "onnxruntime_relufied_perplexity": round(relufied_reference, 5),
+                     "change_vs_onnxruntime_dense": round(ppl / reference - 1, 5),
+                     "change_vs_onnxruntime_relufied": round(ppl / relufied_reference - 1, 5)})
+        print(f"compiled decode path, {label}: perplexity {ppl:.5f} ({ppl / relufied_reference - 1:+.2%} vs "
+              f"onnxruntime relufied; FFN kernels {kernels})")
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=str(ROOT / "runs" / "lm_mini"))
@@ -107,6 +144,7 @@ def main(argv=None) -> dict:
                      "change_vs_onnxruntime_dense": round(ppl / reference - 1, 5),
                      "seconds": round(time.perf_counter() - start, 1)})
         print(f"compiled decode path, {label}: perplexity {ppl:.5f} ({ppl / reference - 1:+.2%} vs onnxruntime dense)")
+    rows += relufied_rows(args, windows, reference)
     results = {"model": {"size": args.size, "train_steps": metrics["step"], "parameters": metrics["parameters"]},
                "windows": len(windows), "seq_len": args.seq_len, "onnxruntime_perplexity": round(reference, 5),
                "compiled": rows}

@@ -74,7 +74,7 @@ def _check_tokenizer(data: bytes, file: Path) -> None:
 
 
 def calibration_tokens(spec, tokenizer: dict | None, files: dict[str, bytes], calib_text: str | os.PathLike | None,
-                       seed: int = 0) -> list[np.ndarray]:
+                       seed: int = 0, steps_total: int = CALIBRATION_STEPS) -> list[np.ndarray]:
     """Token sequences for calibration: `calib_text` (one sequence per paragraph), or by default a
     held-out file of the Python standard library's source; random ids when there is no tokenizer."""
     if calib_text is not None:
@@ -87,12 +87,14 @@ def calibration_tokens(spec, tokenizer: dict | None, files: dict[str, bytes], ca
             raise ActsparseError(f"{path}: calibration text is empty")
     else:
         text = _default_text()
-    steps = CALIBRATION_STEPS // CALIBRATION_SEQUENCES + 1
+    # Sequences of at most the context the model was read for (its rotary table's length).
+    steps = min(steps_total // CALIBRATION_SEQUENCES + 1, spec.max_positions)
+    count = max(CALIBRATION_SEQUENCES, -(-steps_total // max(1, steps - 1)))
     if tokenizer is None:
         if calib_text is not None:
             raise ActsparseError("--calib-text needs a tokenizer (a model folder with tokenizer.json, or --tokenizer)")
         rng = np.random.default_rng(seed)
-        return [rng.integers(0, spec.vocab_size, steps) for _ in range(CALIBRATION_SEQUENCES)]
+        return [rng.integers(0, spec.vocab_size, steps) for _ in range(count)]
     from actsparse.runtime.tokenizer import make_tokenizer
 
     encode = make_tokenizer(tokenizer, files).encode
@@ -100,7 +102,7 @@ def calibration_tokens(spec, tokenizer: dict | None, files: dict[str, bytes], ca
     ids = np.concatenate([np.asarray(encode(c), np.int64) for c in chunks])
     if len(ids) < steps:
         ids = np.resize(ids, steps)
-    starts = np.linspace(0, len(ids) - steps, CALIBRATION_SEQUENCES).astype(int)
+    starts = np.linspace(0, len(ids) - steps, count).astype(int)
     return [np.clip(ids[s:s + steps], 0, spec.vocab_size - 1) for s in starts]
 
 
@@ -137,7 +139,8 @@ def decode_feeds(model: ir.Model, sequences: list[np.ndarray]) -> list[dict[str,
 def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: str | os.PathLike | None = None,
                       max_context: int = DEFAULT_MAX_CONTEXT, calib_text: str | os.PathLike | None = None,
                       tokenizer: str | os.PathLike | None = None, recipe=None, verify: bool = True, seed: int = 0,
-                      bundle_runtime: bool | str = False, on_pass=None, on_step: Callable[[str], None] | None = None):
+                      bundle_runtime: bool | str = False, on_pass=None, on_step: Callable[[str], None] | None = None,
+                      calibration_steps: int = CALIBRATION_STEPS):
     """The causal LM `model` compiled for `target` as a generation artifact (see the module docstring)."""
     import tempfile
 
@@ -156,7 +159,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
     specs = resolve_passes(passes, recipe) if (passes or recipe) else []
     if specs:
         step("calibrating on decode steps")
-        sequences = calibration_tokens(spec, tokenizer_entry, files, calib_text, seed)
+        sequences = calibration_tokens(spec, tokenizer_entry, files, calib_text, seed, calibration_steps)
         feeds = decode_feeds(decode, sequences)
         decode, records = run_pipeline(decode, specs, PassContext(calibration=feeds, seed=seed), verify=verify,
                                        on_pass=on_pass)
