@@ -33,7 +33,30 @@ def load_calibration(path: str | Path, model: ir.Model) -> list[Feeds]:
     path = Path(path)
     if not path.is_file():
         raise ActsparseError(f"{path}: no such calibration file")
-    return feeds_from_arrays(read_npz(path, "calibration file"), model, source=str(path))
+    return feeds_from_arrays(read_npz(path, "calibration file", check=_header_check(model, str(path))), model,
+                             source=str(path))
+
+
+def _header_check(model: ir.Model, source: str):
+    """Refuse names, ranks and static dims that cannot match, from the .npz headers alone."""
+    inputs = {v.name: v for v in model_inputs(model)}
+
+    def check(name: str, shape: tuple, dtype) -> None:
+        value = inputs.get(name)
+        if value is None:  # the full check names every missing and unknown input
+            return
+        if value.shape is None:
+            return
+        rank = len(value.shape)
+        if len(shape) not in (rank, rank + 1):
+            raise ActsparseError(f"{source}: input {name!r} has rank {len(shape)}, model expects {rank} "
+                                 f"(or {rank + 1} stacked)")
+        sample = shape[len(shape) - rank:]
+        for axis, (got, want) in enumerate(zip(sample, value.shape)):
+            if isinstance(want, int) and got != want:  # the same words as the check after loading
+                raise ActsparseError(f"{source}: input {name!r} axis {axis} is {got}, model expects {want}")
+
+    return check
 
 
 def feeds_from_arrays(arrays: dict[str, np.ndarray], model: ir.Model, *, source: str = "calibration") -> list[Feeds]:

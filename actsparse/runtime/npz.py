@@ -12,7 +12,7 @@ import numpy as np
 from actsparse.errors import ActsparseError
 
 
-def read_npz(path: str | Path, what: str = "file") -> dict[str, np.ndarray]:
+def read_npz(path: str | Path, what: str = "file", check=None) -> dict[str, np.ndarray]:
     """The arrays of an .npz, refusing anything else before reading data.
 
     Each member's header is checked first: a shape that claims more bytes than the member
@@ -26,7 +26,9 @@ def read_npz(path: str | Path, what: str = "file") -> dict[str, np.ndarray]:
                 raise ActsparseError(f"{path}: a single array (.npy); give an .npz with one array per input name")
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                _check_npy_member(archive, info)
+                shape, dtype = _check_npy_member(archive, info)
+                if check is not None:
+                    check(info.filename[:-len(".npy")], shape, dtype)
         with np.load(path, allow_pickle=False) as arrays:
             return {name: arrays[name] for name in arrays.files}
     except ActsparseError:
@@ -59,3 +61,4 @@ def _check_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
     claimed = math.prod(shape) * dtype.itemsize
     if claimed > info.file_size - header:
         raise _BadMember(f"{where} claims {claimed} bytes of data but holds {info.file_size - header}")
+    return tuple(shape), dtype

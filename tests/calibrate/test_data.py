@@ -230,3 +230,26 @@ def test_documented_casts_and_refusals(tmp_path):
         feeds_from_arrays({"x": x.astype(np.int64)}, model)
     with pytest.raises(ActsparseError, match="beyond float32's range"):
         feeds_from_arrays({"x": np.full((1, 8), 1e300)}, model)
+
+
+def test_a_compressed_npz_of_the_wrong_shape_is_refused_before_it_is_decompressed(tmp_path):
+    """18 MB on disk can be gigabytes decompressed: the headers are checked first."""
+    script = f"""
+import resource, sys, numpy as np, onnx_ir as ir
+from actsparse import zoo
+from actsparse.calibrate.data import load_calibration
+from actsparse.errors import ActsparseError
+np.savez_compressed({str(tmp_path / 'big.npz')!r}, x=np.zeros((60000, 1, 4096), np.float32))  # ~1 GB of zeros
+model = ir.serde.deserialize_model(zoo.swiglu_stack(layers=1, d=8, f=16))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_calibration({str(tmp_path / 'big.npz')!r}, model)
+except ActsparseError as exc:
+    print("refused:", exc)
+print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout and "axis 1 is 4096, model expects 8" in done.stdout
+    grew = float(done.stdout.split("grew_mb")[1])
+    assert grew < 200, f"RSS grew {grew} MB refusing the file"
