@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help=".npz inputs (default: random, seeded)")
     p.add_argument("--reference", help="ONNX model whose onnxruntime outputs the board must match "
                                        "(default: the model the artifact was compiled from, if present)")
-    p.add_argument("--atol", type=float, default=1e-4, help="allowed max abs error against the reference")
+    p.add_argument("--atol", type=float, default=None,
+                   help="allowed max abs error against the reference (default 1e-4; for an artifact of approximate "
+                        "passes compared with its source model, 3x the error its accuracy report measured)")
     p.add_argument("--timeout", type=float, default=10.0, help="connection timeout in seconds")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_deploy)
@@ -731,16 +733,31 @@ def cmd_deploy(args) -> int:
         reference = _reference_outputs(reference_path, feeds)
     elif args.reference:
         raise ActsparseError(f"--reference {args.reference}: no such file")
+    atol, why = _deploy_tolerance(args, manifest, reference_path)
     result = deploy_and_run(args.artifact, feeds, host, port, key=args.key, timeout=args.timeout,
-                            reference=reference, atol=args.atol, token=_token(args))
+                            reference=reference, atol=atol, token=_token(args))
     print(f"deployed to {host}:{port} ({result.device.get('machine', '?')}): checksums verified, "
           f"ran in {min(result.seconds) * 1e3:.2f} ms", file=sys.stderr)
     if result.max_abs_error is not None:
         worst = max(result.max_abs_error.values()) if result.max_abs_error else 0.0
-        print(f"matches the reference ({reference_path}) to {worst:.2e} (atol {args.atol:g})", file=sys.stderr)
+        print(f"matches the reference ({reference_path}) to {worst:.2e} (atol {atol:g}{why})", file=sys.stderr)
     else:
         print("no reference model: outputs not compared (give --reference model.onnx)", file=sys.stderr)
     return 0
+
+
+def _deploy_tolerance(args, manifest: dict, reference_path: str | None) -> tuple[float, str]:
+    """--atol, or: 1e-4 against the model the artifact was compiled from unchanged; against the
+    source of an artifact whose passes approximate (sparsify, quantize, ...), 3x the max abs error
+    that the artifact's own accuracy report measured between the two."""
+    if args.atol is not None:
+        return args.atol, ""
+    accuracy = manifest.get("report", {}).get("accuracy_vs_original") or {}
+    measured = accuracy.get("max_abs_error")
+    is_source = reference_path is not None and reference_path == manifest.get("report", {}).get("source")
+    if is_source and isinstance(measured, (int, float)) and measured > 0:
+        return max(1e-4, 3 * float(measured)), f": the passes' measured error {measured:.2e} x 3"
+    return 1e-4, ""
 
 
 LM_DEPLOY_PROMPT = 16  # prompt tokens of the greedy check run on the board

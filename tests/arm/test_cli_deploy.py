@@ -43,6 +43,13 @@ def test_deploy_compares_with_the_source_model(local_server, host_artifact, ffn_
     assert capsys.readouterr().err.startswith("actsparse: error:")
 
 
+def test_deploy_of_a_sparsified_artifact_passes_by_default(local_server, host_artifact, capsys):
+    """The README's own flow: no --atol; the tolerance comes from the artifact's accuracy report."""
+    address = f"{local_server.host}:{local_server.port}"
+    assert main(["deploy", str(host_artifact), "--rpc", address, "--key", KEY]) == 0
+    assert "the passes' measured error" in capsys.readouterr().err
+
+
 def test_deploy_errors_are_one_line(host_artifact, capsys):
     assert main(["deploy", str(host_artifact), "--rpc", "localhost"]) == 2
     assert "expected HOST:PORT" in capsys.readouterr().err
