@@ -120,3 +120,20 @@ def test_cli_deploy_with_a_token_file(token_server, tmp_path):
     rpc = f"127.0.0.1:{server.port}"
     assert main(["deploy", str(art.path), "--rpc", rpc, "--token-file", str(server.token_path)]) == 0
     assert main(["deploy", str(art.path), "--rpc", rpc]) == 2
+
+
+def test_uploads_are_capped_per_session():
+    pytest.importorskip("tvm_ffi")
+    from actsparse.deploy.process import start_local_rpc_server
+    from actsparse.deploy.rpc import connect
+
+    with start_local_rpc_server(max_upload_mb=1) as server:
+        board = connect("127.0.0.1", server.port, timeout=5)
+        try:
+            board.upload_bytes(b"a" * 600_000, "first.bin")
+            with pytest.raises(Exception, match="would pass 1 MB"):
+                board.upload_bytes(b"b" * 600_000, "second.bin")
+            with pytest.raises(Exception, match="invalid remote file name"):
+                board.upload_bytes(b"c", "../escape.bin")
+        finally:
+            board.close()

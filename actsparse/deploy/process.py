@@ -109,6 +109,7 @@ def start_local_rpc_server(
     startup_timeout: float = 60,
     token_file: str | os.PathLike | None = None,
     trust: Sequence[str | os.PathLike] = (),
+    max_upload_mb: int | None = None,
 ) -> RpcServerProcess:
     """Start ``python -m actsparse.deploy.server`` on this machine, on a loopback address."""
     if not ipaddress.ip_address(host).is_loopback:
@@ -122,4 +123,6 @@ def start_local_rpc_server(
         command += ["--token-file", str(token_file)]
     for key_file in trust:
         command += ["--trust", str(key_file)]
+    if max_upload_mb is not None:
+        command += ["--max-upload-mb", str(max_upload_mb)]
     return start_server_process(command, {**os.environ, "PYTHONUNBUFFERED": "1"}, host, startup_timeout)

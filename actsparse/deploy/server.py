@@ -80,7 +80,11 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
-def register_session_functions(workdir: Path) -> None:
+DEFAULT_MAX_UPLOAD_MB = 16384
+_DISK_RESERVE_BYTES = 256 << 20  # uploads never fill the device's disk to the last 256 MB
+
+
+def register_session_functions(workdir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20) -> None:
     """Register the global functions TVM's RPC server code and actsparse clients call."""
     import tvm_ffi
 
@@ -97,6 +101,23 @@ def register_session_functions(workdir: Path) -> None:
         # network. This server runs only artifacts, checked by actsparse.runtime.load.
         raise PermissionError(f"refused to load {name!r}: this server runs only actsparse artifacts "
                               "(upload_artifact + run / generate)")
+
+    uploaded = [0]
+
+    def upload(name: str, data) -> None:
+        # Replaces TVM's own: the session's uploads are capped, and the disk keeps a reserve.
+        path = _session_path(workdir, name)
+        payload = bytes(data)
+        if uploaded[0] + len(payload) > max_upload_bytes:
+            raise PermissionError(f"upload of {name!r} refused: this session's uploads would pass "
+                                  f"{max_upload_bytes >> 20} MB (the server's --max-upload-mb)")
+        if len(payload) > shutil.disk_usage(workdir).free - _DISK_RESERVE_BYTES:
+            raise PermissionError(f"upload of {name!r} refused: not enough free disk on the device")
+        path.write_bytes(payload)
+        uploaded[0] += len(payload)
+
+    def import_module(*args):
+        raise PermissionError("refused: this server runs only actsparse artifacts")
 
     def info() -> str:
         return json.dumps(
@@ -151,6 +172,8 @@ def register_session_functions(workdir: Path) -> None:
     for name, func in (
         ("tvm.rpc.server.workpath", workpath),
         ("tvm.rpc.server.load_module", load_module),
+        ("tvm.rpc.server.ImportModule", import_module),
+        ("tvm.rpc.server.upload", upload),
         ("actsparse.rpc.info", info),
         ("actsparse.rpc.sha256", sha256),
         ("actsparse.rpc.run_artifact", run_artifact),
@@ -255,12 +278,12 @@ def handshake(conn: socket.socket, key: str, auth: TokenAuth | None = None) -> d
     return options
 
 
-def _serve_session(conn: socket.socket, workdir: Path) -> None:
+def _serve_session(conn: socket.socket, workdir: Path, max_upload_bytes: int) -> None:
     """Child process: serve one RPC session in its work directory, then exit."""
     import tvm_ffi
 
     os.chdir(workdir)
-    register_session_functions(workdir)
+    register_session_functions(workdir, max_upload_bytes)
     tvm_ffi.get_global_func("rpc.ServerLoop")(conn.fileno())
 
 
@@ -328,7 +351,7 @@ def _accept_in_background(listener: socket.socket, key: str, auth: TokenAuth | N
 
 
 def serve(host: str, port: int, key: str = "", workroot: Path | None = None, session_timeout: float | None = None,
-          token: bytes | None = None):
+          token: bytes | None = None, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB):
     """Listen on host:port and serve TVM RPC sessions one at a time, forever.
 
     Port 0 picks a free port. Prints ``READY_LINE host:port`` once listening (what
@@ -354,7 +377,7 @@ def serve(host: str, port: int, key: str = "", workroot: Path | None = None, ses
             listener.close()
             status = 0
             try:
-                _serve_session(conn, workdir)
+                _serve_session(conn, workdir, max_upload_mb << 20)
             except BaseException as exc:  # noqa: BLE001 - report, then end only this session
                 print(f"session from {peer[0]} failed: {exc}", file=sys.stderr, flush=True)
                 status = 1
@@ -378,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, default=None,
                         help="require clients to prove they hold this secret (challenge-response; the secret "
                              "never crosses the network); make one with: head -c 32 /dev/urandom > token")
+    parser.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
+                        help=f"bytes one session may upload, in MB (default {DEFAULT_MAX_UPLOAD_MB}); uploads also "
+                             "leave 256 MB of the disk free")
     parser.add_argument("--trust", action="append", default=[], metavar="PUB",
                         help="run only artifacts signed by this public key (repeatable); sessions inherit it")
     args = parser.parse_args(argv)
@@ -390,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             trusted_keys_from(args.trust)
             os.environ[TRUST_ENV_VAR] = os.pathsep.join(str(Path(k).resolve()) for k in args.trust)
         token = read_token(args.token_file) if args.token_file else None
-        serve(args.host, args.port, args.key, args.workdir, args.session_timeout, token)
+        serve(args.host, args.port, args.key, args.workdir, args.session_timeout, token, args.max_upload_mb)
     except ActsparseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
