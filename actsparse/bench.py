@@ -72,9 +72,39 @@ def time_per_call(call: Callable[[int], None], iters: int, blocks: int = 5, warm
     return best
 
 
+MEMORY_FRACTION = 0.15  # of the memory available now, for one engine's rotating weight copies
+
+
 def copies_to_exceed_cache(bytes_per_copy: int, factor: float = 4.0, minimum: int = 2) -> int:
-    """How many rotating copies of a weight set make the working set ``factor`` x the L3."""
-    return max(minimum, int(np.ceil(factor * l3_cache_bytes() / bytes_per_copy)))
+    """How many rotating copies of a weight set make the working set ``factor`` x the L3, capped by
+    the memory available: a CPU reporting a 480 MB L3 asked for 24 GB of copies and the benchmark
+    was killed. When the cap bites, a line on stderr says the weights cannot exceed the cache."""
+    import sys
+
+    wanted = max(minimum, int(np.ceil(factor * l3_cache_bytes() / bytes_per_copy)))
+    available = available_memory_bytes()
+    if available is None:
+        return wanted
+    allowed = max(minimum, int(MEMORY_FRACTION * available // bytes_per_copy))
+    if allowed < wanted:
+        print(f"note: {wanted} copies of {bytes_per_copy / 1e6:.1f} MB would exceed {factor:g}x the "
+              f"{l3_cache_bytes() / 2**20:.0f} MB L3 but not fit in memory; using {allowed} "
+              f"({allowed * bytes_per_copy / l3_cache_bytes():.1f}x the L3): figures may be cache-inflated",
+              file=sys.stderr)
+        return allowed
+    return wanted
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 # Idle workers of onnxruntime (~45 ms) and TVM (~10 ms with actsparse's spin count, ~150 ms with

@@ -29,3 +29,16 @@ def test_paired_speedup_is_the_median_of_block_ratios():
     assert q25 == pytest.approx(1.0) and q75 == pytest.approx(3.0)
     # one lucky reference block moves a ratio of best blocks (3 / 1 = 3), not the median
     assert min(reference) / min(engine) == pytest.approx(3.0)
+
+
+def test_weight_copies_are_capped_by_available_memory(monkeypatch, capsys):
+    """A CPU reporting a 480 MB L3 made bench_quant ask for 24 GB of copies (OOM-killed)."""
+    import actsparse.bench as bench
+
+    monkeypatch.setattr(bench, "l3_cache_bytes", lambda: 480 << 20)
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda: 8 << 30)
+    copies = bench.copies_to_exceed_cache(11_534_336)  # one 2816 x 1024 fp32 matrix
+    assert copies * 11_534_336 <= 0.15 * (8 << 30) + 11_534_336
+    assert "not fit in memory" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda: 1 << 40)
+    assert bench.copies_to_exceed_cache(11_534_336) == 175  # ceil(4 x 480 MiB / 11 MB): no cap needed
