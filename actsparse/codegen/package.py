@@ -229,6 +229,7 @@ def _manifest(content: Path, target, inputs, outputs, param_names, passes, repor
         "passes": list(passes),
         "report": dict(report),
         "files": artifact.hash_files(content),
+        "file_sizes": artifact.file_sizes(content),
     }
 
 

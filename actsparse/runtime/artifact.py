@@ -114,6 +114,16 @@ def hash_files(root: Path) -> dict[str, str]:
     return {rel: sha256_file(root / rel) for rel in sorted(_list_files(root)) if rel not in (MANIFEST_NAME, SIGNATURE_NAME)}
 
 
+def file_sizes(root: Path) -> dict[str, int]:
+    """{posix relative path: bytes} of the files `hash_files` lists: a `.tar` member whose declared
+    size differs is refused before it is read."""
+    return {rel: (root / rel).stat().st_size for rel in hash_files_names(root)}
+
+
+def hash_files_names(root: Path) -> list[str]:
+    return [rel for rel in sorted(_list_files(root)) if rel not in (MANIFEST_NAME, SIGNATURE_NAME)]
+
+
 def _list_files(root: Path) -> list[str]:
     """Relative posix paths of every non-directory entry under `root` (symlinks included)."""
     found = []
@@ -205,6 +215,10 @@ def validate_manifest(manifest: object) -> None:
         check_member_name(rel)
         if not isinstance(digest, str) or len(digest) != 64:
             raise ActsparseError(f"invalid manifest: bad sha256 for {rel}")
+    sizes = manifest.get("file_sizes", {})  # optional: artifacts written before it have none
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in sizes.values()):
+        raise ActsparseError("invalid manifest: file_sizes must map file names to byte counts")
     for rel in (manifest["library"], params["file"], manifest.get("runtime_library")):
         if rel is not None and rel not in manifest["files"]:
             raise ActsparseError(f"invalid manifest: {rel} is not listed in files")
@@ -274,9 +288,11 @@ def safe_extract_tar(tar_path: Path, dest: Path, *, max_bytes: int | None = None
     try:
         with tarfile.open(tar_path, "r:*") as archive:
             members = _checked_members(archive, tar_path, limit)
-            _check_tar_against_manifest(archive, members, tar_path)
-            for name, member in members.items():
-                _extract_member(archive, member, dest / name)
+            manifest = _check_tar_against_manifest(archive, members, tar_path)
+            # Small members first, each hashed as it is written: a tampered member is refused when
+            # its own bytes end, not after every other (possibly GB-sized) member was written.
+            for name, member in sorted(members.items(), key=lambda item: item[1].size):
+                _extract_member(archive, member, dest / name, manifest["files"].get(name))
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         # A corrupt or truncated compressed tar fails inside gzip/bz2/lzma, not tarfile.
         raise ActsparseError(f"{tar_path}: not a readable tar archive ({exc})") from None
@@ -324,15 +340,22 @@ def _check_tar_against_manifest(archive: tarfile.TarFile, members: dict[str, tar
     extra = sorted(files - set(manifest["files"]))
     if extra:
         raise ActsparseError(f"{tar_path}: unexpected file {extra[0]} not listed in the manifest")
+    for name, size in manifest.get("file_sizes", {}).items():
+        if name in members and members[name].size != size:
+            raise ActsparseError(f"{tar_path}: {name} declares {members[name].size} bytes, the manifest "
+                                 f"{size} (modified or corrupt)")
+    return manifest
 
 
-def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path,
+                    sha256: str | None = None) -> None:
     if member.isdir():
         target.mkdir(parents=True, exist_ok=True)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     source = archive.extractfile(member)
     remaining = member.size
+    digest = hashlib.sha256()
     # O_EXCL: never follow or reuse something already at that path.
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
@@ -341,7 +364,11 @@ def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, target: P
             if not chunk:
                 raise ActsparseError(f"{target.name}: truncated in the archive")
             out.write(chunk)
+            digest.update(chunk)
             remaining -= len(chunk)
+    if sha256 is not None and digest.hexdigest() != sha256:
+        target.unlink()
+        raise ActsparseError(f"artifact: {member.name} does not match its sha256 in the manifest (modified or corrupt)")
 
 
 def write_tar(source_dir: Path, tar_path: Path) -> None:
