@@ -137,3 +137,27 @@ def test_uploads_are_capped_per_session():
                 board.upload_bytes(b"c", "../escape.bin")
         finally:
             board.close()
+
+
+def test_a_server_with_trust_runs_only_signed_artifacts(tmp_path):
+    pytest.importorskip("cryptography")
+    import numpy as np
+    import onnx
+
+    import actsparse
+    from actsparse import zoo
+    from actsparse.deploy.process import start_local_rpc_server
+    from actsparse.deploy.rpc import deploy_and_run
+    from actsparse.errors import ActsparseError
+    from actsparse.runtime.signing import generate_keypair, sign_artifact
+
+    onnx.save(zoo.swiglu_stack(layers=1, d=32, f=64), tmp_path / "m.onnx")
+    art = actsparse.compile(str(tmp_path / "m.onnx"), output=tmp_path / "m.actsparse").path
+    private, public = generate_keypair(tmp_path / "release")
+    feeds = {"x": np.ones((1, 32), np.float32)}
+    with start_local_rpc_server(trust=[public]) as server:
+        with pytest.raises(ActsparseError, match="unsigned artifact refused"):
+            deploy_and_run(art, feeds, "127.0.0.1", server.port)
+        sign_artifact(art, private)
+        result = deploy_and_run(art, feeds, "127.0.0.1", server.port)
+        assert result.outputs["y"].shape == (1, 32)
