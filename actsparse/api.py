@@ -148,7 +148,7 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
 
     A causal LM (a transformers module, or a Hugging Face / actsparse.lm folder) given without
     example inputs compiles for generation instead (docs/generation.md): its one-token decode step
-    over a KV cache of `max_context` tokens (default 2048), thresholds calibrated on decode steps
+    over a KV cache of `max_context` tokens (default 2048, capped by the model's positions), thresholds calibrated on decode steps
     of `calib_text`; `actsparse.load` then returns a LanguageModel with `generate()`.
     """
     import tempfile
@@ -157,11 +157,11 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     from actsparse.frontend.causal_lm import is_causal_lm
 
     if example_inputs is None and is_causal_lm(model):
-        from actsparse.lm.compile import DEFAULT_MAX_CONTEXT, compile_causal_lm
+        from actsparse.lm.compile import compile_causal_lm
 
         if calib is not None:
             raise ActsparseError("a causal LM is calibrated on decode steps: give calib_text, not calib")
-        return compile_causal_lm(model, target, passes, output=output, max_context=max_context or DEFAULT_MAX_CONTEXT,
+        return compile_causal_lm(model, target, passes, output=output, max_context=max_context,
                                  calib_text=calib_text, tokenizer=tokenizer, recipe=recipe, verify=verify, seed=seed,
                                  bundle_runtime=bundle_runtime, on_pass=on_pass, on_step=on_step)
     if max_context is not None or calib_text is not None or tokenizer is not None:

@@ -159,7 +159,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="Hugging Face tokenizer folder for --calib-text; for a causal LM, the "
                                        "tokenizer.json to pack (default: the model folder's) or 'bytes'")
     # None = not given: a recipe's recorded calibration settings apply, else the defaults.
-    p.add_argument("--samples", type=int, default=None, help="generated calibration samples (default 8)")
+    p.add_argument("--samples", type=int, default=None, help="generated calibration samples (default 8); for a "
+                                                               "causal LM, decode steps calibrated on (default 64)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for generated inputs (default 16)")
     p.add_argument("--seed", type=int, default=None, help="seed for generated calibration data (default 0)")
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker/onnxruntime checks after each pass")
@@ -637,16 +638,17 @@ def cmd_sign(args) -> int:
 
 def _compile_lm(args) -> int:
     from actsparse.api import write_json_atomic
-    from actsparse.lm.compile import DEFAULT_MAX_CONTEXT, compile_causal_lm
+    from actsparse.lm.compile import CALIBRATION_STEPS, compile_causal_lm
 
     if args.calib or args.input_shape:
         raise ActsparseError("a causal LM is calibrated on decode steps: use --calib-text, not --calib/--input-shape")
     _check_writable_folder(args.report, "--report")
     with _progress("optimizing") as on_pass, _status() as step:
         art = compile_causal_lm(args.model, args.target, args.passes, output=args.output, recipe=args.recipe,
-                                max_context=args.max_context or DEFAULT_MAX_CONTEXT, calib_text=args.calib_text,
+                                max_context=args.max_context, calib_text=args.calib_text,
                                 tokenizer=args.tokenizer, verify=not args.no_verify, seed=args.seed or 0,
-                                bundle_runtime=args.bundle_runtime, on_pass=on_pass, on_step=step)
+                                bundle_runtime=args.bundle_runtime, on_pass=on_pass, on_step=step,
+                                calibration_steps=CALIBRATION_STEPS if args.samples is None else args.samples)
     print_records(art.records)
     kernels = Counter(layer["kernel"] for layer in art.kernels)
     print(f"compiled the decode step for {args.target} in {art.seconds['total']:.1f}s; linear kernels: "

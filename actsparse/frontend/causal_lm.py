@@ -22,6 +22,7 @@ import numpy as np
 
 from actsparse.errors import ActsparseError
 
+DEFAULT_MAX_CONTEXT = 2048  # tokens the KV cache holds unless asked, capped by the model's positions
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 # hidden_act -> the activation the decode graph spells out (ir/activations.py recognizes each form)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -81,7 +82,7 @@ def is_causal_lm(model: Any) -> bool:
         and hasattr(model, "get_output_embeddings")
 
 
-def read_causal_lm(model: Any, max_context: int) -> DecoderSpec:
+def read_causal_lm(model: Any, max_context: int | None) -> DecoderSpec:
     """The DecoderSpec of a transformers module or a Hugging Face folder."""
     if isinstance(model, (str, Path)) and is_actsparse_lm_folder(Path(model)):
         from actsparse.lm.model import load_lm
@@ -160,7 +161,7 @@ def _cfg(config, *names, default=None):
     return default
 
 
-def _spec(config, tensors: _TensorSource, max_context: int, source: str) -> DecoderSpec:
+def _spec(config, tensors: _TensorSource, max_context: int | None, source: str) -> DecoderSpec:
     family = getattr(config, "model_type", None)
     if family not in LLAMA_LIKE:
         raise ActsparseError(f"model type {family!r} is not supported for generation yet; supported: "
@@ -173,7 +174,9 @@ def _spec(config, tensors: _TensorSource, max_context: int, source: str) -> Deco
     act_name = _cfg(config, "hidden_activation", "hidden_act", default="silu")
     if act_name not in ACTIVATIONS:
         raise ActsparseError(f"activation {act_name!r} is not supported yet; supported: {', '.join(ACTIVATIONS)}")
-    limit = int(_cfg(config, "max_position_embeddings", default=max_context))
+    limit = int(_cfg(config, "max_position_embeddings", default=max_context or DEFAULT_MAX_CONTEXT))
+    if max_context is None:
+        max_context = min(DEFAULT_MAX_CONTEXT, limit)
     if max_context > limit:
         raise ActsparseError(f"--max-context {max_context} is above the model's max_position_embeddings {limit}")
     cos, sin = rope_tables(config, max_context, head_dim)

@@ -19,17 +19,17 @@ import onnx_ir as ir
 
 from actsparse.errors import ActsparseError
 
-DEFAULT_MAX_CONTEXT = 2048
+from actsparse.frontend.causal_lm import DEFAULT_MAX_CONTEXT  # noqa: E402,F401 (re-exported)
 CALIBRATION_STEPS = 64  # decode steps whose activations calibrate the thresholds
 CALIBRATION_SEQUENCES = 4
 
 
-def load_decoder(model: Any, max_context: int):
+def load_decoder(model: Any, max_context: int | None):
     """(DecoderSpec, decode-step ir.Model) of a transformers module or Hugging Face folder."""
     from actsparse.frontend.causal_lm import read_causal_lm
     from actsparse.frontend.decode_graph import build_decode_graph
 
-    if max_context < 2:
+    if max_context is not None and max_context < 2:
         raise ActsparseError(f"max_context must be at least 2, got {max_context}")
     spec = read_causal_lm(model, max_context)
     return spec, build_decode_graph(spec)
@@ -137,7 +137,7 @@ def decode_feeds(model: ir.Model, sequences: list[np.ndarray]) -> list[dict[str,
 
 
 def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: str | os.PathLike | None = None,
-                      max_context: int = DEFAULT_MAX_CONTEXT, calib_text: str | os.PathLike | None = None,
+                      max_context: int | None = None, calib_text: str | os.PathLike | None = None,
                       tokenizer: str | os.PathLike | None = None, recipe=None, verify: bool = True, seed: int = 0,
                       bundle_runtime: bool | str = False, on_pass=None, on_step: Callable[[str], None] | None = None,
                       calibration_steps: int = CALIBRATION_STEPS):
@@ -152,6 +152,8 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
     from actsparse.passes.pipeline import run_pipeline
 
     step = on_step or (lambda message: None)
+    if not 1 <= calibration_steps <= 1 << 16:
+        raise ActsparseError(f"calibration steps must be in 1..65536, got {calibration_steps}")
     step("reading the model")
     spec, decode = load_decoder(model, max_context)
     tokenizer_entry, files = tokenizer_of(model, tokenizer)
@@ -163,6 +165,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
         feeds = decode_feeds(decode, sequences)
         decode, records = run_pipeline(decode, specs, PassContext(calibration=feeds, seed=seed), verify=verify,
                                        on_pass=on_pass)
+    max_context = spec.max_positions  # the default resolved: 2048 capped by the model's positions
     capacity = cache_capacity(max_context)
     window = spec.sliding_window if spec.sliding_window and spec.sliding_window < max_context else 0
     caches: list[dict] = []
