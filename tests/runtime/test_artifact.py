@@ -229,13 +229,18 @@ def test_oversize_tar_is_refused_before_extracting(artifact_tar, monkeypatch):
         load(artifact_tar)
 
 
-def test_tampered_tar_is_refused(artifact_dir, tmp_path):
+def _tar_with_model_so(artifact_dir, tmp_path, change):
+    """A tar of the artifact whose model.so bytes went through `change`, manifest untouched."""
     source = tmp_path / "src"
     source.mkdir()
     for file in artifact_dir.iterdir():
         (source / file.name).write_bytes(file.read_bytes())
-    (source / "model.so").write_bytes((source / "model.so").read_bytes() + b"\0")
-    tar = _tar_with(tmp_path / "tampered.tar", source, [])
+    (source / "model.so").write_bytes(change((source / "model.so").read_bytes()))
+    return _tar_with(tmp_path / "tampered.tar", source, [])
+
+
+def test_tampered_tar_is_refused(artifact_dir, tmp_path):
+    tar = _tar_with_model_so(artifact_dir, tmp_path, lambda data: data + b"\0")
     # The manifest's file_sizes refuse it from the tar header, before a byte is extracted.
     with pytest.raises(ActsparseError, match=r"model.so declares \d+ bytes, the manifest \d+"):
         load(tar)
@@ -243,14 +248,7 @@ def test_tampered_tar_is_refused(artifact_dir, tmp_path):
 
 def test_same_size_tampering_in_a_tar_is_refused_when_that_member_ends(artifact_dir, tmp_path):
     """Hashed while extracted, smallest first: the bad member is refused before the big ones are written."""
-    source = tmp_path / "src"
-    source.mkdir()
-    for file in artifact_dir.iterdir():
-        (source / file.name).write_bytes(file.read_bytes())
-    data = bytearray((source / "model.so").read_bytes())
-    data[-1] ^= 0xFF
-    (source / "model.so").write_bytes(bytes(data))
-    tar = _tar_with(tmp_path / "tampered.tar", source, [])
+    tar = _tar_with_model_so(artifact_dir, tmp_path, lambda data: data[:-1] + bytes([data[-1] ^ 0xFF]))
     with pytest.raises(ActsparseError, match=r"model.so does not match its sha256"):
         load(tar)
 
