@@ -179,23 +179,14 @@ class OnnxruntimeEngine:
 
         spec, graph = load_decoder(folder, 2048)
         self.session = ort_session(graph, threads=2)
-        self.shape = (spec.kv_heads, 0, spec.head_dim)
-        self.names = [o.name for o in self.session.get_outputs()]
-        self.layers = spec.layers
-        self.bytes_per_token = spec.weight_bytes() - SHAPE["vocab_size"] * SHAPE["hidden_size"] * 4 \
-            + SHAPE["vocab_size"] * SHAPE["hidden_size"] * 4
-
-    def _steps(self, tokens):
-        past = {f"past_{kind}.{i}": np.zeros(self.shape, np.float32) for i in range(self.layers)
-                for kind in ("key", "value")}
-        for position, token in enumerate(tokens):
-            out = self.session.run(None, {"input_ids": np.array([[token]]), "position": np.array([position]), **past})
-            past = {n.replace("present_", "past_"): v for n, v in zip(self.names[1:], out[1:])}
-            yield int(out[0].argmax())
+        # Its weights: the embedding table (one row gathered) out, its transposed copy as the LM head in.
+        self.bytes_per_token = spec.weight_bytes()
 
     def run(self, prompt, new_tokens):
+        from actsparse.lm.compile import ort_decode_steps
+
         start = time.perf_counter()
-        steps = self._steps(prompt + [0] * new_tokens)
+        steps = ort_decode_steps(self.session, prompt + [0] * new_tokens)
         for _ in prompt:
             next(steps)
         prompt_seconds = time.perf_counter() - start

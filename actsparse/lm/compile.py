@@ -19,7 +19,6 @@ import onnx_ir as ir
 
 from actsparse.errors import ActsparseError
 
-from actsparse.frontend.causal_lm import DEFAULT_MAX_CONTEXT  # noqa: E402,F401 (re-exported)
 CALIBRATION_STEPS = 64  # decode steps whose activations calibrate the thresholds
 CALIBRATION_SEQUENCES = 4
 
@@ -113,27 +112,28 @@ def _default_text() -> str:
     return files[0].read_text(encoding="utf-8", errors="replace")[:20000] if files else "def f(x):\n    return x\n"
 
 
+def ort_decode_steps(session, tokens):
+    """Run a decode-step graph in onnxruntime token by token, its past grown from its present_*
+    outputs: yields (feed, logits) per token. The reference every compiled step is checked against
+    (tests, benchmarks) and the source of calibration activations."""
+    names = [o.name for o in session.get_outputs()]
+    past = {i.name: np.zeros((i.shape[0], 0, i.shape[2]), np.float32) for i in session.get_inputs()[2:]}
+    for position, token in enumerate(tokens):
+        feed = {"input_ids": np.array([[int(token)]], np.int64), "position": np.array([position], np.int64), **past}
+        outputs = session.run(None, feed)
+        yield feed, outputs[0]
+        past = {name.replace("present_", "past_"): value for name, value in zip(names[1:], outputs[1:])}
+
+
 def decode_feeds(model: ir.Model, sequences: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
     """One feed per decode step of each sequence (teacher-forced through onnxruntime), so the
-    thresholds see the activations the compiled decode step will see."""
-    from actsparse.frontend.decode_graph import cache_names
+    thresholds see the activations the compiled decode step will see. The first step of each
+    sequence sees an empty cache (no attention statistics worth keeping) and is left out."""
     from actsparse.passes.verify import ort_session
 
     session = ort_session(model)
-    layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key."))
-    kv, _, d = model.graph.inputs[2].shape
-    feeds = []
-    for tokens in sequences:
-        past = {n: np.zeros((int(kv), 0, int(d)), np.float32) for pair in cache_names(layers) for n in pair}
-        for position, token in enumerate(tokens):
-            feed = {"input_ids": np.array([[int(token)]], np.int64), "position": np.array([position], np.int64),
-                    **past}
-            if position:  # the first step sees an empty cache: no attention statistics worth keeping
-                feeds.append(feed)
-            outputs = session.run(None, feed)
-            names = [o.name for o in session.get_outputs()]
-            past = {name.replace("present_", "past_"): value for name, value in zip(names[1:], outputs[1:])}
-    return feeds
+    return [feed for tokens in sequences
+            for position, (feed, _) in enumerate(ort_decode_steps(session, tokens)) if position]
 
 
 def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: str | os.PathLike | None = None,

@@ -18,7 +18,7 @@ import actsparse  # noqa: E402
 from actsparse.errors import ActsparseError  # noqa: E402
 from actsparse.frontend.causal_lm import read_causal_lm  # noqa: E402
 from actsparse.frontend.decode_graph import build_decode_graph  # noqa: E402
-from actsparse.lm.compile import compile_causal_lm, decode_feeds  # noqa: E402
+from actsparse.lm.compile import compile_causal_lm, decode_feeds, ort_decode_steps  # noqa: E402
 from actsparse.runtime.generate import LanguageModel, sample  # noqa: E402
 
 COMMON = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -63,17 +63,7 @@ def ort_decode_logits(model_ir, tokens) -> np.ndarray:
     """Logits of each position, from the decode-step graph run token by token in onnxruntime."""
     from actsparse.passes.verify import ort_session
 
-    session = ort_session(model_ir)
-    names = [o.name for o in session.get_outputs()]
-    shape = model_ir.graph.inputs[2].shape
-    kv, d = int(shape[0]), int(shape[2])
-    past = {v.name: np.zeros((kv, 0, d), np.float32) for v in model_ir.graph.inputs[2:]}
-    rows = []
-    for position, token in enumerate(tokens):
-        out = session.run(None, {"input_ids": np.array([[token]]), "position": np.array([position]), **past})
-        rows.append(out[0][0])
-        past = {n.replace("present_", "past_"): v for n, v in zip(names[1:], out[1:])}
-    return np.array(rows)
+    return np.array([logits[0] for _, logits in ort_decode_steps(ort_session(model_ir), tokens)])
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
