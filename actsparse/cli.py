@@ -143,11 +143,10 @@ def _add_trust_arg(p: argparse.ArgumentParser) -> None:
 
 def _apply_trust(args) -> None:
     """--trust PUB: every load in this command must find a signature by one of these keys."""
-    from actsparse.runtime.signing import TRUST_ENV_VAR, trusted_keys_from
-
     if getattr(args, "trust", None):
-        trusted_keys_from(args.trust)  # unreadable or wrong-type keys: one line, before anything runs
-        os.environ[TRUST_ENV_VAR] = os.pathsep.join(str(Path(k).resolve()) for k in args.trust)
+        from actsparse.runtime.signing import trust_in_this_process
+
+        trust_in_this_process(args.trust)
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:

@@ -409,12 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.trust:  # sessions are forked from this process: every load they do checks the signature
-            import os
+            from actsparse.runtime.signing import trust_in_this_process
 
-            from actsparse.runtime.signing import TRUST_ENV_VAR, trusted_keys_from
-
-            trusted_keys_from(args.trust)
-            os.environ[TRUST_ENV_VAR] = os.pathsep.join(str(Path(k).resolve()) for k in args.trust)
+            trust_in_this_process(args.trust)
         token = read_token(args.token_file) if args.token_file else None
         serve(args.host, args.port, args.key, args.workdir, args.session_timeout, token, args.max_upload_mb)
     except ActsparseError as exc:

@@ -31,12 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.trust:
-            import os
+            from actsparse.runtime.signing import trust_in_this_process
 
-            from actsparse.runtime.signing import TRUST_ENV_VAR, trusted_keys_from
-
-            trusted_keys_from(args.trust)
-            os.environ[TRUST_ENV_VAR] = os.pathsep.join(args.trust)
+            trust_in_this_process(args.trust)
         if args.command == "generate":
             return generate_command(args)
         return run_artifact_command(args.artifact, args.inputs, args.output, args.seed)

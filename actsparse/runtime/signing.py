@@ -105,6 +105,15 @@ def trusted_keys_from(keys=None) -> list:
     return [k if hasattr(k, "verify") else load_public_key(k) for k in keys]
 
 
+def trust_in_this_process(paths) -> None:
+    """Every later load in this process, and in the processes it forks (the device server's
+    sessions), must find a signature by one of the public keys at `paths`: they are read now (an
+    unreadable or wrong-type key is one error before anything runs), then named in
+    $ACTSPARSE_TRUSTED_KEYS."""
+    trusted_keys_from(list(paths))
+    os.environ[TRUST_ENV_VAR] = os.pathsep.join(str(Path(p).resolve()) for p in paths)
+
+
 def verify_signature(manifest_bytes: bytes, signature_file: bytes | None, trusted: list, where: str) -> str:
     """The key id that signed `manifest_bytes`, or an ActsparseError (unsigned, malformed, not by
     a trusted key, or not matching)."""
