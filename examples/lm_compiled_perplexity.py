@@ -37,39 +37,12 @@ VARIANTS = {
 
 
 def onnxruntime_perplexity(model, windows: np.ndarray) -> float:
-    """Full-sequence perplexity: the LM exported to ONNX, run by onnxruntime on each window."""
-    import onnxruntime as ort
-    import torch
+    """Full-sequence perplexity: the LM exported to ONNX (input_ids [1, L] -> logits), run by
+    onnxruntime on each window, as examples/lm_sparsity.py measures it."""
+    from actsparse.frontend.torch_export import export_hf
+    from actsparse.measure_ppl import onnx_perplexity
 
-    path = Path(ROOT / ".cache" / "lm-compiled-ppl.onnx")
-    path.parent.mkdir(exist_ok=True)
-    wrapper = _Logits(model).eval()
-    torch.onnx.export(wrapper, (torch.tensor(windows[:1], dtype=torch.int64),), str(path), dynamo=True,
-                      input_names=["input_ids"], output_names=["logits"])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    nll, count = 0.0, 0
-    for window in windows:
-        logits = session.run(None, {"input_ids": window[None].astype(np.int64)})[0][0].astype(np.float64)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
-        count += len(window) - 1
-    return float(np.exp(nll / count))
-
-
-class _Logits:
-    def __new__(cls, model):
-        import torch
-
-        class Wrapper(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids):
-                return self.model(input_ids, use_cache=False).logits
-
-        return Wrapper()
+    return onnx_perplexity(export_hf(model, seq_len=windows.shape[1] - 1), windows)
 
 
 def compiled_perplexity(lm, windows: np.ndarray) -> float:
