@@ -197,7 +197,7 @@ def _spec(config, tensors: _TensorSource, max_context: int | None, source: str) 
         norm_offset=1.0 if family == "gemma" else 0.0,
         embed_scale=math.sqrt(hidden) if family == "gemma" else 1.0,
         attention_scale=float(scalar) ** -0.5 if scalar else None,
-        qk_norm=f"model.layers.0.self_attn.q_norm.weight" in tensors,
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         sliding_window=int(window) if window else None,
         bos_token_id=_cfg(config, "bos_token_id"),
         eos_token_ids=[int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None],

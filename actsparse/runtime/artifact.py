@@ -111,7 +111,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def hash_files(root: Path) -> dict[str, str]:
     """{posix relative path: sha256} of every regular file under `root` except the manifest."""
-    return {rel: sha256_file(root / rel) for rel in sorted(_list_files(root)) if rel not in (MANIFEST_NAME, SIGNATURE_NAME)}
+    return {rel: sha256_file(root / rel) for rel in hash_files_names(root)}
 
 
 def file_sizes(root: Path) -> dict[str, int]:
@@ -121,6 +121,7 @@ def file_sizes(root: Path) -> dict[str, int]:
 
 
 def hash_files_names(root: Path) -> list[str]:
+    """The files a manifest lists: everything under `root` but the manifest and its signature."""
     return [rel for rel in sorted(_list_files(root)) if rel not in (MANIFEST_NAME, SIGNATURE_NAME)]
 
 
