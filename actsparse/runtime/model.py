@@ -310,11 +310,16 @@ def aligned(array: np.ndarray) -> np.ndarray:
     """`array` itself if C-contiguous, writable and 64-byte aligned, else an aligned copy."""
     if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0:
         return array
-    buffer = np.empty(array.nbytes + ALIGNMENT, dtype=np.uint8)
-    offset = -buffer.ctypes.data % ALIGNMENT
-    out = buffer[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    out = aligned_empty(array.nbytes).view(array.dtype).reshape(array.shape)
     np.copyto(out, array)
     return out
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """Uninitialized uint8 memory of `nbytes` starting on a 64-byte boundary."""
+    buffer = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    offset = -buffer.ctypes.data % ALIGNMENT
+    return buffer[offset:offset + nbytes]
 
 
 # ---------------------------------------------------------------- loading steps
@@ -450,7 +455,7 @@ def _read_params(path: Path, names: list[str], digest, hasher) -> dict[str, np.n
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             if begin != cursor or end - begin != nbytes:
                 raise ActsparseError(f"{path}: unreadable params (tensor {name!r}: offsets)")
-            array = aligned(np.empty(0, np.uint8)) if nbytes == 0 else _aligned_empty(nbytes)
+            array = aligned_empty(nbytes)
             view = memoryview(array)
             while view.nbytes:
                 count = handle.readinto(view[:_READ_CHUNK])
@@ -472,12 +477,6 @@ def _offsets(path: Path, item) -> tuple[int, int]:
             and 0 <= offsets[0] <= offsets[1]):
         raise ActsparseError(f"{path}: unreadable params (tensor {name!r}: data_offsets)")
     return offsets[0], offsets[1]
-
-
-def _aligned_empty(nbytes: int) -> np.ndarray:
-    buffer = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-    offset = -buffer.ctypes.data % ALIGNMENT
-    return buffer[offset:offset + nbytes]
 
 
 def _merge_named(first: dict, second: dict) -> dict:
