@@ -89,15 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=50, help="runs per timing block (default 50)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON")
     p.add_argument("--rpc", metavar="HOST:PORT", help="time on a remote board over TVM RPC (device-side timings)")
-    p.add_argument("--key", default="", help="RPC session key")
-    p.add_argument("--token-file", help="the secret of a server started with --token-file (challenge-response)")
+    _add_rpc_auth_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("deploy", help="upload an artifact to a board over TVM RPC, verify, run, compare")
     p.add_argument("artifact", help="artifact directory or .tar")
     p.add_argument("--rpc", required=True, metavar="HOST:PORT", help="the board's RPC server (python -m actsparse.deploy.server)")
-    p.add_argument("--key", default="", help="RPC session key")
-    p.add_argument("--token-file", help="the secret of a server started with --token-file (challenge-response)")
+    _add_rpc_auth_args(p)
     p.add_argument("--inputs", help=".npz inputs (default: random, seeded)")
     p.add_argument("--reference", help="ONNX model whose onnxruntime outputs the board must match "
                                        "(default: the model the artifact was compiled from, if present)")
@@ -133,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="show one pass in full")
     p.set_defaults(func=cmd_passes)
     return parser
+
+
+def _add_rpc_auth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", default="", help="RPC session key")
+    p.add_argument("--token-file", help="the secret of a server started with --token-file (challenge-response)")
 
 
 def _add_trust_arg(p: argparse.ArgumentParser) -> None:
@@ -563,7 +566,7 @@ class _progress:
 # --- compile / run / bench ------------------------------------------------------------
 
 def cmd_compile(args) -> int:
-    from actsparse.api import calibration_for, resolve_passes, write_json_atomic
+    from actsparse.api import calibration_for, resolve_passes
     from actsparse.codegen.compile import compile_model
     from actsparse.frontend.onnx_file import _same_file, load_model
     from actsparse.passes.base import PassContext
@@ -601,22 +604,26 @@ def cmd_compile(args) -> int:
         result = compile_model(model, args.target, args.output, input_shapes=shapes,
                                passes=[r.to_json() for r in records], report=report,
                                bundle_runtime=args.bundle_runtime, on_step=step, copy=False)
+    return _finish_compile(args, "", records, result)
+
+
+def _finish_compile(args, what: str, records, result) -> int:
+    """The end of `compile`, for ONNX models and causal LMs alike: kernel counts, the --report
+    JSON, --sign, and the path written. `result` has path, target, kernels and seconds."""
+    from actsparse.api import write_json_atomic
+
     kernels = Counter(layer["kernel"] for layer in result.kernels)
-    print(f"compiled for {args.target} in {result.seconds['total']:.1f}s; linear kernels: "
+    print(f"compiled {what}for {args.target} in {result.seconds['total']:.1f}s; linear kernels: "
           + (", ".join(f"{k} x{v}" for k, v in kernels.items()) or "none"), file=sys.stderr)
     if args.report:
         write_json_atomic(args.report, {"passes": [r.to_json() for r in records], "target": result.target,
                                         "kernels": result.kernels, "seconds": result.seconds})
-    _sign_if_asked(args, result.path)
-    print(f"wrote {result.path}", file=sys.stderr)
-    return 0
-
-
-def _sign_if_asked(args, path) -> None:
-    if getattr(args, "sign", None):
+    if args.sign:
         from actsparse.runtime.signing import sign_artifact
 
-        print(f"signed with key {sign_artifact(path, args.sign)}", file=sys.stderr)
+        print(f"signed with key {sign_artifact(result.path, args.sign)}", file=sys.stderr)
+    print(f"wrote {result.path}", file=sys.stderr)
+    return 0
 
 
 def cmd_keygen(args) -> int:
@@ -636,7 +643,6 @@ def cmd_sign(args) -> int:
 
 
 def _compile_lm(args) -> int:
-    from actsparse.api import write_json_atomic
     from actsparse.lm.compile import CALIBRATION_STEPS, compile_causal_lm
 
     if args.calib or args.input_shape:
@@ -649,15 +655,7 @@ def _compile_lm(args) -> int:
                                 bundle_runtime=args.bundle_runtime, on_pass=on_pass, on_step=step,
                                 calibration_steps=CALIBRATION_STEPS if args.samples is None else args.samples)
     print_records(art.records)
-    kernels = Counter(layer["kernel"] for layer in art.kernels)
-    print(f"compiled the decode step for {args.target} in {art.seconds['total']:.1f}s; linear kernels: "
-          + (", ".join(f"{k} x{v}" for k, v in kernels.items()) or "none"), file=sys.stderr)
-    if args.report:
-        write_json_atomic(args.report, {"passes": [r.to_json() for r in art.records], "target": art.target,
-                                        "kernels": art.kernels, "seconds": art.seconds})
-    _sign_if_asked(args, art.path)
-    print(f"wrote {art.path}", file=sys.stderr)
-    return 0
+    return _finish_compile(args, "the decode step ", art.records, art)
 
 
 def cmd_generate(args) -> int:
