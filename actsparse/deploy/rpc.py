@@ -55,7 +55,7 @@ def probe(host: str, port: int, key: str = "", timeout: float = DEFAULT_CONNECT_
     With `challenge`, returns the one-time nonce a token-protected server sent (else None).
     """
     from actsparse.deploy.server import (CHALLENGE_OPTION, PROBE_OPTION, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS,
-                                         RPC_MAGIC)
+                                         RPC_MAGIC, recv_exact)
 
     where = f"RPC server {host}:{port}"
     hello = f"client:{key} {PROBE_OPTION}{' ' + CHALLENGE_OPTION if challenge else ''}".encode()
@@ -66,8 +66,8 @@ def probe(host: str, port: int, key: str = "", timeout: float = DEFAULT_CONNECT_
             conn.sendall(struct.pack("<ii", RPC_MAGIC, len(hello)) + hello)
             answer = conn.recv(4)
             if challenge and len(answer) == 4 and struct.unpack("<i", answer)[0] == RPC_CODE_SUCCESS:
-                size = struct.unpack("<i", _recv_all(conn, 4))[0]
-                reply = _recv_all(conn, size) if 0 < size <= 4096 else b""
+                size = struct.unpack("<i", recv_exact(conn, 4))[0]
+                reply = recv_exact(conn, size) if 0 < size <= 4096 else b""
     except ConnectionRefusedError:
         raise ActsparseError(
             f"{where} refused the connection: is `python -m actsparse.deploy.server` running there?"
@@ -87,16 +87,6 @@ def probe(host: str, port: int, key: str = "", timeout: float = DEFAULT_CONNECT_
             raise ActsparseError(f"{where} sent no challenge: it was not started with --token-file")
         return nonce
     return None
-
-
-def _recv_all(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @dataclass

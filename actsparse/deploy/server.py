@@ -185,7 +185,8 @@ def register_session_functions(workdir: Path, max_upload_bytes: int = DEFAULT_MA
 # ---------------------------------------------------------------- handshake and serving
 
 
-def _recv_exact(conn: socket.socket, size: int) -> bytes:
+def recv_exact(conn: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes of a handshake, or ConnectionError when the peer closes first."""
     data = b""
     while len(data) < size:
         chunk = conn.recv(size - len(data))
@@ -244,13 +245,13 @@ def handshake(conn: socket.socket, key: str, auth: TokenAuth | None = None) -> d
     With `auth`, sessions must answer a challenge (TokenAuth) instead of presenting `key`."""
     conn.settimeout(_HANDSHAKE_TIMEOUT_S)
     try:
-        (magic,) = struct.unpack("<i", _recv_exact(conn, 4))
+        (magic,) = struct.unpack("<i", recv_exact(conn, 4))
         if magic != RPC_MAGIC:
             return None
-        (length,) = struct.unpack("<i", _recv_exact(conn, 4))
+        (length,) = struct.unpack("<i", recv_exact(conn, 4))
         if not 0 < length <= _MAX_KEY_BYTES:
             return None
-        words = _recv_exact(conn, length).decode("utf-8", "replace").split()
+        words = recv_exact(conn, length).decode("utf-8", "replace").split()
         probing = PROBE_OPTION in words[1:]
         if auth is not None and probing:  # a probe learns nothing but a fresh nonce
             accepted, reply = True, f"server:{auth.challenge()}".encode() if CHALLENGE_OPTION in words else b"server:"
