@@ -43,13 +43,10 @@ class _Builder:
         self._constants: dict[tuple, str] = {}
         self.value_info: list[onnx.ValueInfoProto] = []
 
-    def node(self, op: str, inputs: list[str], name: str, domain: str = "", outputs: int = 1, **attrs) -> list[str]:
-        outs = [f"{name}.out{j}" if outputs > 1 else f"{name}.out" for j in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
-        return outs
-
     def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
-        return self.node(op, inputs, name, **attrs)[0]
+        """Append one standard node named `name`; returns its output, `name.out`."""
+        self.nodes.append(helper.make_node(op, inputs, [f"{name}.out"], name=name, **attrs))
+        return f"{name}.out"
 
     def weight(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
