@@ -180,6 +180,8 @@ def _spec(config, tensors: _TensorSource, max_context: int | None, source: str) 
     if max_context > limit:
         raise ActsparseError(f"--max-context {max_context} is above the model's max_position_embeddings {limit}")
     cos, sin = rope_tables(config, max_context, head_dim)
+    if cos.shape[1] != head_dim:  # e.g. Phi-4-mini's partial_rotary_factor 0.75
+        raise ActsparseError(f"partial rotary embeddings ({cos.shape[1]} of {head_dim} head dims) are not supported yet")
     layers = int(config.num_hidden_layers)
     weights = _weights(family, tensors, layers, heads, kv_heads, head_dim, int(config.intermediate_size))
     tied = "lm_head.weight" not in tensors or bool(_cfg(config, "tie_word_embeddings", default=False))

@@ -299,3 +299,10 @@ def test_bf16_and_fp16_checkpoints_compile_as_float32(tmp_path):
             expected = model.float()(torch.tensor([tokens])).logits[0].numpy()
         lm.reset()
         np.testing.assert_allclose(np.array([lm.step(t) for t in tokens]), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_partial_rotary_is_refused_by_name():
+    """Phi-4-mini-style partial_rotary_factor < 1: one clear error, not a shape error in onnxruntime."""
+    config = transformers.Phi3Config(**COMMON, partial_rotary_factor=0.75)
+    with pytest.raises(ActsparseError, match="partial rotary embeddings"):
+        read_causal_lm(transformers.AutoModelForCausalLM.from_config(config), 32)
