@@ -32,11 +32,14 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
                   input_shapes: dict[str, tuple[int, ...]] | None = None, passes: list[dict] | None = None,
                   report: dict | None = None, bundle_runtime: bool | str = False,
                   on_step: Progress | None = None, copy: bool = True, prepare: Callable | None = None,
-                  extra_manifest: dict | None = None, extra_files: dict[str, bytes] | None = None) -> CompileResult:
+                  extra_manifest: dict | None = None, extra_files: dict[str, bytes] | None = None,
+                  companions: Callable | None = None) -> CompileResult:
     """Lower `model` for `target_name` and write the artifact at `output`. The model is not
     modified unless `copy=False` (for callers that own it and will not use it again).
     `prepare(model)` rewrites the graph before shapes are fixed (e.g. the KV-cache lowering);
-    `extra_manifest` / `extra_files` go into the artifact as they are."""
+    `extra_manifest` / `extra_files` go into the artifact as they are. `companions`: more entry
+    points over the same weights (see `lower.to_relax`); the manifest's "functions" section lists
+    each one's params as indices into main's."""
     from actsparse.codegen.lower import select_kernels, specialize_shapes, to_relax
     from actsparse.codegen.package import write_artifact
     from actsparse.codegen.targets import resolve_target, target_summary
@@ -79,7 +82,7 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     from actsparse.codegen.relax_util import quiet_native_stderr
 
     with quiet_native_stderr():
-        mod, params = to_relax(model, target)
+        mod, params = to_relax(model, target, companions)
     timings["import"] = time.perf_counter() - mark
     step(f"compiling for {target_name}")
     mark = time.perf_counter()
@@ -104,10 +107,13 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     timings["compile"] = time.perf_counter() - mark
     step("writing the artifact")
     mark = time.perf_counter()
-    names = [str(p.name) for p in mod["main"].params[int(mod["main"].attrs["num_input"]):]]
+    names = _param_names(mod["main"])
     values = params.get("main", [])
     if len(names) != len(values):
         raise ActsparseError(f"internal: {len(names)} parameters but {len(values)} values after import")
+    functions = _companion_functions(mod, names)
+    if functions:
+        extra_manifest = (extra_manifest or {}) | {"functions": functions}
     path = write_artifact(
         output, executable, dict(zip(names, values)), _signature(model.graph.inputs, model),
         _signature(model.graph.outputs, model), target_summary(target), passes or [],
@@ -117,6 +123,27 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     timings["write"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start
     return CompileResult(Path(path), target_summary(target), plan.layers, timings)
+
+
+def _param_names(function) -> list[str]:
+    return [str(p.name) for p in function.params[int(function.attrs["num_input"]):]]
+
+
+def _companion_functions(mod, main_params: list[str]) -> dict[str, dict]:
+    """{name: {"num_inputs", "params": indices into main's params}} of every entry point but main."""
+    from tvm import relax
+
+    index = {name: i for i, name in enumerate(main_params)}
+    functions = {}
+    for var, func in mod.functions.items():
+        if var.name_hint == "main" or not isinstance(func, relax.Function) or "num_input" not in func.attrs:
+            continue
+        names = _param_names(func)
+        missing = [name for name in names if name not in index]
+        if missing:
+            raise ActsparseError(f"internal: {var.name_hint} reads {missing[0]!r}, which main does not have")
+        functions[var.name_hint] = {"num_inputs": int(func.attrs["num_input"]), "params": [index[n] for n in names]}
+    return functions
 
 
 def _signature(values, model: ir.Model) -> list[dict[str, Any]]:

@@ -371,7 +371,8 @@ def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> tuple[di
     attributes = {"kernel": ir.AttrString("kernel", form), "act": ir.AttrString("act", block.act),
                   "d": ir.AttrInt64("d", d), "f": ir.AttrInt64("f", f),
                   "shifted": ir.AttrInt64("shifted", int(block.shift is not None)),
-                  "residual": ir.AttrInt64("residual", int(block.residual is not None))}
+                  "residual": ir.AttrInt64("residual", int(block.residual is not None)),
+                  "linears": ir.AttrStrings("linears", entry["linears"])}
     if block.residual is not None:
         entry["residual"] = True
     if form == INDEXED:

@@ -126,7 +126,7 @@ def select_kernels(model: ir.Model, target=None) -> KernelPlan:
             mode, op = "dense", DENSE_LINEAR
             inputs = [x, add_initializer(model, f"{linear.name}.weight_kn", weight)]
         attributes = {"mode": ir.AttrString("mode", mode), "n": ir.AttrInt64("n", weight.shape[1]),
-                      "x_shape": ir.AttrInt64s("x_shape", x_shape)}
+                      "x_shape": ir.AttrInt64s("x_shape", x_shape), "layer": ir.AttrString("layer", linear.name)}
         node = ir.Node(LOWERING_DOMAIN, op, inputs, attributes=attributes,
                        name=unique_node_name(model, f"{linear.name}.kernel"))
         product = linear.node.outputs[0]
@@ -197,16 +197,34 @@ def _zero_producing(node: ir.Node) -> bool:
     return False
 
 
-def to_relax(model: ir.Model, target):
+def to_relax(model: ir.Model, target, companions=None):
     """The kernel-selected model as a Relax IRModule with params detached (main(*inputs, *params)).
 
     Packs the dense kernels' weights for `target`'s vector width first (in `model`, in place).
+    `companions(model)` -> {name: ir.Model}: more entry points over the same weights (a causal
+    LM's `prefill`, codegen/prefill.py), built from the packed model and imported beside `main`;
+    each is `name(*its inputs, *its params)`, its params a subset of main's, by name.
     """
+    _pack_dense_weights(model, target)
+    balance_variadic_ops(model)
+    mod, params = _import(model, target)
+    for name, companion in (companions(model) if companions else {}).items():
+        extra, _ = _import(companion, target)
+        for var, func in extra.functions.items():
+            if var.name_hint == "main":
+                mod[name] = func.with_attr("global_symbol", name)
+            elif any(existing.name_hint == var.name_hint for existing in mod.get_global_vars()):
+                raise ActsparseError(f"internal: {name} and main both define {var.name_hint}")
+            else:
+                mod[var] = func
+    mod = schedule_tvm_ops(mod, target)
+    return mod, params
+
+
+def _import(model: ir.Model, target):
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx
 
-    _pack_dense_weights(model, target)
-    balance_variadic_ops(model)
     proto, weights = weightless_proto(model)  # weights stay arrays, out of the protobuf (2 GB cap, copies)
     proto = onnx.inliner.inline_local_functions(proto)
     _small_constants_inline(proto.graph)
@@ -219,9 +237,7 @@ def to_relax(model: ir.Model, target):
             from actsparse.codegen.relax_util import tvm_error_summary
 
             raise ActsparseError(f"TVM cannot import the model: {tvm_error_summary(exc)}") from None
-    mod, params = weights_as_params(*detach_params(mod), weights)
-    mod = schedule_tvm_ops(mod, target)
-    return mod, params
+    return weights_as_params(*detach_params(mod), weights)
 
 
 def schedule_tvm_ops(mod, target):
@@ -525,7 +541,10 @@ def _our_converters(target):
 
     original = onnx_frontend._get_convert_map
     kernels = _KernelCache(target)
-    fused = fused_ffn_converters(target) | quant_converters(target) | kv_converters(target)
+    from actsparse.codegen.prefill import prefill_converters
+
+    fused = (fused_ffn_converters(target) | quant_converters(target) | kv_converters(target)
+             | prefill_converters(target))
 
     def extended():
         table = dict(original()) | fused

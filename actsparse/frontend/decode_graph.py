@@ -12,6 +12,15 @@ Every linear is a MatMul named after its module (`layers.0.mlp.gate_proj`), with
 stored [in, out], so `sparsify`, `quantize`, ... find and rewrite them like any other graph's.
 The graph runs in onnxruntime (CachedAttention has a function body): that run is the
 reference the compiled decode step is checked against, and calibration feeds come from it.
+
+`build_prefill_graph` is the same network for a chunk of prompt tokens, for the compiler only:
+    inputs:  input_ids int64 [1, tokens], position int64 [1] (the first token's),
+             last int64 [1] (the row whose logits come out), cache_key.{i}, cache_value.{i}
+    outputs: logits float32 [1, vocab]
+Its linears are `actsparse.lowering.PrefillLinear` placeholders (attribute `layer`: the decode
+step's node name) and its attention is `PrefillAttention` on the decode step's cache buffers;
+codegen/prefill.py binds each placeholder to the weights the decode step's kernels were given,
+so the two entry points share one copy of every weight.
 """
 
 from __future__ import annotations
@@ -36,12 +45,26 @@ def present_names(layers: int) -> list[tuple[str, str]]:
     return [(f"present_key.{i}", f"present_value.{i}") for i in range(layers)]
 
 
+PREFILL_LINEAR = "PrefillLinear"
+PREFILL_ATTENTION = "PrefillAttention"
+LOWERING_DOMAIN = "actsparse.lowering"
+
+
 class _Builder:
-    def __init__(self):
+    """ONNX nodes and initializers. A prefill builder (`tokens` > 1) keeps its weights out of the
+    protobuf (`shared`): they become initializers holding the same arrays, never copies."""
+
+    def __init__(self, tokens: int = 1):
+        self.tokens = tokens
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self.shared: dict[str, np.ndarray] = {}
         self._constants: dict[tuple, str] = {}
         self.value_info: list[onnx.ValueInfoProto] = []
+
+    @property
+    def prefill(self) -> bool:
+        return self.tokens > 1
 
     def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
         """Append one standard node named `name`; returns its output, `name.out`."""
@@ -49,30 +72,61 @@ class _Builder:
         return f"{name}.out"
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if self.prefill:
+            self.shared[name] = array
+        else:
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def const(self, value, dtype=np.float32) -> str:
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self._constants:
-            self._constants[key] = self.weight(f"const.{len(self._constants)}", array)
+        if key not in self._constants:  # prefill constants must not take the decode step's names
+            name = f"{'prefill.' if self.prefill else ''}const.{len(self._constants)}"
+            self.inits.append(numpy_helper.from_array(array, name))
+            self._constants[key] = name
         return self._constants[key]
 
 
 def build_decode_graph(spec: DecoderSpec) -> ir.Model:
     """The decode-step ONNX model of `spec` (see the module docstring)."""
-    b = _Builder()
+    return _build(spec, _Builder())
+
+
+def build_prefill_graph(spec: DecoderSpec, tokens: int, cache_capacity: int, window: int = 0) -> ir.Model:
+    """The prompt-chunk model of `spec` for `tokens` tokens at a time (see the module docstring),
+    its placeholders not yet bound to weights, its cache inputs [kv, head_dim, capacity] (keys)
+    and [kv, capacity, head_dim] (values) as the lowered decode step has them."""
+    if tokens < 2:
+        raise ValueError(f"a prefill chunk has at least 2 tokens, got {tokens}")
+    b = _Builder(tokens)
+    model = _build(spec, b, cache_capacity=cache_capacity, window=window)
+    for name, array in b.shared.items():  # graph inputs of the protobuf -> initializers over the arrays
+        value = next(v for v in model.graph.inputs if v.name == name)
+        model.graph.inputs.remove(value)
+        value.const_value = ir.tensor(array, name=name)
+        model.graph.register_initializer(value)
+    return model
+
+
+def _build(spec: DecoderSpec, b: _Builder, cache_capacity: int = 0, window: int = 0) -> ir.Model:
     w = spec.weights
+    rows = b.tokens
     d, hd, heads, kv = spec.hidden_size, spec.head_dim, spec.heads, spec.kv_heads
     group = heads // kv
     embed = b.weight("embed.weight", w["embed.weight"])
-    ids = b.op("Reshape", ["input_ids", b.const([1], np.int64)], "embed/ids")
-    x = b.op("Gather", [embed, ids], "embed")  # [1, d]
+    ids = b.op("Reshape", ["input_ids", b.const([rows], np.int64)], "embed/ids")
+    x = b.op("Gather", [embed, ids], "embed")  # [rows, d]
     if spec.embed_scale != 1.0:
         x = b.op("Mul", [x, b.const(spec.embed_scale)], "embed/scale")
-    cos = b.op("Gather", [b.weight("rope.cos", spec.rope_cos), "position"], "rope/cos")  # [1, hd]
-    sin = b.op("Gather", [b.weight("rope.sin", spec.rope_sin), "position"], "rope/sin")
+    positions = "position"
+    if b.prefill:
+        positions = b.op("Add", ["position", b.const(np.arange(rows), np.int64)], "positions")
+    cos = b.op("Gather", [b.weight("rope.cos", spec.rope_cos), positions], "rope/cos")  # [rows, hd]
+    sin = b.op("Gather", [b.weight("rope.sin", spec.rope_sin), positions], "rope/sin")
+    if b.prefill:  # one row of the table per token, the same for every head
+        cos = b.op("Reshape", [cos, b.const([rows, 1, hd], np.int64)], "rope/cos_rows")
+        sin = b.op("Reshape", [sin, b.const([rows, 1, hd], np.int64)], "rope/sin_rows")
     scale = spec.attention_scale if spec.attention_scale is not None else hd ** -0.5
     for i in range(spec.layers):
         p = f"layers.{i}"
@@ -80,26 +134,34 @@ def build_decode_graph(spec: DecoderSpec) -> ir.Model:
         q = _linear(b, spec, h, f"{p}.self_attn.q_proj", f"{p}.q_proj")
         k = _linear(b, spec, h, f"{p}.self_attn.k_proj", f"{p}.k_proj")
         v = _linear(b, spec, h, f"{p}.self_attn.v_proj", f"{p}.v_proj")
-        q = b.op("Reshape", [q, b.const([heads, hd], np.int64)], f"{p}.self_attn/q_heads")
-        k = b.op("Reshape", [k, b.const([kv, hd], np.int64)], f"{p}.self_attn/k_heads")
-        v = b.op("Reshape", [v, b.const([kv, 1, hd], np.int64)], f"{p}.self_attn/v_heads")
+        lead = [rows] if b.prefill else []
+        q = b.op("Reshape", [q, b.const([*lead, heads, hd], np.int64)], f"{p}.self_attn/q_heads")
+        k = b.op("Reshape", [k, b.const([*lead, kv, hd], np.int64)], f"{p}.self_attn/k_heads")
+        v = b.op("Reshape", [v, b.const([*lead, kv, hd] if b.prefill else [kv, 1, hd], np.int64)],
+                 f"{p}.self_attn/v_heads")
         if spec.qk_norm:
             q = _rms_norm(b, spec, q, w[f"{p}.q_norm.weight"], f"{p}.self_attn.q_norm")
             k = _rms_norm(b, spec, k, w[f"{p}.k_norm.weight"], f"{p}.self_attn.k_norm")
         q = _rope(b, q, cos, sin, hd, f"{p}.self_attn/rope_q")
         k = _rope(b, k, cos, sin, hd, f"{p}.self_attn/rope_k")
         q = b.op("Mul", [q, b.const(scale)], f"{p}.self_attn/scale")
-        q = b.op("Reshape", [q, b.const([kv, group, hd], np.int64)], f"{p}.self_attn/q_groups")
-        k = b.op("Reshape", [k, b.const([kv, 1, hd], np.int64)], f"{p}.self_attn/k_groups")
-        past_k, past_v = cache_names(spec.layers)[i]
-        present_k, present_v = present_names(spec.layers)[i]
         name = f"{p}.self_attn/attention"
-        b.nodes.append(helper.make_node(CACHED_ATTENTION, [q, k, v, past_k, past_v],
-                                        [f"{name}.out", present_k, present_v], name=name, domain=DOMAIN))
-        b.value_info += [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
-                         for n, s in ((q, [kv, group, hd]), (k, [kv, 1, hd]), (v, [kv, 1, hd]),
-                                      (f"{name}.out", [kv, group, hd]))]
-        attn = b.op("Reshape", [f"{name}.out", b.const([1, heads * hd], np.int64)], f"{p}.self_attn/merge")
+        if b.prefill:
+            key, value = (f"cache_key.{i}", f"cache_value.{i}")
+            b.nodes.append(helper.make_node(PREFILL_ATTENTION, [q, k, v, key, value, "position"], [f"{name}.out"],
+                                            name=name, domain=LOWERING_DOMAIN, kv_heads=kv, group=group,
+                                            head_dim=hd, capacity=cache_capacity, window=window))
+        else:
+            q = b.op("Reshape", [q, b.const([kv, group, hd], np.int64)], f"{p}.self_attn/q_groups")
+            k = b.op("Reshape", [k, b.const([kv, 1, hd], np.int64)], f"{p}.self_attn/k_groups")
+            past_k, past_v = cache_names(spec.layers)[i]
+            present_k, present_v = present_names(spec.layers)[i]
+            b.nodes.append(helper.make_node(CACHED_ATTENTION, [q, k, v, past_k, past_v],
+                                            [f"{name}.out", present_k, present_v], name=name, domain=DOMAIN))
+            b.value_info += [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+                             for n, s in ((q, [kv, group, hd]), (k, [kv, 1, hd]), (v, [kv, 1, hd]),
+                                          (f"{name}.out", [kv, group, hd]))]
+        attn = b.op("Reshape", [f"{name}.out", b.const([rows, heads * hd], np.int64)], f"{p}.self_attn/merge")
         o = _linear(b, spec, attn, f"{p}.self_attn.o_proj", f"{p}.o_proj")
         x = b.op("Add", [x, o], f"{p}/attention_residual")
         h = _rms_norm(b, spec, x, w[f"{p}.post_attention_norm.weight"], f"{p}.post_attention_layernorm")
@@ -109,30 +171,60 @@ def build_decode_graph(spec: DecoderSpec) -> ir.Model:
         hidden = b.op("Mul", [act, up], f"{p}.mlp/Mul")
         down = _linear(b, spec, hidden, f"{p}.mlp.down_proj", f"{p}.down_proj")
         x = b.op("Add", [x, down], f"{p}/residual")
+    if b.prefill:  # only the row the caller asks for goes through the norm and the head
+        x = b.op("Gather", [x, "last"], "last_row")  # [1, d]
     h = _rms_norm(b, spec, x, w["norm.weight"], "norm")
-    head = w["embed.weight"] if spec.tied_embeddings else w["lm_head.weight"]
-    logits = b.op("MatMul", [h, b.weight("lm_head.weight_kn", head.T)], "lm_head")
+    if b.prefill:
+        logits = _placeholder(b, h, "lm_head", spec.vocab_size, rows=1)
+    else:
+        head = w["embed.weight"] if spec.tied_embeddings else w["lm_head.weight"]
+        logits = b.op("MatMul", [h, b.weight("lm_head.weight_kn", head.T)], "lm_head")
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="output"))
+    return _model(spec, b, cache_capacity)
 
-    cache_shape = [kv, PAST, hd]
-    present_shape = [kv, "present", hd]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 1]),
+
+def _model(spec: DecoderSpec, b: _Builder, capacity: int) -> ir.Model:
+    kv, hd = spec.kv_heads, spec.head_dim
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, b.tokens]),
               helper.make_tensor_value_info("position", TensorProto.INT64, [1])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, spec.vocab_size])]
-    for (pk, pv), (nk, nv) in zip(cache_names(spec.layers), present_names(spec.layers)):
-        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, cache_shape) for n in (pk, pv)]
-        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in (nk, nv)]
-    graph = helper.make_graph(b.nodes, f"{spec.family}_decode_step", inputs, outputs, initializer=b.inits,
+    if b.prefill:
+        inputs.append(helper.make_tensor_value_info("last", TensorProto.INT64, [1]))
+        for i in range(spec.layers):
+            inputs += [helper.make_tensor_value_info(f"cache_key.{i}", TensorProto.FLOAT, [kv, hd, capacity]),
+                       helper.make_tensor_value_info(f"cache_value.{i}", TensorProto.FLOAT, [kv, capacity, hd])]
+        inputs += [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
+                   for name, array in b.shared.items()]
+    else:
+        for (pk, pv), (nk, nv) in zip(cache_names(spec.layers), present_names(spec.layers)):
+            inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [kv, PAST, hd]) for n in (pk, pv)]
+            outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [kv, "present", hd]) for n in (nk, nv)]
+    kind = "prefill" if b.prefill else "decode_step"
+    graph = helper.make_graph(b.nodes, f"{spec.family}_{kind}", inputs, outputs, initializer=b.inits,
                               value_info=b.value_info)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, VERSION)])
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, VERSION)]
+    if b.prefill:
+        opsets.append(helper.make_opsetid(LOWERING_DOMAIN, 1))
+    proto = helper.make_model(graph, opset_imports=opsets)
     proto.ir_version = 9
     model = ir.serde.deserialize_model(proto)
-    ensure_function(model, CACHED_ATTENTION)
+    if not b.prefill:
+        ensure_function(model, CACHED_ATTENTION)
     return model
 
 
+def _placeholder(b: _Builder, x: str, layer: str, n: int, rows: int | None = None) -> str:
+    """A prefill linear of x [rows, k], bound later to the decode step's weights for `layer`."""
+    b.nodes.append(helper.make_node(PREFILL_LINEAR, [x], [f"{layer}.out"], name=layer, domain=LOWERING_DOMAIN,
+                                    layer=layer, n=n, rows=rows or b.tokens))
+    return f"{layer}.out"
+
+
 def _linear(b: _Builder, spec: DecoderSpec, x: str, node_name: str, key: str) -> str:
-    y = b.op("MatMul", [x, b.weight(f"{key}.weight_kn", spec.weights[f"{key}.weight"].T)], node_name)
+    if b.prefill:
+        y = _placeholder(b, x, node_name, spec.weights[f"{key}.weight"].shape[0])
+    else:
+        y = b.op("MatMul", [x, b.weight(f"{key}.weight_kn", spec.weights[f"{key}.weight"].T)], node_name)
     bias = spec.weights.get(f"{key}.bias")
     if bias is not None:
         y = b.op("Add", [y, b.weight(f"{key}.bias", bias)], f"{node_name}/bias")

@@ -206,6 +206,14 @@ class CompiledModel:
             self._local.main = main = vm["main"]
         return main
 
+    def _function(self, name: str):
+        """This thread's VM entry point `name` (an artifact's other functions, e.g. an LM's prefill)."""
+        self._main()
+        functions = self._local.__dict__.setdefault("functions", {})
+        if name not in functions:
+            functions[name] = self._local.vm[name]
+        return functions[name]
+
     def _bind_inputs(self, args: tuple, named: dict) -> dict:
         if len(args) == 1 and isinstance(args[0], Mapping):
             named = _merge_named(dict(args[0]), named)

@@ -47,3 +47,34 @@ def test_decode_attention_matches_numpy(kv, group, d, window):
 def test_capacity_must_be_whole_vectors():
     with pytest.raises(ValueError, match="multiple"):
         decode_attention(1, 1, 8, 20)
+
+
+@pytest.mark.parametrize("kv,group,d,window,rows", [(2, 3, 16, 0, 5), (1, 4, 32, 0, 8), (3, 1, 8, 5, 4)])
+def test_prefill_attention_matches_numpy_row_by_row(kv, group, d, window, rows):
+    """A chunk of rows equals the decode kernel's rows one by one: causal within the chunk, the
+    chunk appended to what the cache holds, rows past the capacity neither written nor read."""
+    from actsparse.codegen.kernels.cpu.attention import prefill_attention
+
+    capacity = cache_capacity(20)  # 32
+    func = prefill_attention(kv, group, d, capacity, rows, window=window).with_attr("global_symbol", "prefill")
+    kernel = tvm.compile(tvm.IRModule({"prefill": func}), resolve_target("host"))["prefill"]
+    rng = np.random.default_rng(1)
+    keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    cache_k = tvm.runtime.tensor(np.full((kv, d, capacity), 1e30, np.float32))
+    cache_v = tvm.runtime.tensor(np.full((kv, capacity, d), 1e30, np.float32))
+    for first in range(0, capacity, rows):  # the last chunk runs past the capacity
+        q = rng.standard_normal((rows, kv * group, d)).astype(np.float32)
+        k = np.zeros((rows, kv, d), np.float32)
+        v = np.zeros((rows, kv, d), np.float32)
+        real = min(rows, capacity - first)
+        k[:real] = keys[:, first:first + real].transpose(1, 0, 2)
+        v[:real] = values[:, first:first + real].transpose(1, 0, 2)
+        out = tvm.runtime.tensor(np.zeros((rows, kv * group, d), np.float32))
+        kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), cache_k, cache_v,
+               tvm.runtime.tensor(np.array([first], np.int64)), out)
+        for i in range(real):
+            expected = reference(q[i].reshape(kv, group, d), keys, values, first + i, window).reshape(kv * group, d)
+            np.testing.assert_allclose(out.numpy()[i], expected, atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(cache_k.numpy(), keys.transpose(0, 2, 1))
+    np.testing.assert_array_equal(cache_v.numpy(), values)

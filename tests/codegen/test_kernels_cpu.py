@@ -74,6 +74,32 @@ def test_dense_matmul_matches_numpy(dense_kernels, shape):
     np.testing.assert_allclose(y, ref.dense_matmul_reference(x, w), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("shape", [(1, 37, 64), (32, 50, 96), (7, 16, 32)])
+def test_dense_matmul_reads_an_unpacked_weight_through_strides(target, shape):
+    """The prompt's multi-row kernel over a row-major W [k, n] (the sparse kernels' layout)."""
+    m, k, n = shape
+    rng = np.random.default_rng(sum(shape))
+    x, w = _rand(rng, m, k), _rand(rng, k, n)
+    y = build_kernel(dense_matmul(m, k, n, layout="kn"), target)(x, w)
+    np.testing.assert_allclose(y, ref.dense_matmul_reference(x, w), atol=ATOL, rtol=RTOL)
+
+
+def test_dense_matmul_reads_transposed_interleaved_rows(target):
+    """W^T rows `row_stride` apart from `offset`: the gate (or up) half of a [n, 2, k] buffer."""
+    m, k, n = 5, 24, 64
+    rng = np.random.default_rng(3)
+    x, both = _rand(rng, m, k), _rand(rng, n, 2, k)
+    for half in (0, 1):
+        kernel = build_kernel(dense_matmul(m, k, n, layout="nk", row_stride=2 * k, offset=half * k), target)
+        y = kernel(x, both.reshape(-1))
+        np.testing.assert_allclose(y, ref.dense_matmul_reference(x, both[:, half].T.copy()), atol=ATOL, rtol=RTOL)
+
+
+def test_dense_matmul_unpacked_needs_whole_blocks():
+    with pytest.raises(ValueError, match="multiple"):
+        dense_matmul(4, 8, 40, layout="kn")
+
+
 def test_pack_dense_zero_pads_columns():
     w = np.arange(6, dtype=np.float32).reshape(2, 3)
     packed = pack_dense(w, block=4)

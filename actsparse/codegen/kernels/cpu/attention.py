@@ -14,6 +14,11 @@ over positions 0..p (from p + 1 - window with a sliding window). The work is pro
 the current length p + 1, not to the capacity. Scores are computed whole vectors at a time up
 to the next multiple of `lanes`: capacity must be a multiple of `lanes` (the entries past p
 are finite leftovers or zeros, and are masked out of the softmax).
+
+`prefill_attention` is the same computation for a chunk of R prompt tokens at positions
+p .. p + R - 1: it writes the chunk's keys and values first, then row i attends to 0 .. p + i
+(causal within the chunk). Rows past the capacity (padding of a short last chunk) are neither
+written nor meaningful.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def decode_attention(kv_heads: int, group: int, head_dim: int, capacity: int, *,
         raise ValueError(f"capacity {capacity} is not a multiple of {lanes} lanes")
     KV, G, D, C, L, W = kv_heads, group, head_dim, capacity, lanes, window
     tasks = KV * G
-    neg_inf = T.float32(-3.0e38)
+    attend = _attend_macro(G, D, C, L, W)
 
     @T.prim_func
     def attention(q: T.Buffer((KV, G, D), "float32"), k: T.Buffer((KV, 1, D), "float32"),
@@ -50,37 +55,79 @@ def decode_attention(kv_heads: int, group: int, head_dim: int, capacity: int, *,
                 ck[h, d, p] = k[h, 0, d]
                 cv[h, p, d] = v[h, 0, d]
         for task in T.parallel(tasks):
-            h = T.bind(task // G)
-            g = T.bind(task % G)
-            start = T.bind(T.max(p + 1 - W, 0) if W > 0 else 0)
-            first = T.bind(start // L)
-            blocks = T.bind((p + L) // L)  # whole vectors covering positions 0 .. p
-            peak = T.alloc_buffer((1,), "float32")
-            total = T.alloc_buffer((1,), "float32")
-            peak[0] = neg_inf
-            total[0] = T.float32(0)
-            for b in range(first, blocks):
-                for l in T.vectorized(L):
-                    scores[task, b * L + l] = T.float32(0)
-                for d in range(D):
-                    for l in T.vectorized(L):
-                        scores[task, b * L + l] = scores[task, b * L + l] + q[h, g, d] * ck[h, d, b * L + l]
-                for l in range(L):
-                    t = T.bind(b * L + l)
-                    peak[0] = T.Select(t >= start and t <= p, T.max(peak[0], scores[task, t]), peak[0])
-            for b in range(first, blocks):
-                for l in T.vectorized(L):
-                    t = T.bind(b * L + l)
-                    scores[task, t] = T.Select(t >= start and t <= p, exp_f32(scores[task, t] - peak[0]),
-                                               T.float32(0))
-                for l in range(L):
-                    total[0] = total[0] + scores[task, b * L + l]
-            for d in T.vectorized(D):
-                out[h, g, d] = T.float32(0)
-            for t in range(start, p + 1):
-                for d in T.vectorized(D):
-                    out[h, g, d] = out[h, g, d] + scores[task, t] * cv[h, t, d]
-            for d in T.vectorized(D):
-                out[h, g, d] = out[h, g, d] / total[0]
+            attend(q, ck, cv, out, scores, task, task // G, task // G, task % G, p)
 
     return attention
+
+
+def prefill_attention(kv_heads: int, group: int, head_dim: int, capacity: int, rows: int, *, window: int = 0,
+                      lanes: int = 16):
+    """Causal attention of `rows` prompt tokens (see the module docstring):
+    ``(q: f32[rows, kv*group, D], k, v: f32[rows, kv, D], ck, cv (the cache), pos: i64[1] (the first
+    row's position), out: f32[rows, kv*group, D])``; query head j reads kv head j // group."""
+    if capacity % lanes:
+        raise ValueError(f"capacity {capacity} is not a multiple of {lanes} lanes")
+    KV, G, D, C, R = kv_heads, group, head_dim, capacity, rows
+    heads = KV * G
+    attend = _attend_macro(G, D, C, lanes, window)
+
+    @T.prim_func
+    def attention(q: T.Buffer((R, heads, D), "float32"), k: T.Buffer((R, KV, D), "float32"),
+                  v: T.Buffer((R, KV, D), "float32"), ck: T.Buffer((KV, D, C), "float32"),
+                  cv: T.Buffer((KV, C, D), "float32"), pos: T.Buffer((1,), "int64"),
+                  out: T.Buffer((R, heads, D), "float32")):
+        T.func_attr({"tir.noalias": True})
+        scores = T.alloc_buffer((R * heads, C), "float32")
+        first = T.bind(T.Cast("int32", T.max(T.min(pos[0], T.int64(C - 1)), T.int64(0))))
+        for i in range(R):
+            if first + i < C:
+                for h in range(KV):
+                    for d in range(D):
+                        ck[h, d, first + i] = k[i, h, d]
+                        cv[h, first + i, d] = v[i, h, d]
+        for task in T.parallel(R * heads):
+            row = T.bind(task // heads)
+            attend(q, ck, cv, out, scores, task, row, task % heads // G, task % heads, T.min(first + row, C - 1))
+
+    return attention
+
+
+def _attend_macro(G: int, D: int, C: int, L: int, W: int):
+    """T.macro: out[row, j] = softmax over positions start .. p of q[row, j] · the keys of kv head h,
+    times its values; `scores[task]` is this task's scratch row. (Decode: row, j = kv head, group
+    member; prefill: row, j = token, query head.)"""
+    neg_inf = T.float32(-3.0e38)
+
+    @T.macro
+    def attend(q, ck, cv, out, scores, task, row, h, j, p):
+        start = T.bind(T.max(p + 1 - W, 0) if W > 0 else 0)
+        first = T.bind(start // L)
+        blocks = T.bind((p + L) // L)  # whole vectors covering positions 0 .. p
+        peak = T.alloc_buffer((1,), "float32")
+        total = T.alloc_buffer((1,), "float32")
+        peak[0] = neg_inf
+        total[0] = T.float32(0)
+        for b in range(first, blocks):
+            for l in T.vectorized(L):
+                scores[task, b * L + l] = T.float32(0)
+            for d in range(D):
+                for l in T.vectorized(L):
+                    scores[task, b * L + l] = scores[task, b * L + l] + q[row, j, d] * ck[h, d, b * L + l]
+            for l in range(L):
+                t = T.bind(b * L + l)
+                peak[0] = T.Select(t >= start and t <= p, T.max(peak[0], scores[task, t]), peak[0])
+        for b in range(first, blocks):
+            for l in T.vectorized(L):
+                t = T.bind(b * L + l)
+                scores[task, t] = T.Select(t >= start and t <= p, exp_f32(scores[task, t] - peak[0]), T.float32(0))
+            for l in range(L):
+                total[0] = total[0] + scores[task, b * L + l]
+        for d in T.vectorized(D):
+            out[row, j, d] = T.float32(0)
+        for t in range(start, p + 1):
+            for d in T.vectorized(D):
+                out[row, j, d] = out[row, j, d] + scores[task, t] * cv[h, t, d]
+        for d in T.vectorized(D):
+            out[row, j, d] = out[row, j, d] / total[0]
+
+    return attend

@@ -60,10 +60,20 @@ def default_row_tile(m: int, lanes: int = DEFAULT_LANES) -> int:
     return max(1, min(m, rows))
 
 
-def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: int | None = None):
+# How the weight operand of `dense_matmul` is laid out (all read as the same panels, by strides).
+PACKED, ROWS, COLUMNS = "packed", "kn", "nk"
+
+
+def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: int | None = None,
+                 layout: str = PACKED, row_stride: int | None = None, offset: int = 0):
     """y[m, n] = x[m, k] @ W[k, n] with W packed by ``pack_dense(w, block=2*lanes)``.
 
-    Signature: ``(x: f32[m, k], wp: f32[ceil(n/block), k, block], y: f32[m, n])``.
+    Signature: ``(x: f32[m, k], wp: f32[ceil(n/block), k, block], y: f32[m, n])``. The prompt's
+    multi-row kernels also read the weights other kernels were given, through strides:
+    ``layout=ROWS``: wp is W itself, f32[k, n] (the sparse kernels' row-major layout);
+    ``layout=COLUMNS``: wp is W^T, f32[n, k] (rows `row_stride` apart, from element `offset`:
+    the gate rows of an interleaved [F, 2, D] buffer, then passed flat, f32[n * row_stride]).
+    Both need n to be a multiple of the block.
     Parallel over (column panel, row tile); row tiles of a panel run on the same
     thread one after another, so the panel is read from DRAM once. At M = 1 the panel stream is
     prefetched ahead as the target's schedule says (``schedule.stream_prefetch_macro``).
@@ -71,6 +81,16 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
     block = 2 * lanes
     rows = row_tile or default_row_tile(m, lanes)
     nb = panel_count(n, block)
+    if layout != PACKED and n % block:
+        raise ValueError(f"an unpacked W needs n ({n}) to be a multiple of the {block}-column block")
+    stride = row_stride or k
+    if offset + k > stride:
+        raise ValueError(f"rows of {k} from element {offset} do not fit a row stride of {stride}")
+    w_shape, panel_strides = {
+        PACKED: ((nb, k, block), (k * block, block, 1)),
+        ROWS: ((k, n), (block, n, 1)),
+        COLUMNS: (((n, k) if row_stride is None else (n * stride,)), (block * stride, 1, stride)),
+    }[layout]
     mt = (m + rows - 1) // rows
     last_row = m - 1
     # The prefetch only at M = 1 (K=1024, N=2816 out of cache: 10 % faster). At M = 2, 4, 8 the same
@@ -80,11 +100,12 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
     @T.prim_func
     def dense_matmul_kernel(
         x: T.Buffer((m, k), "float32"),
-        wp: T.Buffer((nb, k, block), "float32"),
+        w: T.Buffer(w_shape, "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
-        flat = T.decl_buffer((nb * k * block,), "float32", data=wp.data)
+        wp = T.decl_buffer((nb, k, block), "float32", data=w.data, strides=panel_strides, elem_offset=offset)
+        flat = T.decl_buffer((nb * k * block,), "float32", data=w.data)
         for task in T.parallel(nb * mt):
             b = T.bind(task // mt)
             m0 = T.bind((task % mt) * rows)

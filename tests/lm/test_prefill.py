@@ -1,0 +1,155 @@
+"""The prompt in chunks (`prefill`) over the decode step's weights: the same logits and cache as
+the decode step token by token, for each family and each kernel layout the chunk reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import actsparse  # noqa: E402
+from actsparse.errors import ActsparseError  # noqa: E402
+from actsparse.lm.compile import compile_causal_lm  # noqa: E402
+
+from tests.lm.test_generate import COMMON, random_lm, torch_greedy  # noqa: E402
+
+TOKENS = list(np.random.default_rng(0).integers(2, 300, 70))
+
+
+def stepped_logits(lm, tokens) -> np.ndarray:
+    lm.reset()
+    return np.array([lm.step(t) for t in tokens])
+
+
+def count_chunks(lm) -> list[int]:
+    calls: list[int] = []
+    run = lm._run_chunk
+    lm._run_chunk = lambda tokens: (calls.append(len(tokens)), run(tokens))[1]
+    return calls
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return random_lm("llama")  # GQA, llama3-scaled RoPE
+
+
+@pytest.fixture(scope="module")
+def dense(llama, tmp_path_factory):
+    path = compile_causal_lm(llama, "host", output=tmp_path_factory.mktemp("pf") / "dense.actsparse",
+                             max_context=96).path
+    return actsparse.load(path)
+
+
+def test_chunks_equal_single_steps(dense):
+    assert dense.prefill_tokens == 32 and dense.info["prefill"] == {"tokens": 32}
+    reference = stepped_logits(dense, TOKENS)
+    chunks = count_chunks(dense)
+    for length, expected_chunks in ((8, [8]), (31, [31]), (32, [32]), (33, [32]), (45, [32, 13]), (70, [32, 32])):
+        chunks.clear()
+        dense.reset()
+        logits = dense.prefill(TOKENS[:length])
+        assert chunks == expected_chunks and dense.length == length
+        np.testing.assert_allclose(logits, reference[length - 1], atol=1e-5, rtol=1e-5)
+    # the cache the chunks wrote serves the steps after them
+    dense.reset()
+    dense.prefill(TOKENS[:40])
+    np.testing.assert_allclose(np.array([dense.step(t) for t in TOKENS[40:50]]), reference[40:50], atol=1e-5,
+                               rtol=1e-5)
+    # a chunk after a step starts at the current length
+    dense.reset()
+    dense.step(TOKENS[0])
+    np.testing.assert_allclose(dense.prefill(TOKENS[1:45]), reference[44], atol=1e-5, rtol=1e-5)
+
+
+def test_long_prompt_greedy_equals_transformers(llama, dense):
+    prompt = [0] + TOKENS[:44]
+    got = list(dense.generate(prompt, 20, stop_tokens=[]))
+    assert got == torch_greedy(llama, prompt, 20)
+    assert dense.stats.prompt_tokens == 45 and dense.stats.prompt_tokens_per_second > 0
+
+
+def test_prefill_errors_are_clear(dense):
+    dense.reset()
+    with pytest.raises(ActsparseError, match="context overflow"):
+        dense.prefill(list(range(2, 99)))
+    with pytest.raises(ActsparseError, match="outside the vocabulary"):
+        dense.prefill([1] * 20 + [300])
+    with pytest.raises(ActsparseError, match="no tokens"):
+        dense.prefill([])
+    assert dense.length == 0
+
+
+def test_teal_prompt_runs_dense_over_the_sparse_kernels_weights(llama, dense, tmp_path):
+    """TEAL's kernels keep W row-major (kn) and fuse the FFN's gate and up: the chunk reads those
+    arrays and computes the dense model (the thresholds are for single tokens)."""
+    art = compile_causal_lm(llama, "host", "sparsify{method=teal,sparsity=0.5}", output=tmp_path / "teal.actsparse",
+                            max_context=96)
+    teal = actsparse.load(art.path)
+    assert teal.prefill_tokens == 32
+    reference = stepped_logits(dense, TOKENS[:40])
+    teal.reset()
+    np.testing.assert_allclose(teal.prefill(TOKENS[:40]), reference[-1], atol=1e-4, rtol=1e-4)
+    # one copy of the weights: the artifact is no bigger than the dense one's weights plus packing
+    assert teal.weight_bytes <= dense.weight_bytes * 1.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma", "phi3"])
+def test_families_chunks_equal_single_steps(family, tmp_path):
+    """Biases (qwen2), q/k norms (qwen3), a scaled embedding, norm offset and GELU FFN (gemma), fused
+    projections split (phi3)."""
+    art = compile_causal_lm(random_lm(family), "host", output=tmp_path / f"{family}.actsparse", max_context=64)
+    lm = actsparse.load(art.path)
+    assert lm.prefill_tokens == 32
+    reference = stepped_logits(lm, TOKENS[:40])
+    lm.reset()
+    np.testing.assert_allclose(lm.prefill(TOKENS[:40]), reference[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sliding_window_chunks_equal_single_steps(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(**COMMON, sliding_window=6)).eval()
+    lm = actsparse.load(compile_causal_lm(model, "host", output=tmp_path / "sw.actsparse", max_context=64).path)
+    reference = stepped_logits(lm, TOKENS[:40])
+    lm.reset()
+    np.testing.assert_allclose(lm.prefill(TOKENS[:40]), reference[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_relufied_fused_ffn_chunks_follow_the_decode_activation(llama, tmp_path):
+    """relufy changes the FFN's activation: the chunk takes it from the fused kernel (gate-sparse
+    form: gate panels, Wu^T read through strides), not from the model's own SiLU."""
+    art = compile_causal_lm(llama, "host", "relufy", output=tmp_path / "relu.actsparse", max_context=64)
+    assert {k["kernel"] for k in art.kernels if k["name"].endswith(".mlp")} == {"ffn_gate_sparse"}
+    lm = actsparse.load(art.path)
+    assert lm.prefill_tokens == 32
+    reference = stepped_logits(lm, TOKENS[:40])
+    lm.reset()
+    np.testing.assert_allclose(lm.prefill(TOKENS[:40]), reference[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_quantized_model_says_why_its_prompt_runs_token_by_token(llama, tmp_path):
+    art = compile_causal_lm(llama, "host", "quantize{mode=dynamic,bits=8}", output=tmp_path / "q.actsparse",
+                            max_context=64)
+    lm = actsparse.load(art.path)
+    assert lm.prefill_tokens == 0 and "int8/int4" in lm.info["prefill"]["reason"]
+    reference = stepped_logits(lm, TOKENS[:20])
+    lm.reset()
+    np.testing.assert_allclose(lm.prefill(TOKENS[:20]), reference[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_weights_the_decode_step_deduplicated_are_compiled_in(tmp_path):
+    """Freshly initialized norms are all ones: the decode step's optimizer keeps one copy of the
+    equal arrays, so the chunk's own names are gone; small ones become constants of its code."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON)).eval()
+    lm = actsparse.load(compile_causal_lm(model, "host", output=tmp_path / "ones.actsparse", max_context=64).path)
+    assert lm.prefill_tokens == 32
+    reference = stepped_logits(lm, TOKENS[:40])
+    lm.reset()
+    np.testing.assert_allclose(lm.prefill(TOKENS[:40]), reference[-1], atol=1e-5, rtol=1e-5)
