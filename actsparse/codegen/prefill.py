@@ -10,6 +10,8 @@ that kernel packed them:
     ActsparseDenseLinear(x, Wp panels)             =>  PrefillLinear(x, Wp)   layout packed
     ActsparseSparseLinear(x, [t, s,] W [K, N])     =>  PrefillLinear(x, W)    layout kn (rows)
     MatMul(x, W) left to TVM                       =>  PrefillLinear(x, W)    layout generic
+    ActsparseQuantLinear(x, [t, s,] Wq, scales..)  =>  PrefillLinear(x, Wq, scales..) layout quant:
+        the same int8/int4 kernel at M rows (the sparse-layout ones in mode nonzero, 8 rows a call)
     ActsparseFusedFFN(x, ...) over gate, up, down  =>  gate/up GEMM(s) on the fused weights,
         ffn_dense:        one GEMM over the [gate L | up L] panels, split per panel
         ffn_input_sparse: one GEMM over [Wg | Wu] (kn), split in halves
@@ -19,9 +21,9 @@ that kernel packed them:
 
 The prompt runs dense: thresholds and predictors are for the decode step's batch-1 kernels
 (a chunk of 32 tokens activates nearly every channel), so the chunk computes what the model
-with the passes' weights computes. Quantized linears have no multi-row kernel yet: a model with
-any, or whose decode step was relufied outside a fused FFN, gets no prefill (`bind_prefill`
-says why) and its prompt runs through the decode step token by token.
+with the passes' weights computes. The one-row VNNI int8 kernel (int8 + a sparsifier on AVX-512
+VNNI CPUs) has no multi-row form: such a model, or one relufied outside a fused FFN, gets no
+prefill (`bind_prefill` says why) and its prompt runs through the decode step token by token.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from actsparse.codegen.relax_util import as_converter, attr_text
 from actsparse.frontend.decode_graph import PREFILL_ATTENTION, PREFILL_LINEAR
 
 LOWERING_DOMAIN = "actsparse.lowering"
-PACKED, ROWS, COLUMNS, GENERIC = "packed", "kn", "nk", "generic"
+PACKED, ROWS, COLUMNS, GENERIC, QUANT = "packed", "kn", "nk", "generic", "quant"
+QUANT_PASS_SUFFIXES = (".matmul_integer", ".matmul_nbits")  # passes/quantize.py's node names
 
 
 def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) -> str | None:
@@ -41,6 +44,7 @@ def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) ->
     place. Returns None, or why the chunk cannot share the decode step's weights."""
     from actsparse.codegen.ffn_fusion import FUSED_FFN
     from actsparse.codegen.lower import DENSE_LINEAR, SPARSE_LINEAR
+    from actsparse.codegen.quant_lowering import QUANT_LINEAR
 
     kernels: dict[str, ir.Node] = {}
     for node in decode.graph:
@@ -49,9 +53,13 @@ def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) ->
         elif node.domain == LOWERING_DOMAIN and node.op_type == FUSED_FFN:
             for name in node.attributes.get_strings("linears"):
                 kernels[name] = node
-        elif node.domain == LOWERING_DOMAIN:
-            if node.op_type.startswith("ActsparseQuant"):
-                return "int8/int4 linears have no multi-row kernel yet"
+        elif node.domain == LOWERING_DOMAIN and node.op_type == QUANT_LINEAR:
+            if node.attributes.get_int("int8_dot", 0) and node.attributes.get_string("kind") == "int8":
+                return "the one-row VNNI int8 kernel has no multi-row form yet"
+            layer = node.attributes.get_string("layer", "")
+            for suffix in QUANT_PASS_SUFFIXES:
+                layer = layer.removesuffix(suffix)
+            kernels[layer] = node
         elif node.op_type in ("MatMul", "Gemm") and node.name:
             kernels[node.name] = node
     placeholders = {node.attributes.get_string("layer"): node for node in prefill.graph
@@ -144,7 +152,10 @@ def _rows_of(placeholder: ir.Node) -> int:
 
 def _bind_linear(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node) -> str | None:
     from actsparse.codegen.lower import DENSE_LINEAR
+    from actsparse.codegen.quant_lowering import QUANT_LINEAR
 
+    if kernel.op_type == QUANT_LINEAR:
+        return _bind_quant(prefill, placeholder, kernel)
     weight = kernel.inputs[-1] if kernel.domain == LOWERING_DOMAIN else kernel.inputs[1]
     if weight is None or weight.const_value is None:
         return f"{placeholder.name}: the decode step's weight is not a constant"
@@ -161,6 +172,19 @@ def _bind_linear(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node) -> st
                        f"{placeholder.name}.prefill")
     _replace(prefill, placeholder, out)
     return None
+
+
+def _bind_quant(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node) -> None:
+    """The packed int8/int4 arrays (named "<layer>.<role>_<kind>_packed") and the kernel's attributes."""
+    weights = [_weight(prefill, v) for v in kernel.inputs[1:] if v is not None and v.name.endswith("_packed")]
+    attributes = {name: kernel.attributes[name] for name in ("kind", "mode", "k", "n", "group", "zero_points",
+                                                             "lanes", "int8_dot")}
+    attributes |= {"layout": ir.AttrString("layout", QUANT), "rows": ir.AttrInt64("rows", _rows_of(placeholder))}
+    node = ir.Node(LOWERING_DOMAIN, PREFILL_LINEAR, [placeholder.inputs[0], *weights], attributes=attributes,
+                   name=f"{placeholder.name}.prefill")
+    node.outputs[0].name = f"{placeholder.name}.prefill.out"
+    prefill.graph.append(node)
+    _replace(prefill, placeholder, node.outputs[0])
 
 
 def _replace(prefill: ir.Model, placeholder: ir.Node, value: ir.Value) -> None:
@@ -255,9 +279,34 @@ def prefill_converters(target) -> dict:
             functions[key] = bb.add_func(build().with_attr("global_symbol", symbol), symbol)
         return functions[key]
 
+    def quant(bb, inputs, attrs):
+        """The decode step's int8/int4 kernel at M rows; sparse layouts in mode nonzero (every
+        nonzero input counts: the dense product), at most MAX_SPARSE_ROWS rows a call."""
+        from actsparse.codegen.quant_lowering import MAX_SPARSE_ROWS, quant_kernel
+
+        kind, mode = attr_text(attrs["kind"]), attr_text(attrs["mode"])
+        rows, k, n, group = int(attrs["rows"]), int(attrs["k"]), int(attrs["n"]), int(attrs["group"])
+        zero_points, kernel_lanes_, int8_dot = bool(attrs["zero_points"]), int(attrs["lanes"]), bool(attrs["int8_dot"])
+        mode = "dense" if mode == "dense" else "nonzero"
+        step = rows if mode == "dense" else MAX_SPARSE_ROWS
+        x = bb.emit(relax.op.reshape(inputs[0], (rows, k)))
+        parts = []
+        for start in range(0, rows, step):
+            m = min(step, rows - start)
+            key = ("prefill_quant", kind, mode, m, k, n, group, zero_points, kernel_lanes_, int8_dot)
+            symbol = (f"actsparse_prefill_{kind}_{mode}_m{m}_k{k}_n{n}" + (f"_g{group}" if kind == "int4" else "")
+                      + ("_zp" if zero_points else "") + ("_vnni" if int8_dot else ""))
+            func = add(bb, key, symbol, lambda m=m: quant_kernel(kind, mode, m, k, n, group, zero_points,
+                                                                 kernel_lanes_, int8_dot))
+            rows_x = x if m == rows else bb.emit(relax.op.strided_slice(x, axes=[0], begin=[start], end=[start + m]))
+            parts.append(bb.emit(relax.call_tir(func, [rows_x, *inputs[1:]], relax.TensorType((m, n), "float32"))))
+        return parts[0] if len(parts) == 1 else relax.op.concat(parts, axis=0)
+
     def linear(bb, inputs, attrs, params):
-        x, w = inputs
+        x, w = inputs[0], inputs[1]
         layout = attr_text(attrs["layout"])
+        if layout == QUANT:
+            return quant(bb, inputs, attrs)
         rows, k, n = int(attrs["rows"]), int(attrs["k"]), int(attrs["n"])
         stride, offset = int(attrs.get("row_stride", 0)), int(attrs.get("offset", 0))
         x2 = bb.emit(relax.op.reshape(x, (rows, k)))

@@ -296,7 +296,7 @@ def _replace(model: ir.Model, match: QuantLinear, lanes: int, int8_dot: bool = F
         inputs.append(add_initializer(model, f"{base}.{suffix}_{match.kind}_packed", array))
     zero_points = match.kind == "int4" and match.weights[2] is not None
     attributes = {"kind": match.kind, "mode": mode, "k": match.k, "n": match.n, "group": match.group,
-                  "zero_points": int(zero_points), "lanes": lanes, "int8_dot": int(vnni)}
+                  "zero_points": int(zero_points), "lanes": lanes, "int8_dot": int(vnni), "layer": match.name or ""}
     node = ir.Node(LOWERING_DOMAIN, QUANT_LINEAR, inputs,
                    attributes=ir.convenience.convert_attributes(attributes),
                    name=unique_node_name(model, f"{base}.kernel"))

@@ -62,6 +62,7 @@ def default_row_tile(m: int, lanes: int = DEFAULT_LANES) -> int:
 
 # How the weight operand of `dense_matmul` is laid out (all read as the same panels, by strides).
 PACKED, ROWS, COLUMNS = "packed", "kn", "nk"
+ROWS_AHEAD = 8  # rows of a row-major W prefetched ahead of the panel's current one
 
 
 def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: int | None = None,
@@ -95,7 +96,11 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
     last_row = m - 1
     # The prefetch only at M = 1 (K=1024, N=2816 out of cache: 10 % faster). At M = 2, 4, 8 the same
     # kernel was 11, 17 and 25 % slower with it, and all-MiniLM-L6-v2 (128 rows) 4 % slower.
-    prefetch_stream = stream_prefetch_macro(element_bytes=4, ahead_bytes=None if m == 1 else 0)
+    # A row-major W is another matter: each step of a panel is on another page, where the
+    # hardware prefetchers stop, so the panel's rows ROWS_AHEAD steps on are prefetched.
+    ahead = {PACKED: None if m == 1 else 0, ROWS: ROWS_AHEAD * n * 4, COLUMNS: 0}[layout]
+    prefetch_stream = stream_prefetch_macro(element_bytes=4, ahead_bytes=ahead)
+    step_b, step_k = panel_strides[0], panel_strides[1]  # flat offset of (panel b, row kk)
 
     @T.prim_func
     def dense_matmul_kernel(
@@ -114,7 +119,7 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
                 for j in T.vectorized(block):
                     acc[i, j] = T.float32(0)
             for kk in range(k):
-                prefetch_stream(flat, (b * k + kk) * block)
+                prefetch_stream(flat, b * step_b + kk * step_k)
                 for i in T.unroll(rows):
                     # Rows past m (last tile) recompute row m-1; their results are not stored.
                     xv = T.bind(x[T.min(m0 + i, last_row), kk])
