@@ -139,7 +139,8 @@ class CompiledArtifact:
 def compile(model: Any, target: str = "host", passes: PassesArg = None, *, example_inputs: Any = None,
             output: str | os.PathLike | None = None, recipe=None, calib=None, verify: bool = True, seed: int = 0,
             bundle_runtime: bool | str = False, on_pass=None, on_step=None, max_context: int | None = None,
-            calib_text: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> CompiledArtifact:
+            calib_text: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+            kv_cache: str | None = None) -> CompiledArtifact:
     """Optimize (optional passes) and compile a model for `target` into an artifact.
 
     >>> art = actsparse.compile("model.onnx", target="host", passes="sparsify{method=teal,sparsity=0.5}",
@@ -149,7 +150,8 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     A causal LM (a transformers module, or a Hugging Face / actsparse.lm folder) given without
     example inputs compiles for generation instead (docs/generation.md): its one-token decode step
     over a KV cache of `max_context` tokens (default 2048, capped by the model's positions), thresholds calibrated on decode steps
-    of `calib_text`; `actsparse.load` then returns a LanguageModel with `generate()`.
+    of `calib_text`, the cache in `kv_cache` ("float32", default, or "float16"); `actsparse.load`
+    then returns a LanguageModel with `generate()`.
     """
     import tempfile
 
@@ -163,10 +165,11 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
             raise ActsparseError("a causal LM is calibrated on decode steps: give calib_text, not calib")
         return compile_causal_lm(model, target, passes, output=output, max_context=max_context,
                                  calib_text=calib_text, tokenizer=tokenizer, recipe=recipe, verify=verify, seed=seed,
-                                 bundle_runtime=bundle_runtime, on_pass=on_pass, on_step=on_step)
-    if max_context is not None or calib_text is not None or tokenizer is not None:
-        raise ActsparseError("max_context, calib_text and tokenizer are for causal LMs (a transformers causal-LM "
-                             "module or folder, without example_inputs)")
+                                 bundle_runtime=bundle_runtime, on_pass=on_pass, on_step=on_step,
+                                 kv_cache=kv_cache or "float32")
+    if max_context is not None or calib_text is not None or tokenizer is not None or kv_cache is not None:
+        raise ActsparseError("max_context, calib_text, tokenizer and kv_cache are for causal LMs (a transformers "
+                             "causal-LM module or folder, without example_inputs)")
 
     ir_model = to_ir_model(model, example_inputs)
     shapes = input_shapes_of(ir_model, example_inputs)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the pass and compile report as JSON")
     p.add_argument("--max-context", type=int, default=None,
                    help="causal LMs: tokens the KV cache holds (default 2048, capped by the model's positions)")
+    p.add_argument("--kv-cache", choices=("float32", "float16"), default=None,
+                   help="causal LMs: the KV cache's element type (default float32; float16 halves the bytes a "
+                        "long context reads per token)")
     p.add_argument("--sign", metavar="KEY", help="sign the artifact with this private key (from `actsparse keygen`)")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_compile)
@@ -582,8 +585,9 @@ def cmd_compile(args) -> int:
 
     if is_causal_lm(args.model):
         return _compile_lm(args)
-    if args.max_context is not None:
-        raise ActsparseError("--max-context is for causal-LM folders; this model is an ONNX file")
+    if args.max_context is not None or args.kv_cache is not None:
+        option = "--max-context" if args.max_context is not None else "--kv-cache"
+        raise ActsparseError(f"{option} is for causal-LM folders; this model is an ONNX file")
     shapes = dict(_parse_shape(text) for text in args.input_shape)
     _check_writable_folder(args.report, "--report")
     _apply_recipe_calibration(args)
@@ -653,7 +657,8 @@ def _compile_lm(args) -> int:
                                 max_context=args.max_context, calib_text=args.calib_text,
                                 tokenizer=args.tokenizer, verify=not args.no_verify, seed=args.seed or 0,
                                 bundle_runtime=args.bundle_runtime, on_pass=on_pass, on_step=step,
-                                calibration_steps=CALIBRATION_STEPS if args.samples is None else args.samples)
+                                calibration_steps=CALIBRATION_STEPS if args.samples is None else args.samples,
+                                kv_cache=args.kv_cache or "float32")
     print_records(art.records)
     return _finish_compile(args, "the decode step ", art.records, art)
 

@@ -28,9 +28,10 @@ def cache_input_names(layer: int) -> tuple[str, str]:
     return f"cache_key.{layer}", f"cache_value.{layer}"
 
 
-def lower_cached_attention(model: ir.Model, capacity: int, window: int = 0) -> list[dict]:
+def lower_cached_attention(model: ir.Model, capacity: int, window: int = 0, cache_dtype: str = "float32") -> list[dict]:
     """Rewrite every CachedAttention node (see the module docstring), in place. Returns the cache
-    buffers' descriptions [{name, shape, dtype}] in graph-input order, for the manifest."""
+    buffers' descriptions [{name, shape, dtype}] in graph-input order, for the manifest.
+    `cache_dtype` float16 stores keys and values in half the bytes (kernels/cpu/attention.py)."""
     from actsparse.codegen.lower import LOWERING_DOMAIN
 
     nodes = [node for node in model.graph if is_cached_attention(node)]
@@ -48,14 +49,15 @@ def lower_cached_attention(model: ir.Model, capacity: int, window: int = 0) -> l
         kv, _, d = (int(x) for x in k.shape)
         group = int(q.shape[1])
         key_name, value_name = cache_input_names(layer)
-        key = ir.Value(name=key_name, shape=ir.Shape([kv, d, capacity]), type=ir.TensorType(ir.DataType.FLOAT))
-        value = ir.Value(name=value_name, shape=ir.Shape([kv, capacity, d]), type=ir.TensorType(ir.DataType.FLOAT))
+        element = ir.TensorType(ir.DataType.FLOAT16 if cache_dtype == "float16" else ir.DataType.FLOAT)
+        key = ir.Value(name=key_name, shape=ir.Shape([kv, d, capacity]), type=element)
+        value = ir.Value(name=value_name, shape=ir.Shape([kv, capacity, d]), type=element)
         model.graph.inputs.extend([key, value])
-        caches += [{"name": key_name, "shape": [kv, d, capacity], "dtype": "float32", "layout": "key"},
-                   {"name": value_name, "shape": [kv, capacity, d], "dtype": "float32", "layout": "value"}]
+        caches += [{"name": key_name, "shape": [kv, d, capacity], "dtype": cache_dtype, "layout": "key"},
+                   {"name": value_name, "shape": [kv, capacity, d], "dtype": cache_dtype, "layout": "value"}]
         attributes = {"window": ir.AttrInt64("window", window), "capacity": ir.AttrInt64("capacity", capacity),
                       "kv_heads": ir.AttrInt64("kv_heads", kv), "group": ir.AttrInt64("group", group),
-                      "head_dim": ir.AttrInt64("head_dim", d)}
+                      "head_dim": ir.AttrInt64("head_dim", d), "cache_dtype": ir.AttrString("cache_dtype", cache_dtype)}
         lowered = ir.Node(LOWERING_DOMAIN, DECODE_ATTENTION, [q, k, v, key, value, position], attributes=attributes,
                           name=f"{node.name}.kernel")
         out = lowered.outputs[0]
@@ -81,6 +83,7 @@ def kv_converters(target) -> dict:
     from tvm import relax
 
     from actsparse.codegen.kernels.cpu.attention import decode_attention
+    from actsparse.codegen.relax_util import attr_text
 
     functions: dict[tuple, object] = {}
 
@@ -88,10 +91,12 @@ def kv_converters(target) -> dict:
         q, k, v, key, value, position = inputs
         kv, group, d = int(attrs["kv_heads"]), int(attrs["group"]), int(attrs["head_dim"])
         capacity, window = int(attrs["capacity"]), int(attrs.get("window", 0))
-        spec = (kv, group, d, capacity, window)
+        dtype = attr_text(attrs.get("cache_dtype", "float32"))
+        spec = (kv, group, d, capacity, window, dtype)
         if spec not in functions:
-            name = f"actsparse_decode_attention_kv{kv}_g{group}_d{d}_c{capacity}_w{window}"
-            func = decode_attention(kv, group, d, capacity, window=window).with_attr("global_symbol", name)
+            name = f"actsparse_decode_attention_kv{kv}_g{group}_d{d}_c{capacity}_w{window}_{dtype}"
+            func = decode_attention(kv, group, d, capacity, window=window, cache_dtype=dtype)
+            func = func.with_attr("global_symbol", name)
             functions[spec] = bb.add_func(func, name)
         return relax.call_tir(functions[spec], [q, k, v, key, value, position],
                               relax.TensorType((kv, group, d), "float32"))

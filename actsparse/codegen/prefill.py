@@ -327,10 +327,12 @@ def prefill_converters(target) -> dict:
         q, k, v, cache_k, cache_v, position = inputs
         kv, group, d = int(attrs["kv_heads"]), int(attrs["group"]), int(attrs["head_dim"])
         capacity, window = int(attrs["capacity"]), int(attrs.get("window", 0))
+        dtype = attr_text(attrs.get("cache_dtype", "float32"))
         rows = int(q.ty.shape[0])
-        key = ("prefill_attention", kv, group, d, capacity, window, rows)
-        symbol = f"actsparse_prefill_attention_kv{kv}_g{group}_d{d}_c{capacity}_w{window}_r{rows}"
-        func = add(bb, key, symbol, lambda: prefill_attention(kv, group, d, capacity, rows, window=window))
+        key = ("prefill_attention", kv, group, d, capacity, window, rows, dtype)
+        symbol = f"actsparse_prefill_attention_kv{kv}_g{group}_d{d}_c{capacity}_w{window}_r{rows}_{dtype}"
+        func = add(bb, key, symbol, lambda: prefill_attention(kv, group, d, capacity, rows, window=window,
+                                                              cache_dtype=dtype))
         return relax.call_tir(func, [q, k, v, cache_k, cache_v, position],
                               relax.TensorType((rows, kv * group, d), "float32"))
 

@@ -61,6 +61,7 @@ class _Builder:
         self.shared: dict[str, np.ndarray] = {}
         self._constants: dict[tuple, str] = {}
         self.value_info: list[onnx.ValueInfoProto] = []
+        self.cache_dtype = "float32"  # of the prefill graph's cache inputs
 
     @property
     def prefill(self) -> bool:
@@ -93,13 +94,15 @@ def build_decode_graph(spec: DecoderSpec) -> ir.Model:
     return _build(spec, _Builder())
 
 
-def build_prefill_graph(spec: DecoderSpec, tokens: int, cache_capacity: int, window: int = 0) -> ir.Model:
+def build_prefill_graph(spec: DecoderSpec, tokens: int, cache_capacity: int, window: int = 0,
+                        cache_dtype: str = "float32") -> ir.Model:
     """The prompt-chunk model of `spec` for `tokens` tokens at a time (see the module docstring),
     its placeholders not yet bound to weights, its cache inputs [kv, head_dim, capacity] (keys)
     and [kv, capacity, head_dim] (values) as the lowered decode step has them."""
     if tokens < 2:
         raise ValueError(f"a prefill chunk has at least 2 tokens, got {tokens}")
     b = _Builder(tokens)
+    b.cache_dtype = cache_dtype
     model = _build(spec, b, cache_capacity=cache_capacity, window=window)
     for name, array in b.shared.items():  # graph inputs of the protobuf -> initializers over the arrays
         value = next(v for v in model.graph.inputs if v.name == name)
@@ -150,7 +153,8 @@ def _build(spec: DecoderSpec, b: _Builder, cache_capacity: int = 0, window: int 
             key, value = (f"cache_key.{i}", f"cache_value.{i}")
             b.nodes.append(helper.make_node(PREFILL_ATTENTION, [q, k, v, key, value, "position"], [f"{name}.out"],
                                             name=name, domain=LOWERING_DOMAIN, kv_heads=kv, group=group,
-                                            head_dim=hd, capacity=cache_capacity, window=window))
+                                            head_dim=hd, capacity=cache_capacity, window=window,
+                                            cache_dtype=b.cache_dtype))
         else:
             q = b.op("Reshape", [q, b.const([kv, group, hd], np.int64)], f"{p}.self_attn/q_groups")
             k = b.op("Reshape", [k, b.const([kv, 1, hd], np.int64)], f"{p}.self_attn/k_groups")
@@ -190,9 +194,10 @@ def _model(spec: DecoderSpec, b: _Builder, capacity: int) -> ir.Model:
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, spec.vocab_size])]
     if b.prefill:
         inputs.append(helper.make_tensor_value_info("last", TensorProto.INT64, [1]))
+        element = TensorProto.FLOAT16 if b.cache_dtype == "float16" else TensorProto.FLOAT
         for i in range(spec.layers):
-            inputs += [helper.make_tensor_value_info(f"cache_key.{i}", TensorProto.FLOAT, [kv, hd, capacity]),
-                       helper.make_tensor_value_info(f"cache_value.{i}", TensorProto.FLOAT, [kv, capacity, hd])]
+            inputs += [helper.make_tensor_value_info(f"cache_key.{i}", element, [kv, hd, capacity]),
+                       helper.make_tensor_value_info(f"cache_value.{i}", element, [kv, capacity, hd])]
         inputs += [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
                    for name, array in b.shared.items()]
     else:

@@ -145,8 +145,10 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
                       max_context: int | None = None, calib_text: str | os.PathLike | None = None,
                       tokenizer: str | os.PathLike | None = None, recipe=None, verify: bool = True, seed: int = 0,
                       bundle_runtime: bool | str = False, on_pass=None, on_step: Callable[[str], None] | None = None,
-                      calibration_steps: int = CALIBRATION_STEPS):
-    """The causal LM `model` compiled for `target` as a generation artifact (see the module docstring)."""
+                      calibration_steps: int = CALIBRATION_STEPS, kv_cache: str = "float32"):
+    """The causal LM `model` compiled for `target` as a generation artifact (see the module docstring).
+    `kv_cache`: the cache's element type, float32 (exact) or float16 (half the bytes a long
+    context reads per token; keys and values rounded to float16, as llama.cpp's default cache)."""
     import tempfile
 
     from actsparse.api import CompiledArtifact, _accuracy_report, resolve_passes
@@ -156,7 +158,11 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
     from actsparse.passes.base import PassContext
     from actsparse.passes.pipeline import run_pipeline
 
+    from actsparse.codegen.kernels.cpu.attention import CACHE_DTYPES
+
     step = on_step or (lambda message: None)
+    if kv_cache not in CACHE_DTYPES:
+        raise ActsparseError(f"kv_cache {kv_cache!r}: expected one of {', '.join(CACHE_DTYPES)}")
     if not 1 <= calibration_steps <= 1 << 16:
         raise ActsparseError(f"calibration steps must be in 1..65536, got {calibration_steps}")
     step("reading the model")
@@ -176,7 +182,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
     caches: list[dict] = []
 
     def prepare(graph: ir.Model) -> None:
-        caches.extend(lower_cached_attention(graph, capacity, window))
+        caches.extend(lower_cached_attention(graph, capacity, window, kv_cache))
 
     def companions(lowered: ir.Model) -> dict[str, ir.Model]:
         from actsparse.codegen.prefill import bind_prefill
@@ -186,7 +192,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
         if tokens < 2 or target.strip().startswith("cuda"):
             lm["prefill"] = {"reason": "the prompt runs token by token on this target"}
             return {}
-        chunk = build_prefill_graph(spec, tokens, capacity, window)
+        chunk = build_prefill_graph(spec, tokens, capacity, window, kv_cache)
         relufied = any(record.name == "relufy" for record in records)
         reason = bind_prefill(chunk, lowered, relufied=relufied)
         if reason:
@@ -196,7 +202,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
         lm["prefill"] = {"tokens": tokens}
         return {"prefill": chunk}
 
-    lm = spec.describe() | {"max_context": max_context, "cache_capacity": capacity, "window": window,
+    lm = spec.describe() | {"max_context": max_context, "cache_capacity": capacity, "window": window, "kv_cache": kv_cache,
                             "tokenizer": tokenizer_entry, "source": spec.source,
                             "caches": caches}  # filled by prepare(), before the manifest is written
     if output is None:

@@ -74,7 +74,11 @@ class LanguageModel(CompiledModel):
         names = [spec.name for spec in self._input_specs]
         if names[:2] != ["input_ids", "position"] or set(names[2:]) != set(cache_specs):
             raise ActsparseError(f"artifact is inconsistent: LM inputs {names}")
-        self._cache_arrays = [aligned(np.zeros(cache_specs[n]["shape"], np.float32)) for n in names[2:]]
+        dtypes = {cache_specs[n].get("dtype", "float32") for n in names[2:]}
+        if not dtypes <= {"float32", "float16"}:
+            raise ActsparseError(f"artifact is inconsistent: KV cache dtypes {sorted(dtypes)}")
+        self._cache_arrays = [aligned(np.zeros(cache_specs[n]["shape"], cache_specs[n].get("dtype", "float32")))
+                              for n in names[2:]]
         self._caches = [self._tvm_ffi.from_dlpack(a) for a in self._cache_arrays]
         self._token = aligned(np.zeros((1, 1), np.int64))
         self._position = aligned(np.zeros((1,), np.int64))

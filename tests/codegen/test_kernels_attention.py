@@ -78,3 +78,40 @@ def test_prefill_attention_matches_numpy_row_by_row(kv, group, d, window, rows):
             np.testing.assert_allclose(out.numpy()[i], expected, atol=2e-5, rtol=1e-4)
     np.testing.assert_array_equal(cache_k.numpy(), keys.transpose(0, 2, 1))
     np.testing.assert_array_equal(cache_v.numpy(), values)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_float16_cache_rounds_on_write_and_computes_in_float32(rows):
+    """Decode (rows 1) and prefill kernels over a float16 cache: what they store is the float16
+    rounding of k and v, and the output equals float32 attention over those rounded values."""
+    from actsparse.codegen.kernels.cpu.attention import prefill_attention
+
+    kv, group, d, capacity = 2, 2, 16, cache_capacity(20)
+    if rows == 1:
+        func = decode_attention(kv, group, d, capacity, cache_dtype="float16")
+    else:
+        func = prefill_attention(kv, group, d, capacity, rows, cache_dtype="float16")
+    kernel = tvm.compile(tvm.IRModule({"f": func.with_attr("global_symbol", "f")}), resolve_target("host"))["f"]
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    cache_k = tvm.runtime.tensor(np.zeros((kv, d, capacity), np.float16))
+    cache_v = tvm.runtime.tensor(np.zeros((kv, capacity, d), np.float16))
+    q = rng.standard_normal((rows, kv * group, d)).astype(np.float32)
+    if rows == 1:
+        args = (q.reshape(kv, group, d), keys[:, :1], values[:, :1])
+    else:
+        args = (q, keys[:, :rows].transpose(1, 0, 2).copy(), values[:, :rows].transpose(1, 0, 2).copy())
+    out = tvm.runtime.tensor(np.zeros(args[0].shape, np.float32))
+    kernel(*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args), cache_k, cache_v,
+           tvm.runtime.tensor(np.array([0], np.int64)), out)
+    rounded_k, rounded_v = keys.astype(np.float16).astype(np.float32), values.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(cache_k.numpy()[:, :, :rows], keys[:, :rows].astype(np.float16).transpose(0, 2, 1))
+    for i in range(rows):
+        expected = reference(q[i].reshape(kv, group, d), rounded_k, rounded_v, i, 0).reshape(kv * group, d)
+        np.testing.assert_allclose(out.numpy().reshape(rows, kv * group, d)[i], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_unknown_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="KV cache dtype"):
+        decode_attention(1, 1, 8, 16, cache_dtype="int8")

@@ -218,12 +218,14 @@ def test_cli_compiles_a_hf_folder_and_generates_text(hf_folder, tmp_path):
     out = tmp_path / "lm.actsparse"
     cli = [sys.executable, "-m", "actsparse.cli"]
     done = subprocess.run(cli + ["compile", str(folder), "-o", str(out), "--max-context", "64", "--passes",
-                                 "sparsify{method=teal,sparsity=0.4,scope=ffn}", "--calib-text", str(calib)],
+                                 "sparsify{method=teal,sparsity=0.4,scope=ffn}", "--calib-text", str(calib),
+                                 "--kv-cache", "float16"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "ffn_input_sparse x2" in done.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["lm"]["family"] == "qwen2" and manifest["lm"]["tokenizer"]["kind"] == "huggingface"
+    assert manifest["lm"]["kv_cache"] == "float16" and manifest["lm"]["prefill"] == {"tokens": 32}
     done = subprocess.run(cli + ["generate", str(out), "--prompt", "w5 w6 w7", "--max-new-tokens", "8", "--stop", ""],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -179,3 +179,21 @@ def test_weights_the_decode_step_deduplicated_are_compiled_in(tmp_path):
     reference = stepped_logits(lm, TOKENS[:40])
     lm.reset()
     np.testing.assert_allclose(lm.prefill(TOKENS[:40]), reference[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_float16_kv_cache_halves_the_cache_and_keeps_greedy_tokens(llama, dense, tmp_path):
+    """--kv-cache float16: the buffers are half the bytes; logits stay within float16 rounding of
+    the float32 cache's, prompt chunks and steps alike, and greedy tokens agree."""
+    art = compile_causal_lm(llama, "host", output=tmp_path / "f16.actsparse", max_context=96, kv_cache="float16")
+    half = actsparse.load(art.path)
+    assert half.info["kv_cache"] == "float16" and half.prefill_tokens == 32
+    assert all(a.dtype == np.float16 for a in half._cache_arrays)
+    assert sum(a.nbytes for a in half._cache_arrays) * 2 == sum(a.nbytes for a in dense._cache_arrays)
+    reference = stepped_logits(dense, TOKENS[:45])
+    np.testing.assert_allclose(stepped_logits(half, TOKENS[:45]), reference, atol=2e-2, rtol=2e-2)
+    half.reset()
+    np.testing.assert_allclose(half.prefill(TOKENS[:45]), reference[-1], atol=2e-2, rtol=2e-2)
+    prompt = [0] + TOKENS[:40]
+    assert list(half.generate(prompt, 16, stop_tokens=[])) == list(dense.generate(prompt, 16, stop_tokens=[]))
+    with pytest.raises(ActsparseError, match="kv_cache"):
+        compile_causal_lm(llama, "host", output=tmp_path / "bad.actsparse", max_context=32, kv_cache="int8")

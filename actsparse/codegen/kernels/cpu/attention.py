@@ -33,27 +33,38 @@ def cache_capacity(max_context: int, lanes: int = 16) -> int:
     return -(-max_context // lanes) * lanes
 
 
-def decode_attention(kv_heads: int, group: int, head_dim: int, capacity: int, *, window: int = 0,
-                     lanes: int = 16):
-    """The PrimFunc (see the module docstring). `window` > 0 attends to the last `window` positions."""
+CACHE_DTYPES = ("float32", "float16")
+
+
+def _check_cache(capacity: int, lanes: int, dtype: str) -> None:
     if capacity % lanes:
         raise ValueError(f"capacity {capacity} is not a multiple of {lanes} lanes")
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"KV cache dtype {dtype!r}: expected one of {', '.join(CACHE_DTYPES)}")
+
+
+def decode_attention(kv_heads: int, group: int, head_dim: int, capacity: int, *, window: int = 0,
+                     lanes: int = 16, cache_dtype: str = "float32"):
+    """The PrimFunc (see the module docstring). `window` > 0 attends to the last `window` positions.
+    `cache_dtype` float16 halves the cache's bytes: keys and values are rounded as they are
+    written and widened to float32 as they are read (all arithmetic stays float32)."""
+    _check_cache(capacity, lanes, cache_dtype)
     KV, G, D, C, L, W = kv_heads, group, head_dim, capacity, lanes, window
     tasks = KV * G
     attend = _attend_macro(G, D, C, L, W)
 
     @T.prim_func
     def attention(q: T.Buffer((KV, G, D), "float32"), k: T.Buffer((KV, 1, D), "float32"),
-                  v: T.Buffer((KV, 1, D), "float32"), ck: T.Buffer((KV, D, C), "float32"),
-                  cv: T.Buffer((KV, C, D), "float32"), pos: T.Buffer((1,), "int64"),
+                  v: T.Buffer((KV, 1, D), "float32"), ck: T.Buffer((KV, D, C), cache_dtype),
+                  cv: T.Buffer((KV, C, D), cache_dtype), pos: T.Buffer((1,), "int64"),
                   out: T.Buffer((KV, G, D), "float32")):
         T.func_attr({"tir.noalias": True})
         scores = T.alloc_buffer((tasks, C), "float32")
         p = T.bind(T.Cast("int32", T.max(T.min(pos[0], T.int64(C - 1)), T.int64(0))))
         for h in range(KV):
             for d in range(D):
-                ck[h, d, p] = k[h, 0, d]
-                cv[h, p, d] = v[h, 0, d]
+                ck[h, d, p] = T.Cast(cache_dtype, k[h, 0, d])
+                cv[h, p, d] = T.Cast(cache_dtype, v[h, 0, d])
         for task in T.parallel(tasks):
             attend(q, ck, cv, out, scores, task, task // G, task // G, task % G, p)
 
@@ -61,20 +72,19 @@ def decode_attention(kv_heads: int, group: int, head_dim: int, capacity: int, *,
 
 
 def prefill_attention(kv_heads: int, group: int, head_dim: int, capacity: int, rows: int, *, window: int = 0,
-                      lanes: int = 16):
+                      lanes: int = 16, cache_dtype: str = "float32"):
     """Causal attention of `rows` prompt tokens (see the module docstring):
     ``(q: f32[rows, kv*group, D], k, v: f32[rows, kv, D], ck, cv (the cache), pos: i64[1] (the first
     row's position), out: f32[rows, kv*group, D])``; query head j reads kv head j // group."""
-    if capacity % lanes:
-        raise ValueError(f"capacity {capacity} is not a multiple of {lanes} lanes")
+    _check_cache(capacity, lanes, cache_dtype)
     KV, G, D, C, R = kv_heads, group, head_dim, capacity, rows
     heads = KV * G
     attend = _attend_macro(G, D, C, lanes, window)
 
     @T.prim_func
     def attention(q: T.Buffer((R, heads, D), "float32"), k: T.Buffer((R, KV, D), "float32"),
-                  v: T.Buffer((R, KV, D), "float32"), ck: T.Buffer((KV, D, C), "float32"),
-                  cv: T.Buffer((KV, C, D), "float32"), pos: T.Buffer((1,), "int64"),
+                  v: T.Buffer((R, KV, D), "float32"), ck: T.Buffer((KV, D, C), cache_dtype),
+                  cv: T.Buffer((KV, C, D), cache_dtype), pos: T.Buffer((1,), "int64"),
                   out: T.Buffer((R, heads, D), "float32")):
         T.func_attr({"tir.noalias": True})
         scores = T.alloc_buffer((R * heads, C), "float32")
@@ -83,8 +93,8 @@ def prefill_attention(kv_heads: int, group: int, head_dim: int, capacity: int, r
             if first + i < C:
                 for h in range(KV):
                     for d in range(D):
-                        ck[h, d, first + i] = k[i, h, d]
-                        cv[h, first + i, d] = v[i, h, d]
+                        ck[h, d, first + i] = T.Cast(cache_dtype, k[i, h, d])
+                        cv[h, first + i, d] = T.Cast(cache_dtype, v[i, h, d])
         for task in T.parallel(R * heads):
             row = T.bind(task // heads)
             attend(q, ck, cv, out, scores, task, row, task % heads // G, task % heads, T.min(first + row, C - 1))
@@ -112,7 +122,7 @@ def _attend_macro(G: int, D: int, C: int, L: int, W: int):
                 scores[task, b * L + l] = T.float32(0)
             for d in range(D):
                 for l in T.vectorized(L):
-                    scores[task, b * L + l] = scores[task, b * L + l] + q[row, j, d] * ck[h, d, b * L + l]
+                    scores[task, b * L + l] = scores[task, b * L + l] + q[row, j, d] * T.Cast("float32", ck[h, d, b * L + l])
             for l in range(L):
                 t = T.bind(b * L + l)
                 peak[0] = T.Select(t >= start and t <= p, T.max(peak[0], scores[task, t]), peak[0])
@@ -126,7 +136,7 @@ def _attend_macro(G: int, D: int, C: int, L: int, W: int):
             out[row, j, d] = T.float32(0)
         for t in range(start, p + 1):
             for d in T.vectorized(D):
-                out[row, j, d] = out[row, j, d] + scores[task, t] * cv[h, t, d]
+                out[row, j, d] = out[row, j, d] + scores[task, t] * T.Cast("float32", cv[h, t, d])
         for d in T.vectorized(D):
             out[row, j, d] = out[row, j, d] / total[0]
 
