@@ -49,7 +49,9 @@ ACTSPARSE_ENGINES = {
     "actsparse int8": "quantize{mode=dynamic,bits=8}",
     "actsparse int8 + TEAL 50%": "sparsify{method=teal,sparsity=0.5},quantize{mode=dynamic,bits=8}",
     "actsparse int4 + TEAL 50%": "sparsify{method=teal,sparsity=0.5},quantize{mode=weight_only,bits=4}",
+    "actsparse int8 (fp16 KV cache)": "quantize{mode=dynamic,bits=8}",
 }
+KV_CACHE = {"actsparse int8 (fp16 KV cache)": "float16"}  # the others keep the default float32 cache
 
 
 def build_model(folder: Path, layers: int, seed: int = 0):
@@ -91,13 +93,14 @@ def _write_tokenizer(folder: Path) -> None:
 
 
 class ActsparseEngine:
-    def __init__(self, folder: Path, passes: str | None, work: Path, max_context: int):
+    def __init__(self, folder: Path, passes: str | None, work: Path, max_context: int, kv_cache: str = "float32"):
         from actsparse.lm.compile import compile_causal_lm
 
         start = time.perf_counter()
         slug = (passes or "dense").replace("{", "_").replace("}", "").replace(",", "_").replace("=", "")
+        slug += "" if kv_cache == "float32" else f"_kv{kv_cache}"
         self.artifact = compile_causal_lm(folder, "host", passes, output=work / f"{slug}.actsparse",
-                                          max_context=max_context)
+                                          max_context=max_context, kv_cache=kv_cache)
         self.compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
         self.lm = self.artifact.load()
@@ -314,6 +317,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--long-context", type=int, default=1024)
+    parser.add_argument("--long-prompt", type=int, default=512, help="also time a prompt this long (0: skip)")
     parser.add_argument("--engines", default="all", help="comma-separated engine names, or all")
     parser.add_argument("--work", default=str(HERE.parent / ".cache" / "bench-generate"))
     parser.add_argument("--json", default=str(HERE / "results" / "generate.json"))
@@ -333,11 +337,12 @@ def main(argv=None) -> dict:
         engines["torch"] = TorchEngine(model)
     if "onnxruntime" in wanted:
         engines["onnxruntime"] = OnnxruntimeEngine(folder)
-    max_context = max(args.long_context + args.new_tokens, args.prompt_tokens + args.new_tokens) + 16
+    max_context = max(args.long_context + args.new_tokens, args.prompt_tokens + args.new_tokens,
+                      args.long_prompt + 1) + 16
     for name, passes in ACTSPARSE_ENGINES.items():
         if name in wanted:
             print(f"compiling {name} ...", file=sys.stderr, flush=True)
-            engine = ActsparseEngine(folder, passes, work, max_context)
+            engine = ActsparseEngine(folder, passes, work, max_context, KV_CACHE.get(name, "float32"))
             engines[name] = engine
             setup[name] = {"compile_s": round(engine.compile_seconds, 1), "load_s": round(engine.load_seconds, 2),
                            "passes": passes}
@@ -350,14 +355,17 @@ def main(argv=None) -> dict:
         p.numel() for p in model.parameters())
     probe = read_bound_call(dense_bytes)
     prompt = list(range(1, args.prompt_tokens + 1))
+    long_prompt = [1 + i % 1000 for i in range(args.long_prompt)]
     samples: dict[str, list[dict]] = {name: [] for name in engines}
     probe_gbs = []
     for round_ in range(args.rounds):
         for name, engine in engines.items():
             prompt_s, decode_s, steps = engine.run(prompt, args.new_tokens)
             long_s = engine.long(args.long_context, min(32, args.new_tokens))
+            long_prompt_s = engine.run(long_prompt, 1)[0] if long_prompt else None
             samples[name].append({"decode_tps": steps / decode_s, "prompt_tps": len(prompt) / prompt_s,
-                                  "long_tps": 1 / long_s if long_s else None})
+                                  "long_tps": 1 / long_s if long_s else None,
+                                  "long_prompt_tps": len(long_prompt) / long_prompt_s if long_prompt_s else None})
             print(f"round {round_ + 1} {name}: decode {steps / decode_s:.1f} tok/s", file=sys.stderr, flush=True)
         start = time.perf_counter()
         for i in range(5):
@@ -378,6 +386,11 @@ def main(argv=None) -> dict:
         rows.append({
             "engine": name, "decode_tps": round(decode, 2),
             "prompt_tps": round(statistics.median(r["prompt_tps"] for r in runs), 1),
+            "prompt_tps_long": (round(statistics.median(r["long_prompt_tps"] for r in runs), 1)
+                                if runs[0]["long_prompt_tps"] else None),
+            "prompt_vs_onnxruntime_genai_fp32": _round(ratio(name, "onnxruntime-genai fp32", "prompt_tps")),
+            "prompt_long_vs_onnxruntime_genai_fp32": (_round(ratio(name, "onnxruntime-genai fp32", "long_prompt_tps"))
+                                                      if runs[0]["long_prompt_tps"] else None),
             "decode_tps_at_long_context": round(statistics.median(long), 2) if long else None,
             "vs_onnxruntime": _round(ratio(name, "onnxruntime")), "vs_torch": _round(ratio(name, "torch")),
             "vs_onnxruntime_genai_fp32": _round(ratio(name, "onnxruntime-genai fp32")),
@@ -385,7 +398,8 @@ def main(argv=None) -> dict:
             "share_of_read_bandwidth": round(bytes_per_token * decode / 1e9 / bandwidth, 3) if bytes_per_token else None,
         })
     results = {"model": {"shape": SHAPE, "layers": args.layers, "seed": 0}, "prompt_tokens": args.prompt_tokens,
-               "new_tokens": args.new_tokens, "long_context": args.long_context, "rounds": args.rounds,
+               "new_tokens": args.new_tokens, "long_context": args.long_context, "long_prompt": args.long_prompt,
+               "rounds": args.rounds,
                "threads": 2, "read_bandwidth_gbs": round(bandwidth, 1), "machine": _machine(), "rows": rows,
                "setup": setup, "skipped": skipped}
     _print(results)
@@ -411,14 +425,18 @@ def _machine() -> dict:
 def _print(results: dict) -> None:
     print(f"\n{results['model']['layers']} layers, prompt {results['prompt_tokens']}, {results['new_tokens']} new "
           f"tokens, 2 threads, {results['rounds']} rounds; read bandwidth {results['read_bandwidth_gbs']} GB/s")
-    print("| engine | decode tok/s | prompt tok/s | decode tok/s at "
-          f"{results['long_context']} | vs onnxruntime | vs torch | GB read/token | share of read bandwidth |")
+    print(f"| engine | decode tok/s | decode vs onnxruntime-genai fp32 | prompt tok/s ({results['prompt_tokens']} / "
+          f"{results['long_prompt']}) | prompt vs onnxruntime-genai fp32 | decode tok/s at {results['long_context']} "
+          "| GB read/token | share of read bandwidth |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        cells = [r["engine"], r["decode_tps"], r["prompt_tps"], r["decode_tps_at_long_context"],
-                 r["vs_onnxruntime"], r["vs_torch"], r["weight_gb_per_token"], r["share_of_read_bandwidth"]]
-        print("| " + " | ".join("—" if c is None else (f"{c}x" if i in (4, 5) else str(c))
-                                for i, c in enumerate(cells)) + " |")
+        ratio = r.get("vs_onnxruntime_genai_fp32")
+        prompt_ratio = "/".join("—" if v is None else f"{v}x" for v in (r.get("prompt_vs_onnxruntime_genai_fp32"),
+                                                                        r.get("prompt_long_vs_onnxruntime_genai_fp32")))
+        cells = [r["engine"], r["decode_tps"], None if ratio is None else f"{ratio}x",
+                 f"{r['prompt_tps']} / {r.get('prompt_tps_long') or '—'}", prompt_ratio,
+                 r["decode_tps_at_long_context"], r["weight_gb_per_token"], r["share_of_read_bandwidth"]]
+        print("| " + " | ".join("—" if c is None else str(c) for c in cells) + " |")
     for name, why in results["skipped"].items():
         print(f"skipped {name}: {why}")
     for name, s in results["setup"].items():
