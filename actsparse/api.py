@@ -181,9 +181,12 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
             shapes = {name: array.shape for name, array in feeds[0].items()}
     if output is None:
         output = Path(tempfile.mkdtemp(prefix="actsparse-")) / "model.actsparse"
+    from actsparse.ir.large import copy_model
+
     result = compile_model(ir_model, target, output, input_shapes=shapes, passes=[r.to_json() for r in records],
-                           report=_accuracy_report(records), bundle_runtime=bundle_runtime, on_step=on_step,
-                           copy=False)  # ir_model is ours: to_ir_model copied or loaded it
+                           report=source_report(model) | _accuracy_report(records), bundle_runtime=bundle_runtime,
+                           on_step=on_step, copy=False,  # ir_model is ours: to_ir_model copied or loaded it
+                           reference_model=copy_model(ir_model) if records else None)
     return CompiledArtifact(result.path, result.target, result.kernels, records, result.seconds)
 
 
@@ -220,8 +223,18 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def _accuracy_report(records: list[PassRecord]) -> dict[str, Any]:
+    """The manifest's accuracy report: the last measured error of the passes vs the input model."""
     last = next((r for r in reversed(records) if r.vs_original is not None), None)
     return {"accuracy_vs_original": last.vs_original.to_json()} if last else {}
+
+
+def source_report(model: Any) -> dict[str, Any]:
+    """The source model file and its sha256 (deploy and bench use it only while it is unchanged)."""
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).is_file():
+        return {}
+    from actsparse.runtime.artifact import sha256_file
+
+    return {"source": str(Path(model).resolve()), "source_sha256": sha256_file(model)}
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

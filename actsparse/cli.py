@@ -96,14 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact directory or .tar")
     p.add_argument("--rpc", required=True, metavar="HOST:PORT", help="the board's RPC server (python -m actsparse.deploy.server)")
     _add_rpc_auth_args(p)
-    p.add_argument("--inputs", help=".npz inputs (default: random, seeded)")
-    p.add_argument("--reference", help="ONNX model whose onnxruntime outputs the board must match "
-                                       "(default: the model the artifact was compiled from, if present)")
+    p.add_argument("--inputs", help=".npz inputs (default: the inputs packed with the reference, else random, seeded)")
+    p.add_argument("--reference", help="ONNX model whose onnxruntime outputs the board must match (default: the "
+                                       "optimized model the artifact was compiled from, whose outputs on fixed "
+                                       "inputs compile packs into the artifact; with --inputs/--seed, or for an "
+                                       "artifact without them, the source model if unchanged since compile)")
     p.add_argument("--atol", type=float, default=None,
-                   help="allowed max abs error against the reference (default 1e-4; for an artifact of approximate "
-                        "passes compared with its source model, 3x the error its accuracy report measured)")
+                   help="allowed max abs error against the reference (default 1e-4; 3x the max abs error the "
+                        "artifact's accuracy report measured when comparing with the source model of approximate "
+                        "passes, or when int8/int4 kernels skip the graph's activation rounding)")
     p.add_argument("--timeout", type=float, default=10.0, help="connection timeout in seconds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed for random inputs (default 0; not the packed ones)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("example", help="write a built-in example model (ONNX) to try the tool on")
@@ -566,9 +569,10 @@ class _progress:
 # --- compile / run / bench ------------------------------------------------------------
 
 def cmd_compile(args) -> int:
-    from actsparse.api import calibration_for, resolve_passes
+    from actsparse.api import _accuracy_report, resolve_passes, source_report
     from actsparse.codegen.compile import compile_model
     from actsparse.frontend.onnx_file import _same_file, load_model
+    from actsparse.ir.large import copy_model
     from actsparse.passes.base import PassContext
     from actsparse.passes.pipeline import run_pipeline
 
@@ -596,14 +600,12 @@ def cmd_compile(args) -> int:
             model, records = run_pipeline(model, specs, PassContext(calibration=calibration, seed=args.seed),
                                           verify=not args.no_verify, on_pass=on_pass)
         print_records(records)
-    report = {"source": str(Path(args.model).resolve())}
-    last = next((r for r in reversed(records) if r.vs_original is not None), None)
-    if last is not None:
-        report["accuracy_vs_original"] = last.vs_original.to_json()
+    report = source_report(args.model) | _accuracy_report(records)
     with _status() as step:
         result = compile_model(model, args.target, args.output, input_shapes=shapes,
                                passes=[r.to_json() for r in records], report=report,
-                               bundle_runtime=args.bundle_runtime, on_step=step, copy=False)
+                               bundle_runtime=args.bundle_runtime, on_step=step, copy=False,
+                               reference_model=copy_model(model) if records else None)
     return _finish_compile(args, "", records, result)
 
 
@@ -701,16 +703,6 @@ def _artifact_manifest(path: str) -> dict:
     return read_verified_manifest(path)
 
 
-def _reference_outputs(onnx_path: str, feeds: dict) -> dict:
-    from actsparse.frontend.onnx_file import load_model
-    from actsparse.passes.verify import ort_session
-
-    session = ort_session(load_model(onnx_path))
-    names = [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
-    return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in wanted})))
-
-
 class _SpecModel:
     """Just the input specs of a manifest, for generating inputs."""
 
@@ -719,44 +711,27 @@ class _SpecModel:
 
 
 def cmd_deploy(args) -> int:
+    from actsparse.deploy.reference import INPUTS_FILE, OUTPUTS_FILE, choose_reference
     from actsparse.deploy.rpc import deploy_and_run
+    from actsparse.runtime.artifact import read_verified_files
 
     host, port = _rpc_address(args.rpc)
-    manifest = _artifact_manifest(args.artifact)
+    manifest, packed = read_verified_files(args.artifact, (INPUTS_FILE, OUTPUTS_FILE))
     if "lm" in manifest:
         return _deploy_lm(args, manifest, host, port)
-    feeds = _artifact_inputs(_SpecModel(manifest), args.inputs, args.seed)
-    reference_path = args.reference or manifest.get("report", {}).get("source")
-    reference = None
-    if reference_path and Path(reference_path).exists():
-        reference = _reference_outputs(reference_path, feeds)
-    elif args.reference:
-        raise ActsparseError(f"--reference {args.reference}: no such file")
-    atol, why = _deploy_tolerance(args, manifest, reference_path)
-    result = deploy_and_run(args.artifact, feeds, host, port, key=args.key, timeout=args.timeout,
-                            reference=reference, atol=atol, token=_token(args))
+    reference = choose_reference(manifest, packed, reference=args.reference, inputs=args.inputs, seed=args.seed,
+                                 atol=args.atol)
+    result = deploy_and_run(args.artifact, reference.inputs, host, port, key=args.key, timeout=args.timeout,
+                            reference=reference.outputs, atol=reference.atol, token=_token(args))
     print(f"deployed to {host}:{port} ({result.device.get('machine', '?')}): checksums verified, "
           f"ran in {min(result.seconds) * 1e3:.2f} ms", file=sys.stderr)
     if result.max_abs_error is not None:
         worst = max(result.max_abs_error.values()) if result.max_abs_error else 0.0
-        print(f"matches the reference ({reference_path}) to {worst:.2e} (atol {atol:g}{why})", file=sys.stderr)
+        print(one_line(f"matches {reference.described} to {worst:.2e} (atol {reference.atol:g}{reference.why_atol})"),
+              file=sys.stderr)
     else:
-        print("no reference model: outputs not compared (give --reference model.onnx)", file=sys.stderr)
+        print(one_line(f"outputs not compared with {reference.described}"), file=sys.stderr)
     return 0
-
-
-def _deploy_tolerance(args, manifest: dict, reference_path: str | None) -> tuple[float, str]:
-    """--atol, or: 1e-4 against the model the artifact was compiled from unchanged; against the
-    source of an artifact whose passes approximate (sparsify, quantize, ...), 3x the max abs error
-    that the artifact's own accuracy report measured between the two."""
-    if args.atol is not None:
-        return args.atol, ""
-    accuracy = manifest.get("report", {}).get("accuracy_vs_original") or {}
-    measured = accuracy.get("max_abs_error")
-    is_source = reference_path is not None and reference_path == manifest.get("report", {}).get("source")
-    if is_source and isinstance(measured, (int, float)) and measured > 0:
-        return max(1e-4, 3 * float(measured)), f": the passes' measured error {measured:.2e} x 3"
-    return 1e-4, ""
 
 
 LM_DEPLOY_PROMPT = 16  # prompt tokens of the greedy check run on the board
