@@ -102,15 +102,17 @@ def calibration_for(model: ir.Model, calib: Any = None, *, samples: int = 8, see
 
 
 def optimize(model: Any, example_inputs: Any = None, passes: PassesArg = None, *, recipe=None, calib=None,
-             verify: bool = True, seed: int = 0, on_pass=None) -> OptimizeResult:
+             verify: bool = True, seed: int = 0, on_pass=None, on_sample=None) -> OptimizeResult:
     """Run a pass pipeline on a model; every pass is verified (onnx.checker + onnxruntime).
+    Progress: `on_pass(index, total, name)` before each pass, `on_sample(done, total)` after each
+    calibration sample a pass runs.
 
     >>> result = actsparse.optimize("model.onnx", passes="relufy,sparsify{method=teal,sparsity=0.5}")
     >>> result.save("out.onnx")
     """
     specs = resolve_passes(passes, recipe)
     ir_model = to_ir_model(model, example_inputs)
-    context = PassContext(calibration=calibration_for(ir_model, calib, seed=seed), seed=seed)
+    context = PassContext(calibration=calibration_for(ir_model, calib, seed=seed), seed=seed, on_sample=on_sample)
     ir_model, records = run_pipeline(ir_model, specs, context, verify=verify, on_pass=on_pass)
     return OptimizeResult(ir_model, records)
 
@@ -138,7 +140,8 @@ class CompiledArtifact:
 
 def compile(model: Any, target: str = "host", passes: PassesArg = None, *, example_inputs: Any = None,
             output: str | os.PathLike | None = None, recipe=None, calib=None, verify: bool = True, seed: int = 0,
-            bundle_runtime: bool | str = False, on_pass=None, on_step=None, max_context: int | None = None,
+            bundle_runtime: bool | str = False, on_pass=None, on_step=None, on_sample=None,
+            max_context: int | None = None,
             calib_text: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> CompiledArtifact:
     """Optimize (optional passes) and compile a model for `target` into an artifact.
 
@@ -175,7 +178,7 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     if specs:
         examples = [feeds_of(ir_model, example_inputs)] if example_inputs is not None and calib is None else None
         feeds = calibration_for(ir_model, calib if calib is not None else examples, seed=seed)
-        ir_model, records = run_pipeline(ir_model, specs, PassContext(calibration=feeds, seed=seed),
+        ir_model, records = run_pipeline(ir_model, specs, PassContext(calibration=feeds, seed=seed, on_sample=on_sample),
                                          verify=verify, on_pass=on_pass)
         if not shapes:
             shapes = {name: array.shape for name, array in feeds[0].items()}

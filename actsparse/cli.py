@@ -430,9 +430,9 @@ def cmd_optimize(args) -> int:
     _apply_recipe_calibration(args)
     model = load_model(args.model)
     calibration = _calibration(model, args)
-    context = PassContext(calibration=calibration, seed=args.seed)
-    with _progress("optimizing") as on_pass:
-        model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=on_pass)
+    with _progress("optimizing") as progress:
+        context = PassContext(calibration=calibration, seed=args.seed, on_sample=progress.on_sample)
+        model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=progress.on_pass)
     result = OptimizeResult(model, records)
     save_model(model, args.output, source=args.model)
     if args.report:
@@ -536,7 +536,8 @@ def _short_report(report: dict) -> str:
 
 
 class _progress:
-    """A transient progress bar on stderr for multi-pass runs (silent when not a terminal)."""
+    """Transient progress bars on stderr (silent when not a terminal): one over the passes, and
+    one over the calibration samples of the pass that is running."""
 
     def __init__(self, what: str):
         self.what = what
@@ -549,16 +550,30 @@ class _progress:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
         self.progress.start()
-        self.task = None
+        self.task = self.samples = None
+        self.pass_name = ""
+        return self
 
-        def on_pass(index: int, total: int, name: str):
-            if self.progress.disable:  # rich still writes a newline when a disabled bar stops
-                return
-            if self.task is None:
-                self.task = self.progress.add_task(self.what, total=total)
-            self.progress.update(self.task, completed=index, description=f"{self.what}: {name}" if name else self.what)
+    def on_pass(self, index: int, total: int, name: str) -> None:
+        if self.progress.disable:  # rich still writes a newline when a disabled bar stops
+            return
+        if self.task is None:
+            self.task = self.progress.add_task(self.what, total=total)
+        self.progress.update(self.task, completed=index, description=f"{self.what}: {name}" if name else self.what)
+        self.pass_name = name
+        if self.samples is not None:  # a new pass calibrates from sample 1 again
+            self.progress.remove_task(self.samples)
+            self.samples = None
 
-        return on_pass
+    def on_sample(self, done: int, total: int) -> None:
+        if self.progress.disable:
+            return
+        description = f"  {self.pass_name}: calibration sample" if self.pass_name else "  calibration sample"
+        if self.samples is None:
+            self.samples = self.progress.add_task(description, total=total)
+        # Drawn at once for the last sample: short runs end before rich's own refresh.
+        self.progress.update(self.samples, completed=done, total=total, description=description,
+                             refresh=done == total)
 
     def __exit__(self, *exc):
         if not self.progress.disable:
@@ -596,9 +611,9 @@ def cmd_compile(args) -> int:
     if args.passes or args.recipe:
         specs = resolve_passes(args.passes, args.recipe)
         calibration = _calibration(model, args)
-        with _progress("optimizing") as on_pass:
-            model, records = run_pipeline(model, specs, PassContext(calibration=calibration, seed=args.seed),
-                                          verify=not args.no_verify, on_pass=on_pass)
+        with _progress("optimizing") as progress:
+            context = PassContext(calibration=calibration, seed=args.seed, on_sample=progress.on_sample)
+            model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=progress.on_pass)
         print_records(records)
     report = source_report(args.model) | _accuracy_report(records)
     with _status() as step:
@@ -650,11 +665,11 @@ def _compile_lm(args) -> int:
     if args.calib or args.input_shape:
         raise ActsparseError("a causal LM is calibrated on decode steps: use --calib-text, not --calib/--input-shape")
     _check_writable_folder(args.report, "--report")
-    with _progress("optimizing") as on_pass, _status() as step:
+    with _progress("optimizing") as progress, _status() as step:
         art = compile_causal_lm(args.model, args.target, args.passes, output=args.output, recipe=args.recipe,
                                 max_context=args.max_context, calib_text=args.calib_text,
                                 tokenizer=args.tokenizer, verify=not args.no_verify, seed=args.seed or 0,
-                                bundle_runtime=args.bundle_runtime, on_pass=on_pass, on_step=step,
+                                bundle_runtime=args.bundle_runtime, on_pass=progress.on_pass, on_step=step,
                                 calibration_steps=CALIBRATION_STEPS if args.samples is None else args.samples)
     print_records(art.records)
     return _finish_compile(args, "the decode step ", art.records, art)

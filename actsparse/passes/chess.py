@@ -60,7 +60,7 @@ class ChessPass(ActsparsePass):
                                  f"blocks: {', '.join(b.name for b in blocks)}")
         samples = self.context.require_calibration(self.name)
         outputs = [b.activation.output for b in blocks]
-        values = collect_values(model, [v.name for v in outputs], samples)
+        values = collect_values(model, [v.name for v in outputs], samples, on_sample=self.context.on_sample)
         masks = token_masks(samples)
         layers = []
         for block, act in zip(blocks, outputs):

@@ -175,7 +175,7 @@ class QuantizePass(ActsparsePass):
     def _calibration_rows(self, model: ir.Model, inputs: list[_Input]) -> dict[str, np.ndarray]:
         samples = self.context.require_calibration(self.name)
         names = [group.value.name for group in inputs]
-        values = collect_values(model, names, samples)
+        values = collect_values(model, names, samples, on_sample=self.context.on_sample)
         masks = token_masks(samples)  # padding tokens do not count
         return {g.value.name: as_rows(values[g.value.name], g.linears[0].in_features, masks) for g in inputs}
 
