@@ -45,3 +45,15 @@ def test_float16_sparsify_keeps_the_model_dtype(tmp_path):
         art = actsparse.compile(result.model, output=tmp_path / f"{method}.actsparse",
                                 example_inputs={"x": np.zeros((1, 32), np.float16)})
         assert art.run(x=np.ones((1, 32), np.float16))["y"].dtype == np.float16
+
+
+def test_float16_chess_keeps_the_model_dtype(tmp_path):
+    """chess's per-channel scales are float16 in a float16 model (onnxruntime refused the float32
+    ones), and the result compiles."""
+    onnx.save(_float16(zoo.swiglu_stack(layers=2, d=32, f=64)), tmp_path / "fp16.onnx")
+    result = actsparse.optimize(str(tmp_path / "fp16.onnx"), passes="chess")
+    scales = [i for i in result.to_onnx().graph.initializer if "chess" in i.name]
+    assert scales and all(s.data_type == TensorProto.FLOAT16 for s in scales)
+    art = actsparse.compile(result.model, output=tmp_path / "chess.actsparse",
+                            example_inputs={"x": np.zeros((1, 32), np.float16)})
+    assert art.run(x=np.ones((1, 32), np.float16))["y"].dtype == np.float16
