@@ -114,6 +114,7 @@ def optimize(model: Any, example_inputs: Any = None, passes: PassesArg = None, *
     ir_model = to_ir_model(model, example_inputs)
     context = PassContext(calibration=calibration_for(ir_model, calib, seed=seed), seed=seed, on_sample=on_sample)
     ir_model, records = run_pipeline(ir_model, specs, context, verify=verify, on_pass=on_pass)
+    record_accuracy(ir_model, records)
     return OptimizeResult(ir_model, records)
 
 
@@ -187,7 +188,7 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     from actsparse.ir.large import copy_model
 
     result = compile_model(ir_model, target, output, input_shapes=shapes, passes=[r.to_json() for r in records],
-                           report=source_report(model) | _accuracy_report(records), bundle_runtime=bundle_runtime,
+                           report=source_report(model) | accuracy_report(ir_model, records), bundle_runtime=bundle_runtime,
                            on_step=on_step, copy=False,  # ir_model is ours: to_ir_model copied or loaded it
                            reference_model=copy_model(ir_model) if records else None)
     return CompiledArtifact(result.path, result.target, result.kernels, records, result.seconds)
@@ -229,6 +230,43 @@ def _accuracy_report(records: list[PassRecord]) -> dict[str, Any]:
     """The manifest's accuracy report: the last measured error of the passes vs the input model."""
     last = next((r for r in reversed(records) if r.vs_original is not None), None)
     return {"accuracy_vs_original": last.vs_original.to_json()} if last else {}
+
+
+ACCURACY_METADATA_KEY = "actsparse.accuracy_vs_original"
+
+
+def accuracy_report(model: ir.Model, records: list[PassRecord]) -> dict[str, Any]:
+    """The accuracy report of `model` after `records`, counted from the model before any actsparse
+    pass: an optimized ONNX records its passes' error in its metadata (`record_accuracy`), so that
+    `compile` of it without passes (or more passes on it) still knows how far it is from the
+    original. Chained, the max abs errors add up (a bound), and each run's own figures are kept."""
+    current = _accuracy_report(records).get("accuracy_vs_original")
+    earlier = _recorded_accuracy(model)
+    if current is None or earlier is None:
+        report = current or earlier
+        return {"accuracy_vs_original": report} if report else {}
+    return {"accuracy_vs_original": {"max_abs_error": earlier["max_abs_error"] + current["max_abs_error"],
+                                     "max_abs_error_is_bound": True,
+                                     "runs": earlier.get("runs", [earlier]) + [current]}}
+
+
+def record_accuracy(model: ir.Model, records: list[PassRecord]) -> None:
+    """Write the model's accuracy report (`accuracy_report`) into its ONNX metadata."""
+    report = accuracy_report(model, records)
+    if report:
+        model.metadata_props[ACCURACY_METADATA_KEY] = json.dumps(report["accuracy_vs_original"])
+
+
+def _recorded_accuracy(model: ir.Model) -> dict[str, Any] | None:
+    """The accuracy an earlier `optimize` recorded in the model, if it is well formed."""
+    try:
+        recorded = json.loads(model.metadata_props.get(ACCURACY_METADATA_KEY, "null"))
+    except ValueError:
+        return None
+    error = recorded.get("max_abs_error") if isinstance(recorded, dict) else None
+    if isinstance(error, bool) or not isinstance(error, (int, float)) or not 0 <= error < float("inf"):
+        return None
+    return recorded
 
 
 def source_report(model: Any) -> dict[str, Any]:

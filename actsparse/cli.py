@@ -418,7 +418,7 @@ def model_summary(model) -> dict:
 # --- optimize --------------------------------------------------------------------------
 
 def cmd_optimize(args) -> int:
-    from actsparse.api import OptimizeResult, calibration_for, resolve_passes, write_json_atomic
+    from actsparse.api import OptimizeResult, record_accuracy, resolve_passes, write_json_atomic
     from actsparse.frontend.onnx_file import _same_file, load_model, save_model
     from actsparse.passes.base import PassContext
     from actsparse.passes.pipeline import run_pipeline
@@ -433,6 +433,7 @@ def cmd_optimize(args) -> int:
     with _progress("optimizing") as progress:
         context = PassContext(calibration=calibration, seed=args.seed, on_sample=progress.on_sample)
         model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=progress.on_pass)
+    record_accuracy(model, records)
     result = OptimizeResult(model, records)
     save_model(model, args.output, source=args.model)
     if args.report:
@@ -584,7 +585,7 @@ class _progress:
 # --- compile / run / bench ------------------------------------------------------------
 
 def cmd_compile(args) -> int:
-    from actsparse.api import _accuracy_report, resolve_passes, source_report
+    from actsparse.api import accuracy_report, resolve_passes, source_report
     from actsparse.codegen.compile import compile_model
     from actsparse.frontend.onnx_file import _same_file, load_model
     from actsparse.ir.large import copy_model
@@ -615,7 +616,7 @@ def cmd_compile(args) -> int:
             context = PassContext(calibration=calibration, seed=args.seed, on_sample=progress.on_sample)
             model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=progress.on_pass)
         print_records(records)
-    report = source_report(args.model) | _accuracy_report(records)
+    report = source_report(args.model) | accuracy_report(model, records)
     with _status() as step:
         result = compile_model(model, args.target, args.output, input_shapes=shapes,
                                passes=[r.to_json() for r in records], report=report,

@@ -135,3 +135,16 @@ def test_cli_run_on_the_emulated_board(run_on_arm, arm_userland, ffn_onnx, tmp_p
     expected = ort.InferenceSession(str(ffn_onnx)).run(None, {"x": x})[0]
     with np.load(tmp_path / "out.npz") as out:
         np.testing.assert_allclose(out["y"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_deploy_of_an_artifact_compiled_from_an_optimized_int8_model(local_server, ffn_onnx, tmp_path, capsys):
+    """optimize, then compile without passes: the optimized ONNX carries its accuracy report, so
+    the int8 kernels' tolerance still comes from it (the default 1e-4 failed by ~0.04)."""
+    quantized, out = tmp_path / "ffn.int8.onnx", tmp_path / "ffn.int8.actsparse"
+    assert main(["optimize", str(ffn_onnx), "-o", str(quantized), "--passes", "quantize{bits=8}"]) == 0
+    assert main(["compile", str(quantized), "-o", str(out)]) == 0
+    capsys.readouterr()
+    address = f"{local_server.host}:{local_server.port}"
+    assert main(["deploy", str(out), "--rpc", address, "--key", KEY]) == 0
+    err = capsys.readouterr().err
+    assert f"matches the source model {quantized.resolve()}" in err and "int8/int4 kernels" in err
