@@ -324,8 +324,10 @@ def _handle_signal(name: str, handler):
 
 def cmd_inspect(args) -> int:
     from actsparse.frontend.onnx_file import load_model
+    from actsparse.ir.graph import name_unnamed_nodes
 
     model = load_model(args.model)
+    name_unnamed_nodes(model)  # the names passes and reports give unnamed layers, for overrides=
     summary = model_summary(model)
     if args.json:
         import json
