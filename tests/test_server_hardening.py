@@ -192,6 +192,9 @@ def test_the_disk_a_session_uses_is_capped(tmp_path):
             board.upload_bytes(b"a" * 600_000, "first.bin")
             with pytest.raises(ActsparseError, match=r"more than 1 MB of disk \(the server's --max-disk-mb\)"):
                 board.upload_bytes(b"b" * 600_000, "second.bin")
+            board._call("actsparse.rpc.upload_begin", "announced.bin", 300_000)  # counted before it is written
+            with pytest.raises(ActsparseError, match="--max-disk-mb"):
+                board._call("actsparse.rpc.upload_begin", "another.bin", 300_000)
         finally:
             board.close()
     assert not stale.exists()

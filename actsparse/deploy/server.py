@@ -112,16 +112,17 @@ class UploadLimits:
         self.max_disk_bytes = max_disk_bytes
         self.uploaded = 0
 
-    def check(self, name: str, size: int) -> None:
+    def check(self, name: str, size: int, still_coming: int = 0) -> None:
+        """`still_coming`: bytes other announced uploads have yet to write (not on disk yet)."""
         if size < 0:
             raise ValueError(f"upload of {name!r}: negative size {size}")
         if self.uploaded + size > self.max_upload_bytes:
             raise PermissionError(f"upload of {name!r} ({_mb(size)}) refused: this session's uploads would pass "
                                   f"{_mb(self.max_upload_bytes)} (the server's --max-upload-mb)")
-        if folder_bytes(self.workdir) + size > self.max_disk_bytes:
+        if folder_bytes(self.workdir) + still_coming + size > self.max_disk_bytes:
             raise PermissionError(f"upload of {name!r} ({_mb(size)}) refused: the session's files would use more "
                                   f"than {_mb(self.max_disk_bytes)} of disk (the server's --max-disk-mb)")
-        if size > shutil.disk_usage(self.workdir).free - _DISK_RESERVE_BYTES:
+        if still_coming + size > shutil.disk_usage(self.workdir).free - _DISK_RESERVE_BYTES:
             raise PermissionError(f"upload of {name!r} ({_mb(size)}) refused: not enough free disk on the device")
 
     def record(self, size: int) -> None:
@@ -166,17 +167,21 @@ def register_session_functions(workdir: Path, max_upload_bytes: int = DEFAULT_MA
         raise PermissionError(f"refused to load {name!r}: this server runs only actsparse artifacts "
                               "(upload_artifact + run / generate)")
 
+    def still_coming() -> int:
+        return sum(size - written for size, written in pending.values())
+
     def upload(name: str, data) -> None:
         # Replaces TVM's own (one message, at most MAX_MESSAGE_BYTES): the same caps as chunked uploads.
         path = _session_path(workdir, name)
         payload = bytes(data)
-        limits.check(name, len(payload))
+        limits.check(name, len(payload), still_coming())
         path.write_bytes(payload)
         limits.record(len(payload))
 
     def upload_begin(name: str, size: int) -> None:
         path = _session_path(workdir, name)
-        limits.check(name, int(size))
+        pending.pop(name, None)  # announced again: starts over
+        limits.check(name, int(size), still_coming())
         limits.record(int(size))  # reserved now: other uploads cannot take it meanwhile
         part = path.with_name(path.name + PART_SUFFIX)
         part.write_bytes(b"")
