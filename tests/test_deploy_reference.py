@@ -96,3 +96,27 @@ def test_an_explicit_reference_must_exist(source, tmp_path):
         choose(_manifest(source), reference=str(tmp_path / "missing.onnx"))
     chosen = choose(_manifest(source, passes=[_pass("sparsify", 1.5)], accuracy=1.5), reference=str(source))
     assert chosen.described == f"the model {source} (--reference)" and chosen.atol == pytest.approx(4.5)
+
+
+def test_compile_packs_the_optimized_models_outputs_or_says_why_not(monkeypatch):
+    import onnx_ir as ir
+
+    from actsparse.deploy import reference
+    from actsparse.deploy.reference import pack_reference
+
+    model = ir.serde.deserialize_model(zoo.swiglu_stack(layers=1, d=16, f=32))
+    specs = [{"name": "x", "shape": [1, 16], "dtype": "float32"}]
+    section, files = pack_reference(model, specs)
+    assert section["model"] == "optimized" and set(files) == {INPUTS_FILE, OUTPUTS_FILE}
+    with np.load(io.BytesIO(files[OUTPUTS_FILE])) as outputs:
+        assert outputs["y"].shape == (1, 16)
+
+    monkeypatch.setattr(reference, "MAX_PACKED_BYTES", 100)  # the reference travels to the board
+    section, files = pack_reference(model, specs)
+    assert files == {} and section["missing"] == "not packed: its inputs and outputs are larger than 0 MB"
+    monkeypatch.undo()
+
+    broken = ir.serde.deserialize_model(zoo.swiglu_stack(layers=1, d=16, f=32))
+    next(iter(broken.graph)).domain = "evil.example"
+    section, files = pack_reference(broken, specs)
+    assert files == {} and section["missing"].startswith("not packed: onnxruntime could not run it")

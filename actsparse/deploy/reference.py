@@ -30,6 +30,7 @@ from actsparse.errors import ActsparseError
 
 INPUTS_FILE = "reference/inputs.npz"
 OUTPUTS_FILE = "reference/outputs.npz"
+MAX_PACKED_BYTES = 16 << 20  # the reference travels with the artifact to the board: keep it small
 EXACT_ATOL = 1e-4
 REPORT_ERROR_FACTOR = 3
 REFERENCE_SEED = 0
@@ -46,18 +47,30 @@ def pack_reference(optimized, input_specs: list[dict]) -> tuple[dict, dict[str, 
     from actsparse.passes.verify import ort_session
     from actsparse.runtime.run_command import artifact_inputs
 
-    feeds = artifact_inputs(_Specs(input_specs), None, REFERENCE_SEED)
     try:
+        feeds = artifact_inputs(_Specs(input_specs), None, REFERENCE_SEED)
+        if _nbytes(feeds) > MAX_PACKED_BYTES:
+            return _missing(f"its inputs are larger than {MAX_PACKED_BYTES >> 20} MB"), {}
         import onnxruntime
 
         session = ort_session(optimized)
         names = [o.name for o in session.get_outputs()]
         outputs = dict(zip(names, session.run(None, feeds)))
     except Exception as exc:  # the artifact is still good; only its deploy check loses a reference
-        return {"model": "optimized", "missing": f"onnxruntime could not run it: {_first_line(exc)}"}, {}
+        return _missing(f"onnxruntime could not run it: {_first_line(exc)}"), {}
+    if _nbytes(feeds) + _nbytes(outputs) > MAX_PACKED_BYTES:
+        return _missing(f"its inputs and outputs are larger than {MAX_PACKED_BYTES >> 20} MB"), {}
     section = {"model": "optimized", "engine": f"onnxruntime {onnxruntime.__version__}",
                "actsparse": __version__, "inputs": INPUTS_FILE, "outputs": OUTPUTS_FILE}
     return section, {INPUTS_FILE: _npz_bytes(feeds), OUTPUTS_FILE: _npz_bytes(outputs)}
+
+
+def _missing(why: str) -> dict:
+    return {"model": "optimized", "missing": f"not packed: {why}"}
+
+
+def _nbytes(arrays: dict[str, np.ndarray]) -> int:
+    return sum(np.asarray(a).nbytes for a in arrays.values())
 
 
 class _Specs:
