@@ -154,6 +154,11 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     example inputs compiles for generation instead (docs/generation.md): its one-token decode step
     over a KV cache of `max_context` tokens (default 2048, capped by the model's positions), thresholds calibrated on decode steps
     of `calib_text`; `actsparse.load` then returns a LanguageModel with `generate()`.
+
+    Progress: `on_pass(index, total, name)` before each pass, `on_sample(done, total)` after each
+    calibration sample (not yet for causal LMs), `on_step(message)` at each compile step. With
+    passes, the artifact packs the optimized model's onnxruntime outputs on fixed inputs, which
+    `actsparse deploy` checks a board against (actsparse.deploy.reference).
     """
     import tempfile
 
