@@ -104,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None,
                    help="allowed max abs error against the reference (default 1e-4; 3x the max abs error the "
                         "artifact's accuracy report measured when comparing with the source model of approximate "
-                        "passes, or when int8/int4 kernels skip the graph's activation rounding)")
+                        "passes; for int8/int4 kernels, which skip the graph's activation rounding, 3x the error "
+                        "the quantize pass caused)")
     p.add_argument("--timeout", type=float, default=10.0, help="connection timeout in seconds")
-    p.add_argument("--seed", type=int, default=None, help="seed for random inputs (default 0; not the packed ones)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random inputs from this seed instead of the packed ones (default: the packed inputs, else 0)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("example", help="write a built-in example model (ONNX) to try the tool on")
