@@ -102,16 +102,19 @@ def calibration_for(model: ir.Model, calib: Any = None, *, samples: int = 8, see
 
 
 def optimize(model: Any, example_inputs: Any = None, passes: PassesArg = None, *, recipe=None, calib=None,
-             verify: bool = True, seed: int = 0, on_pass=None) -> OptimizeResult:
+             verify: bool = True, seed: int = 0, on_pass=None, on_sample=None) -> OptimizeResult:
     """Run a pass pipeline on a model; every pass is verified (onnx.checker + onnxruntime).
+    Progress: `on_pass(index, total, name)` before each pass, `on_sample(done, total)` after each
+    calibration sample a pass runs.
 
     >>> result = actsparse.optimize("model.onnx", passes="relufy,sparsify{method=teal,sparsity=0.5}")
     >>> result.save("out.onnx")
     """
     specs = resolve_passes(passes, recipe)
     ir_model = to_ir_model(model, example_inputs)
-    context = PassContext(calibration=calibration_for(ir_model, calib, seed=seed), seed=seed)
+    context = PassContext(calibration=calibration_for(ir_model, calib, seed=seed), seed=seed, on_sample=on_sample)
     ir_model, records = run_pipeline(ir_model, specs, context, verify=verify, on_pass=on_pass)
+    record_accuracy(ir_model, records)
     return OptimizeResult(ir_model, records)
 
 
@@ -138,7 +141,8 @@ class CompiledArtifact:
 
 def compile(model: Any, target: str = "host", passes: PassesArg = None, *, example_inputs: Any = None,
             output: str | os.PathLike | None = None, recipe=None, calib=None, verify: bool = True, seed: int = 0,
-            bundle_runtime: bool | str = False, on_pass=None, on_step=None, max_context: int | None = None,
+            bundle_runtime: bool | str = False, on_pass=None, on_step=None, on_sample=None,
+            max_context: int | None = None,
             calib_text: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
             kv_cache: str | None = None) -> CompiledArtifact:
     """Optimize (optional passes) and compile a model for `target` into an artifact.
@@ -152,6 +156,11 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     over a KV cache of `max_context` tokens (default 2048, capped by the model's positions), thresholds calibrated on decode steps
     of `calib_text`, the cache in `kv_cache` ("float32", default, or "float16"); `actsparse.load`
     then returns a LanguageModel with `generate()`.
+
+    Progress: `on_pass(index, total, name)` before each pass, `on_sample(done, total)` after each
+    calibration sample (not yet for causal LMs), `on_step(message)` at each compile step. With
+    passes, the artifact packs the optimized model's onnxruntime outputs on fixed inputs, which
+    `actsparse deploy` checks a board against (actsparse.deploy.reference).
     """
     import tempfile
 
@@ -178,15 +187,18 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     if specs:
         examples = [feeds_of(ir_model, example_inputs)] if example_inputs is not None and calib is None else None
         feeds = calibration_for(ir_model, calib if calib is not None else examples, seed=seed)
-        ir_model, records = run_pipeline(ir_model, specs, PassContext(calibration=feeds, seed=seed),
+        ir_model, records = run_pipeline(ir_model, specs, PassContext(calibration=feeds, seed=seed, on_sample=on_sample),
                                          verify=verify, on_pass=on_pass)
         if not shapes:
             shapes = {name: array.shape for name, array in feeds[0].items()}
     if output is None:
         output = Path(tempfile.mkdtemp(prefix="actsparse-")) / "model.actsparse"
+    from actsparse.ir.large import copy_model
+
     result = compile_model(ir_model, target, output, input_shapes=shapes, passes=[r.to_json() for r in records],
-                           report=_accuracy_report(records), bundle_runtime=bundle_runtime, on_step=on_step,
-                           copy=False)  # ir_model is ours: to_ir_model copied or loaded it
+                           report=source_report(model) | accuracy_report(ir_model, records), bundle_runtime=bundle_runtime,
+                           on_step=on_step, copy=False,  # ir_model is ours: to_ir_model copied or loaded it
+                           reference_model=copy_model(ir_model) if records else None)
     return CompiledArtifact(result.path, result.target, result.kernels, records, result.seconds)
 
 
@@ -223,8 +235,55 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def _accuracy_report(records: list[PassRecord]) -> dict[str, Any]:
+    """The manifest's accuracy report: the last measured error of the passes vs the input model."""
     last = next((r for r in reversed(records) if r.vs_original is not None), None)
     return {"accuracy_vs_original": last.vs_original.to_json()} if last else {}
+
+
+ACCURACY_METADATA_KEY = "actsparse.accuracy_vs_original"
+
+
+def accuracy_report(model: ir.Model, records: list[PassRecord]) -> dict[str, Any]:
+    """The accuracy report of `model` after `records`, counted from the model before any actsparse
+    pass: an optimized ONNX records its passes' error in its metadata (`record_accuracy`), so that
+    `compile` of it without passes (or more passes on it) still knows how far it is from the
+    original. Chained, the max abs errors add up (a bound), and each run's own figures are kept."""
+    current = _accuracy_report(records).get("accuracy_vs_original")
+    earlier = _recorded_accuracy(model)
+    if current is None or earlier is None:
+        report = current or earlier
+        return {"accuracy_vs_original": report} if report else {}
+    return {"accuracy_vs_original": {"max_abs_error": earlier["max_abs_error"] + current["max_abs_error"],
+                                     "max_abs_error_is_bound": True,
+                                     "runs": earlier.get("runs", [earlier]) + [current]}}
+
+
+def record_accuracy(model: ir.Model, records: list[PassRecord]) -> None:
+    """Write the model's accuracy report (`accuracy_report`) into its ONNX metadata."""
+    report = accuracy_report(model, records)
+    if report:
+        model.metadata_props[ACCURACY_METADATA_KEY] = json.dumps(report["accuracy_vs_original"])
+
+
+def _recorded_accuracy(model: ir.Model) -> dict[str, Any] | None:
+    """The accuracy an earlier `optimize` recorded in the model, if it is well formed."""
+    try:
+        recorded = json.loads(model.metadata_props.get(ACCURACY_METADATA_KEY, "null"))
+    except ValueError:
+        return None
+    error = recorded.get("max_abs_error") if isinstance(recorded, dict) else None
+    if isinstance(error, bool) or not isinstance(error, (int, float)) or not 0 <= error < float("inf"):
+        return None
+    return recorded
+
+
+def source_report(model: Any) -> dict[str, Any]:
+    """The source model file and its sha256 (deploy and bench use it only while it is unchanged)."""
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).is_file():
+        return {}
+    from actsparse.runtime.artifact import sha256_file
+
+    return {"source": str(Path(model).resolve()), "source_sha256": sha256_file(model)}
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -99,14 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact directory or .tar")
     p.add_argument("--rpc", required=True, metavar="HOST:PORT", help="the board's RPC server (python -m actsparse.deploy.server)")
     _add_rpc_auth_args(p)
-    p.add_argument("--inputs", help=".npz inputs (default: random, seeded)")
-    p.add_argument("--reference", help="ONNX model whose onnxruntime outputs the board must match "
-                                       "(default: the model the artifact was compiled from, if present)")
+    p.add_argument("--inputs", help=".npz inputs (default: the inputs packed with the reference, else random, seeded)")
+    p.add_argument("--reference", help="ONNX model whose onnxruntime outputs the board must match (default: the "
+                                       "optimized model the artifact was compiled from, whose outputs on fixed "
+                                       "inputs compile packs into the artifact; with --inputs/--seed, or for an "
+                                       "artifact without them, the source model if unchanged since compile)")
     p.add_argument("--atol", type=float, default=None,
-                   help="allowed max abs error against the reference (default 1e-4; for an artifact of approximate "
-                        "passes compared with its source model, 3x the error its accuracy report measured)")
+                   help="allowed max abs error against the reference (default 1e-4; 3x the max abs error the "
+                        "artifact's accuracy report measured when comparing with the source model of approximate "
+                        "passes; for int8/int4 kernels, which skip the graph's activation rounding, 3x the error "
+                        "the quantize pass caused)")
     p.add_argument("--timeout", type=float, default=10.0, help="connection timeout in seconds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="random inputs from this seed instead of the packed ones (default: the packed inputs, else 0)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("example", help="write a built-in example model (ONNX) to try the tool on")
@@ -324,8 +329,10 @@ def _handle_signal(name: str, handler):
 
 def cmd_inspect(args) -> int:
     from actsparse.frontend.onnx_file import load_model
+    from actsparse.ir.graph import name_unnamed_nodes
 
     model = load_model(args.model)
+    name_unnamed_nodes(model)  # the names passes and reports give unnamed layers, for overrides=
     summary = model_summary(model)
     if args.json:
         import json
@@ -418,7 +425,7 @@ def model_summary(model) -> dict:
 # --- optimize --------------------------------------------------------------------------
 
 def cmd_optimize(args) -> int:
-    from actsparse.api import OptimizeResult, calibration_for, resolve_passes, write_json_atomic
+    from actsparse.api import OptimizeResult, record_accuracy, resolve_passes, write_json_atomic
     from actsparse.frontend.onnx_file import _same_file, load_model, save_model
     from actsparse.passes.base import PassContext
     from actsparse.passes.pipeline import run_pipeline
@@ -430,9 +437,10 @@ def cmd_optimize(args) -> int:
     _apply_recipe_calibration(args)
     model = load_model(args.model)
     calibration = _calibration(model, args)
-    context = PassContext(calibration=calibration, seed=args.seed)
-    with _progress("optimizing") as on_pass:
-        model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=on_pass)
+    with _progress("optimizing") as progress:
+        context = PassContext(calibration=calibration, seed=args.seed, on_sample=progress.on_sample)
+        model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=progress.on_pass)
+    record_accuracy(model, records)
     result = OptimizeResult(model, records)
     save_model(model, args.output, source=args.model)
     if args.report:
@@ -536,7 +544,8 @@ def _short_report(report: dict) -> str:
 
 
 class _progress:
-    """A transient progress bar on stderr for multi-pass runs (silent when not a terminal)."""
+    """Transient progress bars on stderr (silent when not a terminal): one over the passes, and
+    one over the calibration samples of the pass that is running."""
 
     def __init__(self, what: str):
         self.what = what
@@ -549,16 +558,30 @@ class _progress:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
         self.progress.start()
-        self.task = None
+        self.task = self.samples = None
+        self.pass_name = ""
+        return self
 
-        def on_pass(index: int, total: int, name: str):
-            if self.progress.disable:  # rich still writes a newline when a disabled bar stops
-                return
-            if self.task is None:
-                self.task = self.progress.add_task(self.what, total=total)
-            self.progress.update(self.task, completed=index, description=f"{self.what}: {name}" if name else self.what)
+    def on_pass(self, index: int, total: int, name: str) -> None:
+        if self.progress.disable:  # rich still writes a newline when a disabled bar stops
+            return
+        if self.task is None:
+            self.task = self.progress.add_task(self.what, total=total)
+        self.progress.update(self.task, completed=index, description=f"{self.what}: {name}" if name else self.what)
+        self.pass_name = name
+        if self.samples is not None:  # a new pass calibrates from sample 1 again
+            self.progress.remove_task(self.samples)
+            self.samples = None
 
-        return on_pass
+    def on_sample(self, done: int, total: int) -> None:
+        if self.progress.disable:
+            return
+        description = f"  {self.pass_name}: calibration sample" if self.pass_name else "  calibration sample"
+        if self.samples is None:
+            self.samples = self.progress.add_task(description, total=total)
+        # Drawn at once for the last sample: short runs end before rich's own refresh.
+        self.progress.update(self.samples, completed=done, total=total, description=description,
+                             refresh=done == total)
 
     def __exit__(self, *exc):
         if not self.progress.disable:
@@ -569,9 +592,10 @@ class _progress:
 # --- compile / run / bench ------------------------------------------------------------
 
 def cmd_compile(args) -> int:
-    from actsparse.api import calibration_for, resolve_passes
+    from actsparse.api import accuracy_report, resolve_passes, source_report
     from actsparse.codegen.compile import compile_model
     from actsparse.frontend.onnx_file import _same_file, load_model
+    from actsparse.ir.large import copy_model
     from actsparse.passes.base import PassContext
     from actsparse.passes.pipeline import run_pipeline
 
@@ -596,18 +620,16 @@ def cmd_compile(args) -> int:
     if args.passes or args.recipe:
         specs = resolve_passes(args.passes, args.recipe)
         calibration = _calibration(model, args)
-        with _progress("optimizing") as on_pass:
-            model, records = run_pipeline(model, specs, PassContext(calibration=calibration, seed=args.seed),
-                                          verify=not args.no_verify, on_pass=on_pass)
+        with _progress("optimizing") as progress:
+            context = PassContext(calibration=calibration, seed=args.seed, on_sample=progress.on_sample)
+            model, records = run_pipeline(model, specs, context, verify=not args.no_verify, on_pass=progress.on_pass)
         print_records(records)
-    report = {"source": str(Path(args.model).resolve())}
-    last = next((r for r in reversed(records) if r.vs_original is not None), None)
-    if last is not None:
-        report["accuracy_vs_original"] = last.vs_original.to_json()
+    report = source_report(args.model) | accuracy_report(model, records)
     with _status() as step:
         result = compile_model(model, args.target, args.output, input_shapes=shapes,
                                passes=[r.to_json() for r in records], report=report,
-                               bundle_runtime=args.bundle_runtime, on_step=step, copy=False)
+                               bundle_runtime=args.bundle_runtime, on_step=step, copy=False,
+                               reference_model=copy_model(model) if records else None)
     return _finish_compile(args, "", records, result)
 
 
@@ -652,11 +674,11 @@ def _compile_lm(args) -> int:
     if args.calib or args.input_shape:
         raise ActsparseError("a causal LM is calibrated on decode steps: use --calib-text, not --calib/--input-shape")
     _check_writable_folder(args.report, "--report")
-    with _progress("optimizing") as on_pass, _status() as step:
+    with _progress("optimizing") as progress, _status() as step:
         art = compile_causal_lm(args.model, args.target, args.passes, output=args.output, recipe=args.recipe,
                                 max_context=args.max_context, calib_text=args.calib_text,
                                 tokenizer=args.tokenizer, verify=not args.no_verify, seed=args.seed or 0,
-                                bundle_runtime=args.bundle_runtime, on_pass=on_pass, on_step=step,
+                                bundle_runtime=args.bundle_runtime, on_pass=progress.on_pass, on_step=step,
                                 calibration_steps=CALIBRATION_STEPS if args.samples is None else args.samples,
                                 kv_cache=args.kv_cache or "float32")
     print_records(art.records)
@@ -706,16 +728,6 @@ def _artifact_manifest(path: str) -> dict:
     return read_verified_manifest(path)
 
 
-def _reference_outputs(onnx_path: str, feeds: dict) -> dict:
-    from actsparse.frontend.onnx_file import load_model
-    from actsparse.passes.verify import ort_session
-
-    session = ort_session(load_model(onnx_path))
-    names = [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
-    return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in wanted})))
-
-
 class _SpecModel:
     """Just the input specs of a manifest, for generating inputs."""
 
@@ -724,44 +736,27 @@ class _SpecModel:
 
 
 def cmd_deploy(args) -> int:
+    from actsparse.deploy.reference import INPUTS_FILE, OUTPUTS_FILE, choose_reference
     from actsparse.deploy.rpc import deploy_and_run
+    from actsparse.runtime.artifact import read_verified_files
 
     host, port = _rpc_address(args.rpc)
-    manifest = _artifact_manifest(args.artifact)
+    manifest, packed = read_verified_files(args.artifact, (INPUTS_FILE, OUTPUTS_FILE))
     if "lm" in manifest:
         return _deploy_lm(args, manifest, host, port)
-    feeds = _artifact_inputs(_SpecModel(manifest), args.inputs, args.seed)
-    reference_path = args.reference or manifest.get("report", {}).get("source")
-    reference = None
-    if reference_path and Path(reference_path).exists():
-        reference = _reference_outputs(reference_path, feeds)
-    elif args.reference:
-        raise ActsparseError(f"--reference {args.reference}: no such file")
-    atol, why = _deploy_tolerance(args, manifest, reference_path)
-    result = deploy_and_run(args.artifact, feeds, host, port, key=args.key, timeout=args.timeout,
-                            reference=reference, atol=atol, token=_token(args))
+    reference = choose_reference(manifest, packed, reference=args.reference, inputs=args.inputs, seed=args.seed,
+                                 atol=args.atol)
+    result = deploy_and_run(args.artifact, reference.inputs, host, port, key=args.key, timeout=args.timeout,
+                            reference=reference.outputs, atol=reference.atol, token=_token(args))
     print(f"deployed to {host}:{port} ({result.device.get('machine', '?')}): checksums verified, "
           f"ran in {min(result.seconds) * 1e3:.2f} ms", file=sys.stderr)
     if result.max_abs_error is not None:
         worst = max(result.max_abs_error.values()) if result.max_abs_error else 0.0
-        print(f"matches the reference ({reference_path}) to {worst:.2e} (atol {atol:g}{why})", file=sys.stderr)
+        print(one_line(f"matches {reference.described} to {worst:.2e} (atol {reference.atol:g}{reference.why_atol})"),
+              file=sys.stderr)
     else:
-        print("no reference model: outputs not compared (give --reference model.onnx)", file=sys.stderr)
+        print(one_line(f"outputs not compared with {reference.described}"), file=sys.stderr)
     return 0
-
-
-def _deploy_tolerance(args, manifest: dict, reference_path: str | None) -> tuple[float, str]:
-    """--atol, or: 1e-4 against the model the artifact was compiled from unchanged; against the
-    source of an artifact whose passes approximate (sparsify, quantize, ...), 3x the max abs error
-    that the artifact's own accuracy report measured between the two."""
-    if args.atol is not None:
-        return args.atol, ""
-    accuracy = manifest.get("report", {}).get("accuracy_vs_original") or {}
-    measured = accuracy.get("max_abs_error")
-    is_source = reference_path is not None and reference_path == manifest.get("report", {}).get("source")
-    if is_source and isinstance(measured, (int, float)) and measured > 0:
-        return max(1e-4, 3 * float(measured)), f": the passes' measured error {measured:.2e} x 3"
-    return 1e-4, ""
 
 
 LM_DEPLOY_PROMPT = 16  # prompt tokens of the greedy check run on the board

@@ -144,3 +144,24 @@ def test_lazy_public_names():
     assert callable(actsparse.optimize) and actsparse.ActsparseError is ActsparseError
     with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
         actsparse.nosuch  # noqa: B018
+
+
+def test_an_optimized_model_carries_its_accuracy_report(tmp_path):
+    """optimize writes its passes' error into the ONNX metadata; a later optimize adds its own (the
+    max abs errors add up, a bound) and compile without passes puts it in the manifest."""
+    import json
+
+    from actsparse.api import ACCURACY_METADATA_KEY
+
+    first = actsparse.optimize(swiglu_stack(), passes="relufy")
+    first.save(tmp_path / "relu.onnx")
+    recorded = json.loads(onnx.load(tmp_path / "relu.onnx").metadata_props[0].value)
+    assert recorded["max_abs_error"] == pytest.approx(first.records[-1].vs_original.max_abs_error, rel=1e-6)
+    second = actsparse.optimize(str(tmp_path / "relu.onnx"), passes="quantize{bits=8}")
+    chained = json.loads(second.model.metadata_props[ACCURACY_METADATA_KEY])
+    assert chained["max_abs_error_is_bound"] and len(chained["runs"]) == 2
+    assert chained["max_abs_error"] == pytest.approx(recorded["max_abs_error"]
+                                                     + second.records[-1].vs_original.max_abs_error, rel=1e-6)
+    second.save(tmp_path / "relu.int8.onnx")
+    art = actsparse.compile(str(tmp_path / "relu.int8.onnx"), output=tmp_path / "a.actsparse")
+    assert art.load().manifest["report"]["accuracy_vs_original"] == chained

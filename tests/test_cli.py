@@ -21,6 +21,7 @@ import onnx
 import pytest
 
 from actsparse.cli import main
+from actsparse.zoo import swiglu_stack
 from tests.onnx_models import run_ort
 
 SCRIPT = Path(sys.executable).parent / "actsparse"
@@ -116,6 +117,24 @@ def test_inspect_json(work):
 
 def test_inspect_counts_each_activation_once(work):
     assert json.loads(work.run("inspect", "m.onnx", "--json").out)["activations"] == {"silu": 2}
+
+
+def test_inspect_names_unnamed_linears_as_the_passes_do(tmp_path, capsys):
+    """A graph without node names (valid ONNX) listed its linears as " (64x176)": inspect now shows
+    the names passes and reports give them, which sparsify's overrides= accepts."""
+    model = onnx.load_from_string(swiglu_stack(layers=1, d=32, f=64).SerializeToString())
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save(model, tmp_path / "unnamed.onnx")
+    assert main(["inspect", str(tmp_path / "unnamed.onnx"), "--json"]) == 0
+    linears = json.loads(capsys.readouterr().out)["ffn_blocks"][0]["linears"]
+    names = [entry.split(" (")[0] for entry in linears]
+    assert all(names) and len(set(names)) == 3, linears
+    report = tmp_path / "report.json"
+    assert main(["optimize", str(tmp_path / "unnamed.onnx"), "-o", str(tmp_path / "out.onnx"), "--report", str(report),
+                 "--passes", f"sparsify{{method=teal,sparsity=0.5,scope=down,overrides={names[2]}:0.2}}"]) == 0
+    layers = json.loads(report.read_text())["passes"][0]["result"]["report"]["layers"]
+    assert [(layer["name"], layer["target"]) for layer in layers] == [(names[2], 0.2)]
 
 
 def test_inspect_json_tiny_llama(tmp_path, llama_onnx, capsys):

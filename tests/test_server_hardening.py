@@ -122,21 +122,94 @@ def test_cli_deploy_with_a_token_file(token_server, tmp_path):
     assert main(["deploy", str(art.path), "--rpc", rpc]) == 2
 
 
-def test_uploads_are_capped_per_session():
+def _session_files(workroot):
+    return sorted(str(p.relative_to(workroot)) for p in workroot.rglob("*") if p.is_file())
+
+
+def test_uploads_are_capped_before_their_data_is_sent(tmp_path):
+    """A chunked upload announces its size: the cap refuses it before any byte of it is sent, and
+    a client that sends more than it announced is refused at that chunk, its partial file removed."""
     pytest.importorskip("tvm_ffi")
     from actsparse.deploy.process import start_local_rpc_server
     from actsparse.deploy.rpc import connect
+    from actsparse.errors import ActsparseError
 
-    with start_local_rpc_server(max_upload_mb=1) as server:
+    with start_local_rpc_server(max_upload_mb=1, workdir=tmp_path) as server:
         board = connect("127.0.0.1", server.port, timeout=5)
         try:
             board.upload_bytes(b"a" * 600_000, "first.bin")
-            with pytest.raises(Exception, match="would pass 1 MB"):
+            with pytest.raises(ActsparseError, match=r"upload_begin failed: .*would pass 1 MB \(the server's --max-upload-mb"):
                 board.upload_bytes(b"b" * 600_000, "second.bin")
-            with pytest.raises(Exception, match="invalid remote file name"):
+            with pytest.raises(ActsparseError, match="invalid remote file name"):
                 board.upload_bytes(b"c", "../escape.bin")
+            board._call("actsparse.rpc.upload_begin", "liar.bin", 10)
+            board._call("actsparse.rpc.upload_chunk", "liar.bin", bytearray(b"d" * 6))
+            with pytest.raises(ActsparseError, match="more bytes than the 10 announced"):
+                board._call("actsparse.rpc.upload_chunk", "liar.bin", bytearray(b"d" * 6))
+            assert [f.rsplit("/", 1)[-1] for f in _session_files(tmp_path)] == ["first.bin"]
         finally:
             board.close()
+
+
+def test_a_message_over_the_cap_ends_the_session_before_it_is_read(tmp_path):
+    """TVM's own upload sends a file as one message, which its RPC endpoint would read whole into
+    memory: the server reads the message's length first and ends the session there."""
+    pytest.importorskip("tvm_ffi")
+    from actsparse.deploy.process import start_local_rpc_server
+    from actsparse.deploy.rpc import connect
+    from actsparse.errors import ActsparseError
+
+    with start_local_rpc_server(max_upload_mb=1, workdir=tmp_path) as server:
+        board = connect("127.0.0.1", server.port, timeout=5)
+        board.upload_bytes(b"a" * 1000, "small.bin")
+        with pytest.raises(ActsparseError, match="closed the session during tvm.rpc.server.upload"):
+            board._call("tvm.rpc.server.upload", "big.bin", bytearray(48 << 20))
+        board.close()
+        deadline = time.monotonic() + 10
+        while _session_files(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _session_files(tmp_path) == []  # the session's folder went with it
+        assert "a message of 48 MB would take the session's uploads past 1 MB" in server.stderr_tail()
+        board = connect("127.0.0.1", server.port, timeout=5)  # the server serves the next client
+        try:
+            board.upload_bytes(b"b" * 1000, "next.bin")
+        finally:
+            board.close()
+
+
+def test_the_disk_a_session_uses_is_capped(tmp_path):
+    pytest.importorskip("tvm_ffi")
+    from actsparse.deploy.process import start_local_rpc_server
+    from actsparse.deploy.rpc import connect
+    from actsparse.errors import ActsparseError
+
+    stale = tmp_path / "session-old"  # left by a killed server: it must not count
+    stale.mkdir()
+    (stale / "junk.bin").write_bytes(b"j" * 900_000)
+    with start_local_rpc_server(max_upload_mb=8, max_disk_mb=1, workdir=tmp_path) as server:
+        board = connect("127.0.0.1", server.port, timeout=5)
+        try:
+            board.upload_bytes(b"a" * 600_000, "first.bin")
+            with pytest.raises(ActsparseError, match=r"more than 1 MB of disk \(the server's --max-disk-mb\)"):
+                board.upload_bytes(b"b" * 600_000, "second.bin")
+            board._call("actsparse.rpc.upload_begin", "announced.bin", 300_000)  # counted before it is written
+            with pytest.raises(ActsparseError, match="--max-disk-mb"):
+                board._call("actsparse.rpc.upload_begin", "another.bin", 300_000)
+        finally:
+            board.close()
+    assert not stale.exists()
+
+
+def test_a_session_keeps_its_temp_files_in_its_folder(tmp_path):
+    """What a session unpacks while loading an artifact counts against its disk cap and goes with
+    its folder, even when the session is killed (it used to go to the system's temp folder)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tempfile; from pathlib import Path; from actsparse.deploy.server import enter_session_folder; "
+            "enter_session_folder(Path(sys.argv[1])); print(tempfile.mkdtemp(prefix='actsparse-artifact-'))")
+    made = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert made.stdout.strip().startswith(str(tmp_path / "tmp" / "actsparse-artifact-"))
 
 
 def test_a_server_with_trust_runs_only_signed_artifacts(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -10,9 +12,10 @@ from actsparse.errors import ActsparseError
 from actsparse.ir.large import copy_model
 
 
-def collect_values(model: ir.Model, names: list[str], samples: list[Feeds]) -> dict[str, list[np.ndarray]]:
+def collect_values(model: ir.Model, names: list[str], samples: list[Feeds],
+                   on_sample: Callable[[int, int], None] | None = None) -> dict[str, list[np.ndarray]]:
     """Values named `names`, one array per sample. The model itself is not modified: a copy
-    gets the values as extra graph outputs."""
+    gets the values as extra graph outputs. `on_sample(done, total)` after each sample."""
     if not names:
         return {}
     probe = copy_model(model)  # shares the tensors: no weight is copied or serialized
@@ -30,10 +33,12 @@ def collect_values(model: ir.Model, names: list[str], samples: list[Feeds]) -> d
     session = ort_session(probe)
     output_names = [o.name for o in session.get_outputs()]
     collected: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
-    for feeds in samples:
+    for index, feeds in enumerate(samples):
         results = dict(zip(output_names, session.run(None, feeds)))
         for name in wanted:
             collected[name].append(results[name])
+        if on_sample is not None:
+            on_sample(index + 1, len(samples))
     return collected
 
 

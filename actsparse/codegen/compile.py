@@ -33,13 +33,15 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
                   report: dict | None = None, bundle_runtime: bool | str = False,
                   on_step: Progress | None = None, copy: bool = True, prepare: Callable | None = None,
                   extra_manifest: dict | None = None, extra_files: dict[str, bytes] | None = None,
-                  companions: Callable | None = None) -> CompileResult:
+                  companions: Callable | None = None, reference_model: ir.Model | None = None) -> CompileResult:
     """Lower `model` for `target_name` and write the artifact at `output`. The model is not
     modified unless `copy=False` (for callers that own it and will not use it again).
     `prepare(model)` rewrites the graph before shapes are fixed (e.g. the KV-cache lowering);
     `extra_manifest` / `extra_files` go into the artifact as they are. `companions`: more entry
     points over the same weights (see `lower.to_relax`); the manifest's "functions" section lists
-    each one's params as indices into main's."""
+    each one's params as indices into main's. `reference_model` (the optimized model, when passes
+    made it in memory): its onnxruntime outputs are packed for `actsparse deploy`'s check
+    (actsparse.deploy.reference)."""
     from actsparse.codegen.lower import select_kernels, specialize_shapes, to_relax
     from actsparse.codegen.package import write_artifact
     from actsparse.codegen.targets import resolve_target, target_summary
@@ -105,6 +107,14 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
 
         raise ActsparseError(f"TVM failed to compile the model: {tvm_error_summary(exc)}") from None
     timings["compile"] = time.perf_counter() - mark
+    inputs = _signature(model.graph.inputs, model)
+    if reference_model is not None:
+        from actsparse.deploy.reference import pack_reference
+
+        step("computing the optimized model's reference outputs (onnxruntime)")
+        section, files = pack_reference(reference_model, inputs)
+        report = (report or {}) | {"reference": section}
+        extra_files = dict(extra_files or {}) | files
     step("writing the artifact")
     mark = time.perf_counter()
     names = _param_names(mod["main"])
@@ -115,7 +125,7 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     if functions:
         extra_manifest = (extra_manifest or {}) | {"functions": functions}
     path = write_artifact(
-        output, executable, dict(zip(names, values)), _signature(model.graph.inputs, model),
+        output, executable, dict(zip(names, values)), inputs,
         _signature(model.graph.outputs, model), target_summary(target), passes or [],
         (report or {}) | {"kernels": plan.layers} | ({"float16": "computed in float32"} if widened else {}), bundle_runtime=bundle_runtime, fcompile=fcompile,
         extra_manifest=extra_manifest, extra_files=extra_files,

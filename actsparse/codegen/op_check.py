@@ -30,16 +30,28 @@ def check_lowerable_ops(model: ir.Model) -> None:
         if domain in ("", "ai.onnx") or (domain, node.op_type) in local_functions and domain != DOMAIN:
             continue
         if domain == DOMAIN:
-            signature = _ACTSPARSE_SIGNATURES.get(node.op_type)
-            if signature is None:
-                raise ActsparseError(f"{where}: unknown actsparse op (known: {', '.join(_ACTSPARSE_SIGNATURES)})")
-            inputs, outputs = signature
-            if len(node.inputs) != inputs or len(node.outputs) != outputs or any(v is None for v in node.inputs):
-                raise ActsparseError(f"{where}: takes {inputs} inputs and {outputs} outputs, has "
-                                     f"{len(node.inputs)} and {len(node.outputs)}")
-            if node.attributes:
-                raise ActsparseError(f"{where}: takes no attributes, has {', '.join(node.attributes)}")
+            _check_actsparse_node(node, where)
             continue
         if domain == "com.microsoft" and node.op_type in _MICROSOFT_OPS:
             continue
         raise ActsparseError(f"{where}: the compiler does not support ops of domain {domain!r}")
+
+
+def check_actsparse_ops(model: ir.Model) -> None:
+    """One ActsparseError naming the first malformed actsparse-domain node (wrong arity, made-up
+    attributes, unknown op): `optimize` says so before onnxruntime fails on it less clearly."""
+    for node in model.graph:
+        if node.domain == DOMAIN:
+            _check_actsparse_node(node, f"node {node.name!r} ({DOMAIN}.{node.op_type})")
+
+
+def _check_actsparse_node(node: ir.Node, where: str) -> None:
+    signature = _ACTSPARSE_SIGNATURES.get(node.op_type)
+    if signature is None:
+        raise ActsparseError(f"{where}: unknown actsparse op (known: {', '.join(_ACTSPARSE_SIGNATURES)})")
+    inputs, outputs = signature
+    if len(node.inputs) != inputs or len(node.outputs) != outputs or any(v is None for v in node.inputs):
+        raise ActsparseError(f"{where}: takes {inputs} inputs and {outputs} outputs, has "
+                             f"{len(node.inputs)} and {len(node.outputs)}")
+    if node.attributes:
+        raise ActsparseError(f"{where}: takes no attributes, has {', '.join(node.attributes)}")

@@ -110,6 +110,8 @@ def start_local_rpc_server(
     token_file: str | os.PathLike | None = None,
     trust: Sequence[str | os.PathLike] = (),
     max_upload_mb: int | None = None,
+    max_disk_mb: int | None = None,
+    workdir: str | os.PathLike | None = None,
 ) -> RpcServerProcess:
     """Start ``python -m actsparse.deploy.server`` on this machine, on a loopback address."""
     if not ipaddress.ip_address(host).is_loopback:
@@ -125,4 +127,8 @@ def start_local_rpc_server(
         command += ["--trust", str(key_file)]
     if max_upload_mb is not None:
         command += ["--max-upload-mb", str(max_upload_mb)]
+    if max_disk_mb is not None:
+        command += ["--max-disk-mb", str(max_disk_mb)]
+    if workdir is not None:
+        command += ["--workdir", str(workdir)]
     return start_server_process(command, {**os.environ, "PYTHONUNBUFFERED": "1"}, host, startup_timeout)

@@ -15,6 +15,7 @@ model error on the device) raises one ActsparseError.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -118,13 +119,37 @@ class RemoteBoard:
         try:
             return function(*args)
         except Exception as exc:  # RPC errors carry the remote traceback; keep its message
+            if "SockChannel" in str(exc):
+                raise ActsparseError(f"{self.host}:{self.port} closed the session during {name} (a message over the "
+                                     "server's --max-upload-mb, or its --session-timeout: see the server's log)") from None
             raise ActsparseError(f"on {self.host}:{self.port}, {name} failed: {_first_line(exc)}") from None
 
     # ------------------------------------------------------------ files
 
-    def upload_bytes(self, data: bytes, name: str) -> None:
-        """Write `data` as file `name` in the session's work directory."""
-        self._call("tvm.rpc.server.upload", name, bytearray(data))
+    def upload_bytes(self, data: bytes, name: str) -> str:
+        """Write `data` as file `name` in the session's work directory; returns its sha256."""
+        return self.upload_stream(io.BytesIO(data), len(data), name)
+
+    def upload_file(self, path: str | os.PathLike, name: str) -> str:
+        """Stream the file at `path` to `name` in the session's work directory; returns its sha256."""
+        with open(path, "rb") as stream:
+            return self.upload_stream(stream, os.fstat(stream.fileno()).st_size, name)
+
+    def upload_stream(self, stream, size: int, name: str) -> str:
+        """Upload `size` bytes of `stream` in chunks, announced first: the device checks its upload
+        cap and disk before any data is sent, and never holds more than one chunk in memory."""
+        from actsparse.deploy.server import UPLOAD_CHUNK_BYTES
+
+        self._call("actsparse.rpc.upload_begin", name, int(size))
+        digest, sent = hashlib.sha256(), 0
+        while sent < size:
+            chunk = stream.read(min(UPLOAD_CHUNK_BYTES, size - sent))
+            if not chunk:
+                raise ActsparseError(f"upload of {name}: the file shrank while it was sent")
+            digest.update(chunk)
+            self._call("actsparse.rpc.upload_chunk", name, bytearray(chunk))
+            sent += len(chunk)
+        return digest.hexdigest()
 
     def download_bytes(self, name: str) -> bytes:
         return bytes(self._call("tvm.rpc.server.download", name))
@@ -153,10 +178,10 @@ class RemoteBoard:
                 f"{path} is compiled for {wanted}, but the device {self.host}:{self.port} is {device}: "
                 "compile it for the device's target (e.g. --target rpi4)"
             )
-        data = _artifact_tar_bytes(path)
         name = name or f"artifact-{uuid.uuid4().hex[:12]}.tar"
-        self.upload_bytes(data, name)
-        sent, received = hashlib.sha256(data).hexdigest(), self.remote_sha256(name)
+        with _artifact_tar(path) as tar_path:
+            sent = self.upload_file(tar_path, name)
+        received = self.remote_sha256(name)
         if sent != received:
             raise ActsparseError(
                 f"checksum mismatch after upload to {self.host}:{self.port}: "
@@ -330,10 +355,13 @@ def _local_manifest(path: Path) -> dict:
     return manifest
 
 
-def _artifact_tar_bytes(path: Path) -> bytes:
+@contextlib.contextmanager
+def _artifact_tar(path: Path):
+    """The artifact as one .tar file: itself, or a temporary tar of a directory artifact."""
     if path.is_file():
-        return path.read_bytes()
+        yield path
+        return
     with tempfile.TemporaryDirectory(prefix="actsparse-deploy-") as workdir:
         tar_path = Path(workdir) / "artifact.tar"
         artifact.write_tar(path, tar_path)
-        return tar_path.read_bytes()
+        yield tar_path

@@ -16,8 +16,18 @@ child process with its own empty work directory, so a crashing model ends only i
 one session runs at a time. A session that outlives ``-timeout`` (client) or
 ``--session-timeout`` (server) is killed.
 
+Uploads are capped while they arrive, not after: TVM's RPC endpoint reads a whole message into
+memory before calling any function, so the server relays the client's bytes to the session
+(`SessionRelay`) and reads each message's length first: a message that would take the session
+past ``--max-upload-mb`` (or past `MAX_MESSAGE_BYTES`) ends the session before its first byte is
+read, and the session's folder (partial files included) is removed. actsparse clients upload in
+chunks (`UPLOAD_CHUNK_BYTES`), announced first with their size, so a refusal is a clear message
+instead; ``--max-disk-mb`` caps the disk the session's files use.
+
 Functions the server adds for actsparse clients (all paths are names inside the session's
 work directory; ``..`` and absolute paths are refused):
+  actsparse.rpc.upload_begin(name, size) -> checks the session's upload cap and the disk before any data
+  actsparse.rpc.upload_chunk(name, data) -> appends to name.part; renamed to name once `size` bytes arrived
   actsparse.rpc.info() -> JSON {machine, system, python, actsparse, format_version}
   actsparse.rpc.sha256(name) -> hex digest of an uploaded file
   actsparse.rpc.run_artifact(artifact, sha256, inputs_npz, outputs_npz, repeat) -> JSON {seconds: [...]}
@@ -81,10 +91,63 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 DEFAULT_MAX_UPLOAD_MB = 16384
+DEFAULT_MAX_DISK_MB = 16384
 _DISK_RESERVE_BYTES = 256 << 20  # uploads never fill the device's disk to the last 256 MB
+UPLOAD_CHUNK_BYTES = 4 << 20  # what an actsparse client sends per message
+MAX_MESSAGE_BYTES = 64 << 20  # TVM holds a whole message in memory: none may be larger
+# Bytes of a message that are not file data (function handle, argument codes, a name): the
+# relay counts the rest against the upload cap, so it never refuses what upload() would take.
+MESSAGE_OVERHEAD_BYTES = 1024
+PART_SUFFIX = ".part"
 
 
-def register_session_functions(workdir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20) -> None:
+class UploadLimits:
+    """The session's upload accounting: bytes received as files (the --max-upload-mb cap), the
+    disk its folder uses (--max-disk-mb), and the device's free-disk reserve. Checked before a
+    file's first byte is written, from its announced size."""
+
+    def __init__(self, workdir: Path, max_upload_bytes: int, max_disk_bytes: int):
+        self.workdir = workdir
+        self.max_upload_bytes = max_upload_bytes
+        self.max_disk_bytes = max_disk_bytes
+        self.uploaded = 0
+
+    def check(self, name: str, size: int, still_coming: int = 0) -> None:
+        """`still_coming`: bytes other announced uploads have yet to write (not on disk yet)."""
+        if size < 0:
+            raise ValueError(f"upload of {name!r}: negative size {size}")
+        if self.uploaded + size > self.max_upload_bytes:
+            raise PermissionError(f"upload of {name!r} ({_mb(size)}) refused: this session's uploads would pass "
+                                  f"{_mb(self.max_upload_bytes)} (the server's --max-upload-mb)")
+        if folder_bytes(self.workdir) + still_coming + size > self.max_disk_bytes:
+            raise PermissionError(f"upload of {name!r} ({_mb(size)}) refused: the session's files would use more "
+                                  f"than {_mb(self.max_disk_bytes)} of disk (the server's --max-disk-mb)")
+        if still_coming + size > shutil.disk_usage(self.workdir).free - _DISK_RESERVE_BYTES:
+            raise PermissionError(f"upload of {name!r} ({_mb(size)}) refused: not enough free disk on the device")
+
+    def record(self, size: int) -> None:
+        self.uploaded += size
+
+
+def _mb(size: int) -> str:
+    value = size / (1 << 20)
+    return f"{value:.0f} MB" if value >= 10 or value == int(value) else f"{value:.2f} MB"
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes the files under `folder` hold (what the disk cap counts)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # removed meanwhile
+    return total
+
+
+def register_session_functions(workdir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20,
+                               max_disk_bytes: int = DEFAULT_MAX_DISK_MB << 20) -> None:
     """Register the global functions TVM's RPC server code and actsparse clients call."""
     import tvm_ffi
 
@@ -92,6 +155,8 @@ def register_session_functions(workdir: Path, max_upload_bytes: int = DEFAULT_MA
     from actsparse.runtime import FORMAT_VERSION, load
 
     loaded: dict[str, object] = {}
+    limits = UploadLimits(workdir, max_upload_bytes, max_disk_bytes)
+    pending: dict[str, list[int]] = {}  # name -> [announced size, bytes written]
 
     def workpath(name: str) -> str:
         return str(_session_path(workdir, name))
@@ -102,19 +167,48 @@ def register_session_functions(workdir: Path, max_upload_bytes: int = DEFAULT_MA
         raise PermissionError(f"refused to load {name!r}: this server runs only actsparse artifacts "
                               "(upload_artifact + run / generate)")
 
-    uploaded = [0]
+    def still_coming() -> int:
+        return sum(size - written for size, written in pending.values())
 
     def upload(name: str, data) -> None:
-        # Replaces TVM's own: the session's uploads are capped, and the disk keeps a reserve.
+        # Replaces TVM's own (one message, at most MAX_MESSAGE_BYTES): the same caps as chunked uploads.
         path = _session_path(workdir, name)
         payload = bytes(data)
-        if uploaded[0] + len(payload) > max_upload_bytes:
-            raise PermissionError(f"upload of {name!r} refused: this session's uploads would pass "
-                                  f"{max_upload_bytes >> 20} MB (the server's --max-upload-mb)")
-        if len(payload) > shutil.disk_usage(workdir).free - _DISK_RESERVE_BYTES:
-            raise PermissionError(f"upload of {name!r} refused: not enough free disk on the device")
+        limits.check(name, len(payload), still_coming())
         path.write_bytes(payload)
-        uploaded[0] += len(payload)
+        limits.record(len(payload))
+
+    def upload_begin(name: str, size: int) -> None:
+        path = _session_path(workdir, name)
+        pending.pop(name, None)  # announced again: starts over
+        limits.check(name, int(size), still_coming())
+        limits.record(int(size))  # reserved now: other uploads cannot take it meanwhile
+        part = path.with_name(path.name + PART_SUFFIX)
+        part.write_bytes(b"")
+        pending[name] = [int(size), 0]
+        if int(size) == 0:
+            _finish_upload(name)
+
+    def upload_chunk(name: str, data) -> None:
+        if name not in pending:
+            raise ValueError(f"upload of {name!r}: call upload_begin first")
+        size, written = pending[name]
+        payload = bytes(data)
+        part = _session_path(workdir, name + PART_SUFFIX)
+        if written + len(payload) > size:
+            del pending[name]
+            part.unlink(missing_ok=True)
+            raise PermissionError(f"upload of {name!r} refused: more bytes than the {size} announced")
+        with open(part, "ab") as stream:
+            stream.write(payload)
+        pending[name][1] = written + len(payload)
+        if pending[name][1] == size:
+            _finish_upload(name)
+
+    def _finish_upload(name: str) -> None:
+        del pending[name]
+        path = _session_path(workdir, name)
+        os.replace(path.with_name(path.name + PART_SUFFIX), path)
 
     def import_module(*args):
         raise PermissionError("refused: this server runs only actsparse artifacts")
@@ -174,6 +268,8 @@ def register_session_functions(workdir: Path, max_upload_bytes: int = DEFAULT_MA
         ("tvm.rpc.server.load_module", load_module),
         ("tvm.rpc.server.ImportModule", import_module),
         ("tvm.rpc.server.upload", upload),
+        ("actsparse.rpc.upload_begin", upload_begin),
+        ("actsparse.rpc.upload_chunk", upload_chunk),
         ("actsparse.rpc.info", info),
         ("actsparse.rpc.sha256", sha256),
         ("actsparse.rpc.run_artifact", run_artifact),
@@ -279,13 +375,108 @@ def handshake(conn: socket.socket, key: str, auth: TokenAuth | None = None) -> d
     return options
 
 
-def _serve_session(conn: socket.socket, workdir: Path, max_upload_bytes: int) -> None:
+def _serve_session(conn: socket.socket, workdir: Path, max_upload_bytes: int, max_disk_bytes: int) -> None:
     """Child process: serve one RPC session in its work directory, then exit."""
     import tvm_ffi
 
-    os.chdir(workdir)
-    register_session_functions(workdir, max_upload_bytes)
+    enter_session_folder(workdir)
+    register_session_functions(workdir, max_upload_bytes, max_disk_bytes)
     tvm_ffi.get_global_func("rpc.ServerLoop")(conn.fileno())
+
+
+def enter_session_folder(workdir: Path) -> None:
+    """Work in `workdir`, temp files included: artifacts the session extracts while loading are
+    counted by the disk cap and removed with the folder, even when the session is killed."""
+    os.chdir(workdir)
+    tempfile.tempdir = str(workdir / "tmp")
+    os.mkdir(tempfile.tempdir, 0o700)
+
+
+class SessionRelay:
+    """Copies a session's bytes between the client and the session process, reading the length
+    of each message the client sends (TVM RPC: a little-endian uint64, then that many bytes)
+    before any of its bytes: a message longer than MAX_MESSAGE_BYTES, or one that would take the
+    session's uploads past `max_upload_bytes`, ends the session there (`on_refused(reason)`)."""
+
+    def __init__(self, client: socket.socket, session: socket.socket, max_upload_bytes: int, on_refused):
+        import threading
+
+        self.client, self.session = client, session
+        self.max_upload_bytes = max_upload_bytes
+        self.on_refused = on_refused
+        self.counted = 0  # message bytes beyond MESSAGE_OVERHEAD_BYTES each: file data, at most
+        self.threads = [threading.Thread(target=self._from_client, daemon=True),
+                        threading.Thread(target=self._to_client, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join()
+
+    def _from_client(self) -> None:
+        try:
+            while True:
+                header = self._recv_exact(self.client, 8)
+                if header is None:
+                    break
+                (length,) = struct.unpack("<Q", header)
+                refusal = self._refusal(length)
+                if refusal:
+                    self.on_refused(refusal)
+                    break
+                self.session.sendall(header)
+                if not self._forward(length):
+                    break
+        except OSError:
+            pass
+        finally:
+            _shutdown(self.session)
+            _shutdown(self.client)
+
+    def _refusal(self, length: int) -> str:
+        if length > MAX_MESSAGE_BYTES:
+            return f"a message of {_mb(length)} (the limit is {_mb(MAX_MESSAGE_BYTES)}; upload in chunks)"
+        self.counted += max(0, length - MESSAGE_OVERHEAD_BYTES)
+        if self.counted > self.max_upload_bytes:
+            return (f"a message of {_mb(length)} would take the session's uploads past {_mb(self.max_upload_bytes)} "
+                    "(the server's --max-upload-mb)")
+        return ""
+
+    def _forward(self, length: int) -> bool:
+        while length:
+            data = self.client.recv(min(length, 1 << 20))
+            if not data:
+                return False
+            self.session.sendall(data)
+            length -= len(data)
+        return True
+
+    def _to_client(self) -> None:
+        try:
+            while data := self.session.recv(1 << 20):
+                self.client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _shutdown(self.client)
+
+    @staticmethod
+    def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            chunk = conn.recv(size - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+
+def _shutdown(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _wait_session(pid: int, timeout: float | None) -> None:
@@ -352,7 +543,8 @@ def _accept_in_background(listener: socket.socket, key: str, auth: TokenAuth | N
 
 
 def serve(host: str, port: int, key: str = "", workroot: Path | None = None, session_timeout: float | None = None,
-          token: bytes | None = None, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB):
+          token: bytes | None = None, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
+          max_disk_mb: int = DEFAULT_MAX_DISK_MB):
     """Listen on host:port and serve TVM RPC sessions one at a time, forever.
 
     Port 0 picks a free port. Prints ``READY_LINE host:port`` once listening (what
@@ -363,6 +555,8 @@ def serve(host: str, port: int, key: str = "", workroot: Path | None = None, ses
     ensure_tvm_runtime()  # load tvm_ffi and libtvm_runtime.so once, before forking sessions
     workroot = Path(workroot or tempfile.mkdtemp(prefix="actsparse-rpc-"))
     workroot.mkdir(parents=True, exist_ok=True)
+    for stale in workroot.glob("session-*"):  # left by a server that was killed: they count against the disk
+        shutil.rmtree(stale, ignore_errors=True)
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
@@ -373,19 +567,39 @@ def serve(host: str, port: int, key: str = "", workroot: Path | None = None, ses
         conn, peer, options = ready.get()
         timeout = session_timeout_for(session_timeout, options.get("timeout"))
         workdir = Path(tempfile.mkdtemp(prefix="session-", dir=workroot))
-        pid = os.fork()
-        if pid == 0:
-            listener.close()
-            status = 0
-            try:
-                _serve_session(conn, workdir, max_upload_mb << 20)
-            except BaseException as exc:  # noqa: BLE001 - report, then end only this session
-                print(f"session from {peer[0]} failed: {exc}", file=sys.stderr, flush=True)
-                status = 1
-            finally:
-                os._exit(status)
+        _run_session(conn, peer, workdir, timeout, max_upload_mb << 20, max_disk_mb << 20, listener)
+
+
+def _run_session(conn: socket.socket, peer, workdir: Path, timeout: float | None, max_upload_bytes: int,
+                 max_disk_bytes: int, listener: socket.socket) -> None:
+    """Serve one session in a forked child behind a SessionRelay; its folder is removed after it."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        listener.close()
         conn.close()
+        ours.close()
+        status = 0
+        try:
+            _serve_session(theirs, workdir, max_upload_bytes, max_disk_bytes)
+        except BaseException as exc:  # noqa: BLE001 - report, then end only this session
+            print(f"session from {peer[0]} failed: {exc}", file=sys.stderr, flush=True)
+            status = 1
+        finally:
+            os._exit(status)
+    theirs.close()
+
+    def refuse(reason: str) -> None:  # the relay then closes both sockets: the session loop ends
+        print(f"session from {peer[0]} ended: {reason}; its files are removed", file=sys.stderr, flush=True)
+
+    relay = SessionRelay(conn, ours, max_upload_bytes, refuse)
+    try:
         _wait_session(pid, timeout)
+        _shutdown(conn)  # the session ended (or was killed): the relay stops
+        relay.join()
+    finally:
+        conn.close()
+        ours.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -403,7 +617,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="require clients to prove they hold this secret (challenge-response; the secret "
                              "never crosses the network); make one with: head -c 32 /dev/urandom > token")
     parser.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
-                        help=f"bytes one session may upload, in MB (default {DEFAULT_MAX_UPLOAD_MB}); uploads also "
+                        help=f"bytes one session may upload, in MB (default {DEFAULT_MAX_UPLOAD_MB}), enforced as they "
+                             "arrive: a message that would pass it ends the session before it is read")
+    parser.add_argument("--max-disk-mb", type=int, default=DEFAULT_MAX_DISK_MB,
+                        help=f"disk a session's files may use, in MB (default {DEFAULT_MAX_DISK_MB}); uploads also "
                              "leave 256 MB of the disk free")
     parser.add_argument("--trust", action="append", default=[], metavar="PUB",
                         help="run only artifacts signed by this public key (repeatable); sessions inherit it")
@@ -414,7 +631,10 @@ def main(argv: list[str] | None = None) -> int:
 
             trust_in_this_process(args.trust)
         token = read_token(args.token_file) if args.token_file else None
-        serve(args.host, args.port, args.key, args.workdir, args.session_timeout, token, args.max_upload_mb)
+        if args.max_upload_mb <= 0 or args.max_disk_mb <= 0:
+            raise ActsparseError("--max-upload-mb and --max-disk-mb must be positive")
+        serve(args.host, args.port, args.key, args.workdir, args.session_timeout, token, args.max_upload_mb,
+              args.max_disk_mb)
     except ActsparseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

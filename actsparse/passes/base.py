@@ -14,7 +14,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -24,10 +24,13 @@ from actsparse.errors import ActsparseError
 
 @dataclass
 class PassContext:
-    """What passes may need besides the model: calibration samples and a seed."""
+    """What passes may need besides the model: calibration samples and a seed. `on_sample(done,
+    total)` is told as each calibration sample has run (a progress display; runs take minutes on
+    real models)."""
 
     calibration: list[dict[str, np.ndarray]] | None = None
     seed: int = 0
+    on_sample: Callable[[int, int], None] | None = None
 
     def require_calibration(self, pass_name: str) -> list[dict[str, np.ndarray]]:
         if not self.calibration:

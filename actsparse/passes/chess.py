@@ -60,7 +60,7 @@ class ChessPass(ActsparsePass):
                                  f"blocks: {', '.join(b.name for b in blocks)}")
         samples = self.context.require_calibration(self.name)
         outputs = [b.activation.output for b in blocks]
-        values = collect_values(model, [v.name for v in outputs], samples)
+        values = collect_values(model, [v.name for v in outputs], samples, on_sample=self.context.on_sample)
         masks = token_masks(samples)
         layers = []
         for block, act in zip(blocks, outputs):
@@ -88,8 +88,17 @@ def channel_thresholds(magnitudes: np.ndarray, sparsity: float) -> np.ndarray:
     return np.quantile(magnitudes, sparsity, axis=0).astype(np.float32)
 
 
+def _activation_dtype(block, act: ir.Value) -> np.dtype:
+    """The activation's float type: its own when known, else its down linear's weight type (an
+    fp16 model needs fp16 scales: onnxruntime refuses Mul(fp16, fp32))."""
+    if act.dtype is not None:
+        return act.dtype.numpy()
+    weight = block.down.weight.const_value
+    return weight.dtype.numpy() if weight is not None and weight.dtype.is_floating_point() else np.float32
+
+
 def _insert(model: ir.Model, block, act: ir.Value, thresholds: np.ndarray) -> None:
-    dtype = act.dtype.numpy() if act.dtype is not None else np.float32
+    dtype = _activation_dtype(block, act)
     scale = (1.0 / np.maximum(thresholds, MIN_THRESHOLD)).astype(dtype)
     one = add_initializer(model, f"{block.name}.chess_threshold", np.array(1.0, dtype=dtype))
     scale_value = add_initializer(model, f"{block.name}.chess_channel_scale", scale)

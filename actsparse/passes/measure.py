@@ -38,15 +38,16 @@ class MeasurePass(ActsparsePass):
     Options = MeasureOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.report = measure_sparsity(model, self.context.require_calibration(self.name), self.options.eps)
+        self.report = measure_sparsity(model, self.context.require_calibration(self.name), self.options.eps,
+                                       on_sample=self.context.on_sample)
         return ir.passes.PassResult(model, modified=False)
 
 
-def measure_sparsity(model: ir.Model, samples, eps: float = 0.0) -> dict:
+def measure_sparsity(model: ir.Model, samples, eps: float = 0.0, on_sample=None) -> dict:
     linears = find_linears(model)
     if not linears:
         return {"layers": [], "skippable_weight_fraction": 0.0, "linears": 0}
-    values = collect_values(model, list(dict.fromkeys(l.input.name for l in linears)), samples)
+    values = collect_values(model, list(dict.fromkeys(l.input.name for l in linears)), samples, on_sample)
     layers, skipped, total = [], 0.0, 0
     for linear in linears:
         rows = as_rows(values[linear.input.name], linear.in_features)

@@ -148,9 +148,12 @@ def run_pipeline(
     cosine / max error against the previous and the original model)."""
     from actsparse.ir.graph import name_unnamed_nodes
 
+    from actsparse.codegen.op_check import check_actsparse_ops
+
     context = context or PassContext()
     passes = [make_pass(spec.name, spec.options, context) for spec in specs]  # fail fast on bad options
     name_unnamed_nodes(model)  # passes and reports name layers by node name
+    check_actsparse_ops(model)
     samples = (context.calibration or [])[:verify_samples] if verify else []
     original_outputs = previous_outputs = _outputs(model, samples) if samples else None
     records = []

@@ -77,7 +77,7 @@ class PredictorPass(ActsparsePass):
         if len(samples) < 2:
             raise ActsparseError("pass 'predictor': needs at least 2 calibration samples (train + held out)")
         names = [n for b in blocks for n in (_block_input(b).name, b.hidden.name)]
-        values = collect_values(model, names, samples)
+        values = collect_values(model, names, samples, on_sample=self.context.on_sample)
         split = min(len(samples) - 1, max(1, int(round(len(samples) * self.options.train_fraction))))
         layers = []
         for block in blocks:

@@ -24,6 +24,12 @@ with H = XᵀX); activations stay float:
     format=qdq:         y = x @ DequantizeLinear(W_q (u)int4 [K, N], scales[K/g, N] (, zp), axis=0, block_size=g)
                         (opset 21; the model's opset is raised when it is lower)
 
+float16 models: the graph is widened to float32 first (codegen/widen_float16.py: weights and
+activations in float32, a Cast after each float16 input and before each float16 output, so the
+model keeps its float16 interface), then quantized as above: the quantized weights are what the
+model stores, and the CPUs and kernels have no float16 arithmetic. The report says so
+(``float16``) and counts the weight bytes before at their float16 size.
+
 Linears stay float (and the report says why) when the weight is shared with other nodes, the
 input is not float32, or the weight is not float. MatMuls with a non-constant or non-2-D second
 operand are listed as float too. Approximate: the pipeline reports cosine / max error.
@@ -124,8 +130,13 @@ class QuantizePass(ActsparsePass):
     Options = QuantizeOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from actsparse.codegen.widen_float16 import widen_float16
+
         opts = self.options
         mode = opts.resolved_mode
+        stored_itemsize = {name: v.dtype.itemsize for name, v in model.graph.initializers.items() if v.dtype}
+        bytes_before = _initializer_bytes(model)
+        widened = widen_float16(model)  # float16 weights: quantized from float32, interface kept
         linears, skipped = select_linears(model)
         if not linears:
             raise ActsparseError("pass 'quantize': no linear layer with a constant float32 weight to quantize")
@@ -133,8 +144,8 @@ class QuantizePass(ActsparsePass):
         speed_sample = self._speed_sample()
         # A copy sharing the float tensors (the pass replaces them in `model`): never serialized whole.
         float_model = copy_model(model) if speed_sample is not None else None
-        bytes_before = _initializer_bytes(model)
-        weight_bytes_before = sum(l.in_features * l.out_features * int(l.weight.dtype.itemsize) for l in linears)
+        weight_bytes_before = int(sum(l.in_features * l.out_features * stored_itemsize.get(l.weight.name, 4)
+                                      for l in linears))
         if mode == "weight_only" and opts.format == "qdq":
             _raise_opset(model, QDQ_BLOCKED_OPSET)
         rows = self._calibration_rows(model, inputs) if self._needs_rows(mode) else {}
@@ -159,6 +170,8 @@ class QuantizePass(ActsparsePass):
             "model_bytes_before": bytes_before, "model_bytes_after": bytes_after,
             "layers": layers, "stayed_float": skipped,
         }
+        if widened:  # shown beside mode and bits: the activations are no longer float16
+            self.report = {"mode": mode, "bits": opts.bits, "float16": "computed in float32"} | self.report
         if float_model is not None:
             self.report.update(_speed_vs_float(float_model, model, speed_sample))
         return ir.passes.PassResult(model, modified=True)
@@ -175,7 +188,7 @@ class QuantizePass(ActsparsePass):
     def _calibration_rows(self, model: ir.Model, inputs: list[_Input]) -> dict[str, np.ndarray]:
         samples = self.context.require_calibration(self.name)
         names = [group.value.name for group in inputs]
-        values = collect_values(model, names, samples)
+        values = collect_values(model, names, samples, on_sample=self.context.on_sample)
         masks = token_masks(samples)  # padding tokens do not count
         return {g.value.name: as_rows(values[g.value.name], g.linears[0].in_features, masks) for g in inputs}
 

@@ -79,7 +79,8 @@ class SparsifyPass(ActsparsePass):
         if not groups:
             raise ActsparseError(f"pass 'sparsify': no {self.options.scope!r} layers found to sparsify")
         samples = self.context.require_calibration(self.name)
-        activations = collect_values(model, [g.value.name for g in groups], samples)
+        activations = collect_values(model, [g.value.name for g in groups], samples,
+                                     on_sample=self.context.on_sample)
         rows = {g.name: as_rows(activations[g.value.name], g.channels) for g in groups}
         scales = {g.name: _channel_scale(g) if self.options.method == "wina" else None for g in groups}
         scores = {g.name: _scores(rows[g.name], scales[g.name]) for g in groups}

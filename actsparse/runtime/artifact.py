@@ -394,17 +394,26 @@ def remove_tree(path: Path) -> None:
 def read_verified_manifest(path: str | os.PathLike) -> dict:
     """The manifest of the artifact at `path` (directory or .tar), every file's sha256 checked,
     without loading its library: for artifacts built for another machine (deploy, remote bench)."""
+    return read_verified_files(path)[0]
+
+
+def read_verified_files(path: str | os.PathLike, names: tuple[str, ...] = ()) -> tuple[dict, dict[str, bytes]]:
+    """(manifest, {name: bytes}) of the artifact at `path`, every file's sha256 checked first;
+    `names` the manifest lists that are absent from the result are not in the artifact."""
     import tempfile
 
     source = Path(path)
     if not source.exists():
         raise ActsparseError(f"{source}: no such artifact")
     if source.is_dir():
-        manifest = read_manifest(source)
-        verify_files(source, manifest)
-        return manifest
+        return _verified_files(source, names)
     with tempfile.TemporaryDirectory(prefix="actsparse-manifest-") as work:
         safe_extract_tar(source, Path(work))
-        manifest = read_manifest(Path(work))
-        verify_files(Path(work), manifest)
-        return manifest
+        return _verified_files(Path(work), names)
+
+
+def _verified_files(root: Path, names: tuple[str, ...]) -> tuple[dict, dict[str, bytes]]:
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    listed = manifest.get("files", {})
+    return manifest, {name: (root / name).read_bytes() for name in names if name in listed}

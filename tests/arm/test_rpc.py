@@ -125,12 +125,17 @@ def test_wrong_architecture_is_refused_before_upload(local_server, aarch64_artif
 
 def test_checksum_mismatch_is_detected(local_server, host_artifact, monkeypatch):
     """A byte changed in transit: the device's sha256 differs from the one sent."""
-    real_upload = RemoteBoard.upload_bytes
+    import hashlib
+    import io
 
-    def corrupting_upload(self, data, name):
-        real_upload(self, data[:-1] + bytes([data[-1] ^ 0xFF]), name)
+    real_upload = RemoteBoard.upload_stream
 
-    monkeypatch.setattr(RemoteBoard, "upload_bytes", corrupting_upload)
+    def corrupting_upload(self, stream, size, name):
+        data = stream.read()
+        real_upload(self, io.BytesIO(data[:-1] + bytes([data[-1] ^ 0xFF])), size, name)
+        return hashlib.sha256(data).hexdigest()
+
+    monkeypatch.setattr(RemoteBoard, "upload_stream", corrupting_upload)
     with connect(LOOPBACK, local_server.port, key=KEY) as board:
         with pytest.raises(ActsparseError, match="checksum mismatch after upload"):
             board.upload_artifact(host_artifact)

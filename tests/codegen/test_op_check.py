@@ -77,3 +77,12 @@ def test_a_tvm_failure_is_one_meaningful_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("actsparse: error: TVM failed to compile the model: ")
     assert "mismatch" in lines[0] and "^^^" not in lines[0]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "foreign domain"])
+def test_optimize_names_a_malformed_actsparse_op(case, tmp_path):
+    """optimize refused these through onnxruntime ("actsparse:Sparsify(-1) is not a registered
+    function/op"); it now says what is wrong with the node, before any pass runs."""
+    node, message = CASES[case]
+    with pytest.raises(actsparse.ActsparseError, match=message):
+        actsparse.optimize(_model(node, opsets=(("", 17), (node.domain, 1))))
