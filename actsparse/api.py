@@ -158,7 +158,7 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     then returns a LanguageModel with `generate()`.
 
     Progress: `on_pass(index, total, name)` before each pass, `on_sample(done, total)` after each
-    calibration sample (not yet for causal LMs), `on_step(message)` at each compile step. With
+    calibration sample, `on_step(message)` at each compile step. With
     passes, the artifact packs the optimized model's onnxruntime outputs on fixed inputs, which
     `actsparse deploy` checks a board against (actsparse.deploy.reference).
     """
@@ -175,7 +175,7 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
         return compile_causal_lm(model, target, passes, output=output, max_context=max_context,
                                  calib_text=calib_text, tokenizer=tokenizer, recipe=recipe, verify=verify, seed=seed,
                                  bundle_runtime=bundle_runtime, on_pass=on_pass, on_step=on_step,
-                                 kv_cache=kv_cache or "float32")
+                                 kv_cache=kv_cache or "float32", on_sample=on_sample)
     if max_context is not None or calib_text is not None or tokenizer is not None or kv_cache is not None:
         raise ActsparseError("max_context, calib_text, tokenizer and kv_cache are for causal LMs (a transformers "
                              "causal-LM module or folder, without example_inputs)")

@@ -680,7 +680,7 @@ def _compile_lm(args) -> int:
                                 tokenizer=args.tokenizer, verify=not args.no_verify, seed=args.seed or 0,
                                 bundle_runtime=args.bundle_runtime, on_pass=progress.on_pass, on_step=step,
                                 calibration_steps=CALIBRATION_STEPS if args.samples is None else args.samples,
-                                kv_cache=args.kv_cache or "float32")
+                                kv_cache=args.kv_cache or "float32", on_sample=progress.on_sample)
     print_records(art.records)
     return _finish_compile(args, "the decode step ", art.records, art)
 

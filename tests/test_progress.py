@@ -30,6 +30,16 @@ def test_compile_reports_calibration_samples(tmp_path):
     assert calls[-1] == (8, 8)
 
 
+def test_causal_lm_compile_reports_calibration_samples(tmp_path):
+    """A causal LM calibrates on decode steps: each one is a sample of the progress."""
+    from tests.lm.test_generate import random_lm
+
+    calls = []
+    actsparse.compile(random_lm("llama"), passes="sparsify{method=teal,sparsity=0.5}", max_context=32,
+                      output=tmp_path / "lm.actsparse", on_sample=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1][0] == calls[-1][1] == len(calls)
+
+
 def _run(args: list[str], *, terminal: bool) -> str:
     """The command's stderr (and stdout), as a terminal (a pseudo-terminal) or a pipe shows it."""
     command = [sys.executable, "-m", "actsparse.cli", *args]

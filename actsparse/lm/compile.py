@@ -145,7 +145,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
                       max_context: int | None = None, calib_text: str | os.PathLike | None = None,
                       tokenizer: str | os.PathLike | None = None, recipe=None, verify: bool = True, seed: int = 0,
                       bundle_runtime: bool | str = False, on_pass=None, on_step: Callable[[str], None] | None = None,
-                      calibration_steps: int = CALIBRATION_STEPS, kv_cache: str = "float32"):
+                      calibration_steps: int = CALIBRATION_STEPS, kv_cache: str = "float32", on_sample=None):
     """The causal LM `model` compiled for `target` as a generation artifact (see the module docstring).
     `kv_cache`: the cache's element type, float32 (exact) or float16 (half the bytes a long
     context reads per token; keys and values rounded to float16, as llama.cpp's default cache)."""
@@ -174,7 +174,8 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
         step("calibrating on decode steps")
         sequences = calibration_tokens(spec, tokenizer_entry, files, calib_text, seed, calibration_steps)
         feeds = decode_feeds(decode, sequences)
-        decode, records = run_pipeline(decode, specs, PassContext(calibration=feeds, seed=seed), verify=verify,
+        context = PassContext(calibration=feeds, seed=seed, on_sample=on_sample)
+        decode, records = run_pipeline(decode, specs, context, verify=verify,
                                        on_pass=on_pass)
     max_context = spec.max_positions  # the default resolved: 2048 capped by the model's positions
     capacity = cache_capacity(max_context)
