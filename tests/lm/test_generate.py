@@ -25,6 +25,9 @@ COMMON = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention
               intermediate_size=96, max_position_embeddings=128, eos_token_id=1, bos_token_id=0, pad_token_id=0)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
+# The LayerNorm families name their sizes differently and have no GQA knob of that name.
+SIZES = {k: v for k, v in COMMON.items() if k not in ("num_key_value_heads", "intermediate_size")} | {
+    "initializer_range": 0.1}  # attention far from uniform, so that a position or rotary error shows
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**COMMON, rope_scaling=LLAMA3_ROPE),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON),
@@ -32,6 +35,25 @@ FAMILIES = {
     "phi3": lambda: transformers.Phi3Config(**COMMON),
     "gemma": lambda: transformers.GemmaConfig(**COMMON, head_dim=16),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
+    # Phi-4-mini: RoPE on the first 3/4 of each head
+    "phi3_partial_rotary": lambda: transformers.Phi3Config(**COMMON, partial_rotary_factor=0.75),
+    # Pythia: parallel residual, per-head interleaved query_key_value with biases, rotary on 1/4 of each head
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**SIZES, intermediate_size=96, rotary_pct=0.25),
+    "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**SIZES, intermediate_size=96, rotary_pct=0.5,
+                                                              use_parallel_residual=False, hidden_act="gelu_new"),
+    # OPT-125m: learned positions, pre-norm, fc1 / ReLU / fc2 with biases
+    "opt": lambda: transformers.OPTConfig(**SIZES, ffn_dim=96, word_embed_proj_dim=64),
+    # OPT-350m: post-norm (no final norm), embeddings of 32 projected to the hidden 64 and back
+    "opt_post_norm": lambda: transformers.OPTConfig(**SIZES, ffn_dim=96, word_embed_proj_dim=32,
+                                                    do_layer_norm_before=False),
+    # Falcon-7B: multi-query, attention and MLP in parallel on one input_layernorm
+    "falcon": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96, multi_query=True, parallel_attn=True),
+    # Falcon-40B: new_decoder_architecture, kv groups of 2 queries + k + v in the fused qkv, ln_attn and ln_mlp
+    "falcon_new_arch": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96, new_decoder_architecture=True,
+                                                         num_kv_heads=2),
+    # sequential Falcon with separate q, k, v heads interleaved in the fused qkv, biases
+    "falcon_sequential": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96, multi_query=False,
+                                                           parallel_attn=False, bias=True),
 }
 
 
@@ -41,7 +63,7 @@ def random_lm(family: str, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name:
+            if "norm" in name or "bias" in name or ".ln_" in name:  # Falcon: ln_attn, ln_mlp, ln_f
                 p += 0.1 * torch.randn_like(p)
     return model
 
@@ -86,12 +108,33 @@ def test_phi3_fused_projections_become_a_gated_ffn():
 
 
 def test_unsupported_family_and_context_are_clear_errors():
-    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                             ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ActsparseError, match="not supported for generation"):
-        read_causal_lm(opt, 16)
+        read_causal_lm(gpt2, 16)
     with pytest.raises(ActsparseError, match="max_position_embeddings"):
         read_causal_lm(random_lm("llama"), 4096)
+    with pytest.raises(ActsparseError, match="max_position_embeddings"):
+        read_causal_lm(random_lm("opt"), 129)  # the learned position table ends at 128
+
+
+def test_falcon_alibi_is_refused_by_name():
+    config = transformers.FalconConfig(**SIZES, alibi=True)
+    with pytest.raises(ActsparseError, match="ALiBi"):
+        read_causal_lm(transformers.AutoModelForCausalLM.from_config(config), 32)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "opt", "falcon"])
+def test_non_gated_ffns_are_found_as_ffn_blocks(family):
+    """fc1 / act / fc2 (with biases) is an "mlp" FFN block and fused qkv projections are split into
+    q, k, v: sparsify, quantize and the kernels find them as in a Llama."""
+    from actsparse.ir.blocks import find_blocks
+
+    blocks = find_blocks(build_decode_graph(read_causal_lm(random_lm(family), 32)))
+    assert [b.kind for b in blocks.ffn] == ["mlp", "mlp"]
+    assert [b.name for b in blocks.ffn] == ["layers.0.mlp", "layers.1.mlp"]
+    assert len(blocks.attention) == 2 and all(b.o is not None and not b.fused_qkv for b in blocks.attention)
+    expected = "relu" if family == "opt" else "gelu"
+    assert all(b.activation.kind == expected for b in blocks.ffn)
 
 
 @pytest.fixture(scope="module")
@@ -301,10 +344,3 @@ def test_bf16_and_fp16_checkpoints_compile_as_float32(tmp_path):
             expected = model.float()(torch.tensor([tokens])).logits[0].numpy()
         lm.reset()
         np.testing.assert_allclose(np.array([lm.step(t) for t in tokens]), expected, atol=1e-4, rtol=1e-3)
-
-
-def test_partial_rotary_is_refused_by_name():
-    """Phi-4-mini-style partial_rotary_factor < 1: one clear error, not a shape error in onnxruntime."""
-    config = transformers.Phi3Config(**COMMON, partial_rotary_factor=0.75)
-    with pytest.raises(ActsparseError, match="partial rotary embeddings"):
-        read_causal_lm(transformers.AutoModelForCausalLM.from_config(config), 32)
