@@ -5,9 +5,14 @@
     outputs: logits float32 [1, vocab], present_key.{i}, present_value.{i} [kv_heads, past + 1, head_dim]
 
 Per layer, on a [1, hidden] row (2-D, as the FFN fusion and block discovery expect):
-    h = RMSNorm(x); q, k, v = h @ Wq, h @ Wk, h @ Wv (+ bias); RoPE(q, k) from the model's own
-    cos/sin tables gathered at `position`; out = actsparse.CachedAttention(q * scale, k, v, past);
-    x += out @ Wo; x += down(act(gate(RMSNorm(x))) * up(RMSNorm(x)))
+    h = norm(x) (RMSNorm, or LayerNorm); q, k, v = h @ Wq, h @ Wk, h @ Wv (+ bias); RoPE(q, k) on
+    the first rotary dims of each head, from the model's own cos/sin tables gathered at `position`;
+    out = actsparse.CachedAttention(q * scale, k, v, past); attn = out @ Wo (+ bias);
+    ffn(h) = down(act(gate(h)) * up(h)) or down(act(up(h))) (+ biases);
+    sequential x += attn; x += ffn(norm2(x)), or parallel x += attn + ffn(norm2(x) or h), or
+    post-norm (OPT-350m) x = norm(x + attn(x)); x = norm2(x + ffn(x)) -- `DecoderSpec.residual`.
+Learned absolute positions (OPT) are added to the embedding rows; OPT's project_in / project_out
+linears sit after the embedding and before the head.
 Every linear is a MatMul named after its module (`layers.0.mlp.gate_proj`), with the weight
 stored [in, out], so `sparsify`, `quantize`, ... find and rewrite them like any other graph's.
 The graph runs in onnxruntime (CachedAttention has a function body): that run is the

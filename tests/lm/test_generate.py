@@ -117,6 +117,19 @@ def test_unsupported_family_and_context_are_clear_errors():
         read_causal_lm(random_lm("opt"), 129)  # the learned position table ends at 128
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "opt_post_norm", "falcon_new_arch"])
+def test_layernorm_family_folders_read_like_their_modules(family, tmp_path):
+    """A saved folder keeps the checkpoint names (GPT-NeoX's head is `embed_out`, tied heads are
+    left out): read from safetensors, the decode step still gives transformers' logits."""
+    model = random_lm(family)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokens = [0, 5, 9, 200, 31, 7]
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0].numpy()
+    got = ort_decode_logits(build_decode_graph(read_causal_lm(tmp_path, 32)), tokens)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+
+
 def test_falcon_alibi_is_refused_by_name():
     config = transformers.FalconConfig(**SIZES, alibi=True)
     with pytest.raises(ActsparseError, match="ALiBi"):
@@ -158,6 +171,35 @@ def test_compiled_greedy_equals_transformers(llama, dense_lm):
     assert lm.stats.decode_tokens_per_second > 0
     # a second sequence on the same object, without reloading, gives the same tokens
     assert list(lm.generate(prompt, 30, stop_tokens=[])) == got
+
+
+NEW_FAMILIES = ["phi3_partial_rotary", "gpt_neox", "gpt_neox_sequential", "opt", "opt_post_norm", "falcon",
+                "falcon_new_arch", "falcon_sequential"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_compiled_greedy_equals_transformers_per_family(family, tmp_path):
+    """LayerNorm, parallel residual, learned positions, partial rotary, fused qkv layouts: the
+    compiled decode step over the KV cache generates transformers' greedy tokens."""
+    model = random_lm(family)
+    art = compile_causal_lm(model, "host", output=tmp_path / f"{family}.actsparse", max_context=48)
+    lm = actsparse.load(art.path)
+    prompt = [0, 17, 42, 99, 5]
+    assert list(lm.generate(prompt, 24, stop_tokens=[])) == torch_greedy(model, prompt, 24)
+    assert lm.info["family"] == model.config.model_type
+
+
+def test_opt_relu_ffn_runs_on_the_sparse_kernel(tmp_path):
+    """OPT's fc1 / ReLU / fc2: with no pass at all, fc2 reads only the rows of the nonzero ReLU
+    outputs (the `nonzero` kernel) and the tokens are still transformers'."""
+    model = random_lm("opt")
+    art = compile_causal_lm(model, "host", output=tmp_path / "opt.actsparse", max_context=32)
+    kernels = {k["name"]: k["kernel"] for k in art.kernels}
+    assert [kernels[f"layers.{i}.mlp.down_proj"] for i in range(2)] == ["nonzero"] * 2
+    assert kernels["layers.0.mlp.up_proj"] == "dense"
+    lm = actsparse.load(art.path)
+    assert list(lm.generate([2, 7, 9], 12, stop_tokens=[])) == torch_greedy(model, [2, 7, 9], 12)
 
 
 def test_compiled_step_logits_and_perplexity_match_onnxruntime(llama, dense_lm):
@@ -229,6 +271,29 @@ def test_teal_decode_step_runs_sparse_kernels_everywhere(llama, tmp_path):
     tokens = list(lm.generate([0, 3, 9], 10, stop_tokens=[]))
     assert len(tokens) == 10 and all(0 <= t < 300 for t in tokens)
     assert np.isfinite(lm.perplexity([0, 3, 9, 27, 81, 243]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt_neox", "falcon"])
+def test_teal_on_layernorm_families_runs_sparse_kernels_and_a_dense_prompt(family, tmp_path):
+    """TEAL on non-gated FFNs with biases, parallel residuals (Falcon: q, k, v and fc1 share one
+    normed input, so one threshold): every projection on the sparse kernel; the prompt chunk reads
+    those kernels' weights densely and gives transformers' logits of the dense model."""
+    model = random_lm(family)
+    art = compile_causal_lm(model, "host", "sparsify{method=teal,sparsity=0.5}", output=tmp_path / "teal.actsparse",
+                            max_context=64)  # room for two chunks
+    kernels = {k["name"]: k["kernel"] for k in art.kernels}
+    projections = [n for n in kernels if ".self_attn." in n or ".mlp." in n]
+    assert len(projections) == 12 and all(kernels[n] == "threshold" for n in projections)
+    assert all(abs(l["calibrated_sparsity"] - 0.5) < 0.1 for l in art.records[-1].report["layers"])
+    lm = actsparse.load(art.path)
+    assert lm.prefill_tokens == 32
+    tokens = [0] + [int(t) for t in np.random.default_rng(2).integers(2, 300, 39)]
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0, -1].numpy()
+    lm.reset()
+    np.testing.assert_allclose(lm.prefill(tokens), expected, atol=1e-4, rtol=1e-4)
+    assert len(list(lm.generate([0, 3, 9], 8, stop_tokens=[]))) == 8
 
 
 def test_calibration_feeds_are_decode_steps(llama):
