@@ -119,10 +119,13 @@ def build_prefill_graph(spec: DecoderSpec, tokens: int, cache_capacity: int, win
 
 def _build(spec: DecoderSpec, b: _Builder, cache_capacity: int = 0, window: int = 0) -> ir.Model:
     w = spec.weights
+    x = _embed(b, spec)
     positions = "position"
     if b.prefill:
         positions = b.op("Add", ["position", b.const(np.arange(b.tokens), np.int64)], "positions")
-    x = _embed(b, spec, positions)
+    if spec.position_table is not None:  # OPT: learned absolute positions
+        table = b.weight("positions.weight", spec.position_table)
+        x = b.op("Add", [x, b.op("Gather", [table, positions], "embed/positions")], "embed/add_positions")
     rope = _rope_rows(b, spec, positions) if spec.rotary_dim else None
     for i in range(spec.layers):
         x = _layer(b, spec, x, i, rope, cache_capacity, window)
@@ -140,18 +143,16 @@ def _build(spec: DecoderSpec, b: _Builder, cache_capacity: int = 0, window: int 
     return _model(spec, b, cache_capacity)
 
 
-def _embed(b: _Builder, spec: DecoderSpec, positions: str) -> str:
-    """The token rows [rows, hidden]: embedding (scaled, projected) plus learned positions where the model has them."""
+def _embed(b: _Builder, spec: DecoderSpec) -> str:
+    """The token rows [rows, hidden]: the embedding, scaled (Gemma) or projected (OPT) where the model does."""
     w = spec.weights
+    embed = b.weight("embed.weight", w["embed.weight"])
     ids = b.op("Reshape", ["input_ids", b.const([b.tokens], np.int64)], "embed/ids")
-    x = b.op("Gather", [b.weight("embed.weight", w["embed.weight"]), ids], "embed")
+    x = b.op("Gather", [embed, ids], "embed")
     if spec.embed_scale != 1.0:
         x = b.op("Mul", [x, b.const(spec.embed_scale)], "embed/scale")
     if "project_in.weight" in w:  # OPT: word_embed_proj_dim -> hidden
         x = _linear(b, spec, x, "project_in", "project_in")
-    if spec.position_table is not None:
-        table = b.weight("positions.weight", spec.position_table)
-        x = b.op("Add", [x, b.op("Gather", [table, positions], "embed/positions")], "embed/add_positions")
     return x
 
 
