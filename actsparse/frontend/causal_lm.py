@@ -264,7 +264,7 @@ def _block(family: str, config) -> _Block:
         raise ActsparseError("Falcon's new_decoder_architecture without parallel_attn is not supported "
                              "(transformers cannot run it either)")
     if new:  # Falcon-40B/180B: per kv head, its queries then its key and value
-        two_norms = (_cfg(config, "num_ln_in_parallel_attn", default=2) or 2) == 2
+        two_norms = _cfg(config, "num_ln_in_parallel_attn", default=2) == 2  # ln_attn, ln_mlp
         return _Block("layer", "parallel" if two_norms else "parallel_one_norm", "grouped")
     layout = "concatenated" if _cfg(config, "multi_query", default=True) else "grouped"
     return _Block("layer", "parallel_one_norm" if parallel else "sequential", layout)

@@ -51,6 +51,9 @@ FAMILIES = {
     # Falcon-40B: new_decoder_architecture, kv groups of 2 queries + k + v in the fused qkv, ln_attn and ln_mlp
     "falcon_new_arch": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96, new_decoder_architecture=True,
                                                          num_kv_heads=2),
+    "falcon_new_arch_one_norm": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96,
+                                                                  new_decoder_architecture=True, num_kv_heads=2,
+                                                                  num_ln_in_parallel_attn=1),
     # sequential Falcon with separate q, k, v heads interleaved in the fused qkv, biases
     "falcon_sequential": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96, multi_query=False,
                                                            parallel_attn=False, bias=True),
