@@ -190,6 +190,8 @@ def _layer(b: _Builder, spec: DecoderSpec, x: str, i: int, rope, capacity: int, 
     if spec.residual == "post_norm":
         x = norm1(b.op("Add", [x, attention(x)], f"{p}/attention_residual"))
         return norm2(b.op("Add", [x, ffn(x)], f"{p}/residual"))
+    if spec.residual not in ("parallel", "parallel_one_norm"):
+        raise ValueError(f"residual form {spec.residual!r}")
     h = norm1(x)
     both = b.op("Add", [attention(h), ffn(h if spec.residual == "parallel_one_norm" else norm2(x))],
                 f"{p}/attention_plus_ffn")
