@@ -193,6 +193,7 @@ def test_compiled_greedy_equals_transformers_per_family(family, tmp_path):
     assert lm.info["family"] == model.config.model_type
 
 
+@pytest.mark.slow
 def test_opt_relu_ffn_runs_on_the_sparse_kernel(tmp_path):
     """OPT's fc1 / ReLU / fc2: with no pass at all, fc2 reads only the rows of the nonzero ReLU
     outputs (the `nonzero` kernel) and the tokens are still transformers'."""
