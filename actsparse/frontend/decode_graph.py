@@ -5,9 +5,14 @@
     outputs: logits float32 [1, vocab], present_key.{i}, present_value.{i} [kv_heads, past + 1, head_dim]
 
 Per layer, on a [1, hidden] row (2-D, as the FFN fusion and block discovery expect):
-    h = RMSNorm(x); q, k, v = h @ Wq, h @ Wk, h @ Wv (+ bias); RoPE(q, k) from the model's own
-    cos/sin tables gathered at `position`; out = actsparse.CachedAttention(q * scale, k, v, past);
-    x += out @ Wo; x += down(act(gate(RMSNorm(x))) * up(RMSNorm(x)))
+    h = norm(x) (RMSNorm, or LayerNorm); q, k, v = h @ Wq, h @ Wk, h @ Wv (+ bias); RoPE(q, k) on
+    the first rotary dims of each head, from the model's own cos/sin tables gathered at `position`;
+    out = actsparse.CachedAttention(q * scale, k, v, past); attn = out @ Wo (+ bias);
+    ffn(h) = down(act(gate(h)) * up(h)) or down(act(up(h))) (+ biases);
+    sequential x += attn; x += ffn(norm2(x)), or parallel x += attn + ffn(norm2(x) or h), or
+    post-norm (OPT-350m) x = norm(x + attn(x)); x = norm2(x + ffn(x)) -- `DecoderSpec.residual`.
+Learned absolute positions (OPT) are added to the embedding rows; OPT's project_in / project_out
+linears sit after the embedding and before the head.
 Every linear is a MatMul named after its module (`layers.0.mlp.gate_proj`), with the weight
 stored [in, out], so `sparsify`, `quantize`, ... find and rewrite them like any other graph's.
 The graph runs in onnxruntime (CachedAttention has a function body): that run is the
@@ -114,70 +119,21 @@ def build_prefill_graph(spec: DecoderSpec, tokens: int, cache_capacity: int, win
 
 def _build(spec: DecoderSpec, b: _Builder, cache_capacity: int = 0, window: int = 0) -> ir.Model:
     w = spec.weights
-    rows = b.tokens
-    d, hd, heads, kv = spec.hidden_size, spec.head_dim, spec.heads, spec.kv_heads
-    group = heads // kv
-    embed = b.weight("embed.weight", w["embed.weight"])
-    ids = b.op("Reshape", ["input_ids", b.const([rows], np.int64)], "embed/ids")
-    x = b.op("Gather", [embed, ids], "embed")  # [rows, d]
-    if spec.embed_scale != 1.0:
-        x = b.op("Mul", [x, b.const(spec.embed_scale)], "embed/scale")
+    x = _embed(b, spec)
     positions = "position"
     if b.prefill:
-        positions = b.op("Add", ["position", b.const(np.arange(rows), np.int64)], "positions")
-    cos = b.op("Gather", [b.weight("rope.cos", spec.rope_cos), positions], "rope/cos")  # [rows, hd]
-    sin = b.op("Gather", [b.weight("rope.sin", spec.rope_sin), positions], "rope/sin")
-    if b.prefill:  # one row of the table per token, the same for every head
-        cos = b.op("Reshape", [cos, b.const([rows, 1, hd], np.int64)], "rope/cos_rows")
-        sin = b.op("Reshape", [sin, b.const([rows, 1, hd], np.int64)], "rope/sin_rows")
-    scale = spec.attention_scale if spec.attention_scale is not None else hd ** -0.5
+        positions = b.op("Add", ["position", b.const(np.arange(b.tokens), np.int64)], "positions")
+    if spec.position_table is not None:  # OPT: learned absolute positions
+        table = b.weight("positions.weight", spec.position_table)
+        x = b.op("Add", [x, b.op("Gather", [table, positions], "embed/positions")], "embed/add_positions")
+    rope = _rope_rows(b, spec, positions) if spec.rotary_dim else None
     for i in range(spec.layers):
-        p = f"layers.{i}"
-        h = _rms_norm(b, spec, x, w[f"{p}.input_norm.weight"], f"{p}.input_layernorm")
-        q = _linear(b, spec, h, f"{p}.self_attn.q_proj", f"{p}.q_proj")
-        k = _linear(b, spec, h, f"{p}.self_attn.k_proj", f"{p}.k_proj")
-        v = _linear(b, spec, h, f"{p}.self_attn.v_proj", f"{p}.v_proj")
-        lead = [rows] if b.prefill else []
-        q = b.op("Reshape", [q, b.const([*lead, heads, hd], np.int64)], f"{p}.self_attn/q_heads")
-        k = b.op("Reshape", [k, b.const([*lead, kv, hd], np.int64)], f"{p}.self_attn/k_heads")
-        v = b.op("Reshape", [v, b.const([*lead, kv, hd] if b.prefill else [kv, 1, hd], np.int64)],
-                 f"{p}.self_attn/v_heads")
-        if spec.qk_norm:
-            q = _rms_norm(b, spec, q, w[f"{p}.q_norm.weight"], f"{p}.self_attn.q_norm")
-            k = _rms_norm(b, spec, k, w[f"{p}.k_norm.weight"], f"{p}.self_attn.k_norm")
-        q = _rope(b, q, cos, sin, hd, f"{p}.self_attn/rope_q")
-        k = _rope(b, k, cos, sin, hd, f"{p}.self_attn/rope_k")
-        q = b.op("Mul", [q, b.const(scale)], f"{p}.self_attn/scale")
-        name = f"{p}.self_attn/attention"
-        if b.prefill:
-            key, value = (f"cache_key.{i}", f"cache_value.{i}")
-            b.nodes.append(helper.make_node(PREFILL_ATTENTION, [q, k, v, key, value, "position"], [f"{name}.out"],
-                                            name=name, domain=LOWERING_DOMAIN, kv_heads=kv, group=group,
-                                            head_dim=hd, capacity=cache_capacity, window=window,
-                                            cache_dtype=b.cache_dtype))
-        else:
-            q = b.op("Reshape", [q, b.const([kv, group, hd], np.int64)], f"{p}.self_attn/q_groups")
-            k = b.op("Reshape", [k, b.const([kv, 1, hd], np.int64)], f"{p}.self_attn/k_groups")
-            past_k, past_v = cache_names(spec.layers)[i]
-            present_k, present_v = present_names(spec.layers)[i]
-            b.nodes.append(helper.make_node(CACHED_ATTENTION, [q, k, v, past_k, past_v],
-                                            [f"{name}.out", present_k, present_v], name=name, domain=DOMAIN))
-            b.value_info += [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
-                             for n, s in ((q, [kv, group, hd]), (k, [kv, 1, hd]), (v, [kv, 1, hd]),
-                                          (f"{name}.out", [kv, group, hd]))]
-        attn = b.op("Reshape", [f"{name}.out", b.const([rows, heads * hd], np.int64)], f"{p}.self_attn/merge")
-        o = _linear(b, spec, attn, f"{p}.self_attn.o_proj", f"{p}.o_proj")
-        x = b.op("Add", [x, o], f"{p}/attention_residual")
-        h = _rms_norm(b, spec, x, w[f"{p}.post_attention_norm.weight"], f"{p}.post_attention_layernorm")
-        gate = _linear(b, spec, h, f"{p}.mlp.gate_proj", f"{p}.gate_proj")
-        up = _linear(b, spec, h, f"{p}.mlp.up_proj", f"{p}.up_proj")
-        act = _activation(b, spec.activation, gate, f"{p}.mlp.act_fn")
-        hidden = b.op("Mul", [act, up], f"{p}.mlp/Mul")
-        down = _linear(b, spec, hidden, f"{p}.mlp.down_proj", f"{p}.down_proj")
-        x = b.op("Add", [x, down], f"{p}/residual")
+        x = _layer(b, spec, x, i, rope, cache_capacity, window)
     if b.prefill:  # only the row the caller asks for goes through the norm and the head
         x = b.op("Gather", [x, "last"], "last_row")  # [1, d]
-    h = _rms_norm(b, spec, x, w["norm.weight"], "norm")
+    h = _norm(b, spec, x, "norm", "norm") if "norm.weight" in w else x
+    if "project_out.weight" in w:  # OPT: hidden -> word_embed_proj_dim before the head
+        h = _linear(b, spec, h, "project_out", "project_out", rows=1)
     if b.prefill:
         logits = _placeholder(b, h, "lm_head", spec.vocab_size, rows=1)
     else:
@@ -185,6 +141,116 @@ def _build(spec: DecoderSpec, b: _Builder, cache_capacity: int = 0, window: int 
         logits = b.op("MatMul", [h, b.weight("lm_head.weight_kn", head.T)], "lm_head")
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="output"))
     return _model(spec, b, cache_capacity)
+
+
+def _embed(b: _Builder, spec: DecoderSpec) -> str:
+    """The token rows [rows, hidden]: the embedding, scaled (Gemma) or projected (OPT) where the model does."""
+    w = spec.weights
+    embed = b.weight("embed.weight", w["embed.weight"])
+    ids = b.op("Reshape", ["input_ids", b.const([b.tokens], np.int64)], "embed/ids")
+    x = b.op("Gather", [embed, ids], "embed")
+    if spec.embed_scale != 1.0:
+        x = b.op("Mul", [x, b.const(spec.embed_scale)], "embed/scale")
+    if "project_in.weight" in w:  # OPT: word_embed_proj_dim -> hidden
+        x = _linear(b, spec, x, "project_in", "project_in")
+    return x
+
+
+def _rope_rows(b: _Builder, spec: DecoderSpec, positions: str) -> tuple[str, str]:
+    """cos, sin rows of the model's table at the tokens' positions: [1, rotary] for one token,
+    [rows, 1, rotary] for a chunk (the same row for every head)."""
+    cos = b.op("Gather", [b.weight("rope.cos", spec.rope_cos), positions], "rope/cos")
+    sin = b.op("Gather", [b.weight("rope.sin", spec.rope_sin), positions], "rope/sin")
+    if b.prefill:
+        shape = b.const([b.tokens, 1, spec.rotary_dim], np.int64)
+        cos = b.op("Reshape", [cos, shape], "rope/cos_rows")
+        sin = b.op("Reshape", [sin, shape], "rope/sin_rows")
+    return cos, sin
+
+
+def _layer(b: _Builder, spec: DecoderSpec, x: str, i: int, rope, capacity: int, window: int) -> str:
+    """One decoder layer on the rows x, wired as `spec.residual` says (see DecoderSpec)."""
+    p = f"layers.{i}"
+
+    def norm1(v):
+        return _norm(b, spec, v, f"{p}.input_norm", f"{p}.input_layernorm")
+
+    def norm2(v):
+        return _norm(b, spec, v, f"{p}.post_attention_norm", f"{p}.post_attention_layernorm")
+
+    def attention(h):
+        return _attention(b, spec, h, i, rope, capacity, window)
+
+    def ffn(h):
+        return _ffn(b, spec, h, p)
+
+    if spec.residual == "sequential":
+        x = b.op("Add", [x, attention(norm1(x))], f"{p}/attention_residual")
+        return b.op("Add", [x, ffn(norm2(x))], f"{p}/residual")
+    if spec.residual == "post_norm":
+        x = norm1(b.op("Add", [x, attention(x)], f"{p}/attention_residual"))
+        return norm2(b.op("Add", [x, ffn(x)], f"{p}/residual"))
+    if spec.residual not in ("parallel", "parallel_one_norm"):
+        raise ValueError(f"residual form {spec.residual!r}")
+    h = norm1(x)
+    both = b.op("Add", [attention(h), ffn(h if spec.residual == "parallel_one_norm" else norm2(x))],
+                f"{p}/attention_plus_ffn")
+    return b.op("Add", [x, both], f"{p}/residual")
+
+
+def _attention(b: _Builder, spec: DecoderSpec, h: str, i: int, rope, capacity: int, window: int) -> str:
+    """o_proj(attention(q, k, v)) of the normed rows h, this token's k and v joining layer i's cache."""
+    w = spec.weights
+    p = f"layers.{i}"
+    rows, hd, heads, kv = b.tokens, spec.head_dim, spec.heads, spec.kv_heads
+    group = heads // kv
+    q = _linear(b, spec, h, f"{p}.self_attn.q_proj", f"{p}.q_proj")
+    k = _linear(b, spec, h, f"{p}.self_attn.k_proj", f"{p}.k_proj")
+    v = _linear(b, spec, h, f"{p}.self_attn.v_proj", f"{p}.v_proj")
+    lead = [rows] if b.prefill else []
+    q = b.op("Reshape", [q, b.const([*lead, heads, hd], np.int64)], f"{p}.self_attn/q_heads")
+    k = b.op("Reshape", [k, b.const([*lead, kv, hd], np.int64)], f"{p}.self_attn/k_heads")
+    v = b.op("Reshape", [v, b.const([*lead, kv, hd] if b.prefill else [kv, 1, hd], np.int64)],
+             f"{p}.self_attn/v_heads")
+    if spec.qk_norm:
+        q = _rms_norm(b, spec, q, w[f"{p}.q_norm.weight"], f"{p}.self_attn.q_norm")
+        k = _rms_norm(b, spec, k, w[f"{p}.k_norm.weight"], f"{p}.self_attn.k_norm")
+    if rope is not None:
+        q = _rope(b, q, *rope, hd, spec.rotary_dim, f"{p}.self_attn/rope_q")
+        k = _rope(b, k, *rope, hd, spec.rotary_dim, f"{p}.self_attn/rope_k")
+    scale = spec.attention_scale if spec.attention_scale is not None else hd ** -0.5
+    q = b.op("Mul", [q, b.const(scale)], f"{p}.self_attn/scale")
+    name = f"{p}.self_attn/attention"
+    if b.prefill:
+        key, value = (f"cache_key.{i}", f"cache_value.{i}")
+        b.nodes.append(helper.make_node(PREFILL_ATTENTION, [q, k, v, key, value, "position"], [f"{name}.out"],
+                                        name=name, domain=LOWERING_DOMAIN, kv_heads=kv, group=group,
+                                        head_dim=hd, capacity=capacity, window=window,
+                                        cache_dtype=b.cache_dtype))
+    else:
+        q = b.op("Reshape", [q, b.const([kv, group, hd], np.int64)], f"{p}.self_attn/q_groups")
+        k = b.op("Reshape", [k, b.const([kv, 1, hd], np.int64)], f"{p}.self_attn/k_groups")
+        past_k, past_v = cache_names(spec.layers)[i]
+        present_k, present_v = present_names(spec.layers)[i]
+        b.nodes.append(helper.make_node(CACHED_ATTENTION, [q, k, v, past_k, past_v],
+                                        [f"{name}.out", present_k, present_v], name=name, domain=DOMAIN))
+        b.value_info += [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+                         for n, s in ((q, [kv, group, hd]), (k, [kv, 1, hd]), (v, [kv, 1, hd]),
+                                      (f"{name}.out", [kv, group, hd]))]
+    attn = b.op("Reshape", [f"{name}.out", b.const([rows, heads * hd], np.int64)], f"{p}.self_attn/merge")
+    return _linear(b, spec, attn, f"{p}.self_attn.o_proj", f"{p}.o_proj")
+
+
+def _ffn(b: _Builder, spec: DecoderSpec, h: str, p: str) -> str:
+    """down(act(gate(h)) * up(h)) or down(act(up(h))): found by ir.blocks as a gated / mlp FFN."""
+    if spec.gated_ffn:
+        gate = _linear(b, spec, h, f"{p}.mlp.gate_proj", f"{p}.gate_proj")
+        up = _linear(b, spec, h, f"{p}.mlp.up_proj", f"{p}.up_proj")
+        hidden = b.op("Mul", [_activation(b, spec.activation, gate, f"{p}.mlp.act_fn"), up], f"{p}.mlp/Mul")
+    else:
+        up = _linear(b, spec, h, f"{p}.mlp.up_proj", f"{p}.up_proj")
+        hidden = _activation(b, spec.activation, up, f"{p}.mlp.act_fn")
+    return _linear(b, spec, hidden, f"{p}.mlp.down_proj", f"{p}.down_proj")
 
 
 def _model(spec: DecoderSpec, b: _Builder, capacity: int) -> ir.Model:
@@ -225,15 +291,26 @@ def _placeholder(b: _Builder, x: str, layer: str, n: int, rows: int | None = Non
     return f"{layer}.out"
 
 
-def _linear(b: _Builder, spec: DecoderSpec, x: str, node_name: str, key: str) -> str:
+def _linear(b: _Builder, spec: DecoderSpec, x: str, node_name: str, key: str, rows: int | None = None) -> str:
     if b.prefill:
-        y = _placeholder(b, x, node_name, spec.weights[f"{key}.weight"].shape[0])
+        y = _placeholder(b, x, node_name, spec.weights[f"{key}.weight"].shape[0], rows)
     else:
         y = b.op("MatMul", [x, b.weight(f"{key}.weight_kn", spec.weights[f"{key}.weight"].T)], node_name)
     bias = spec.weights.get(f"{key}.bias")
     if bias is not None:
         y = b.op("Add", [y, b.weight(f"{key}.bias", bias)], f"{node_name}/bias")
     return y
+
+
+def _norm(b: _Builder, spec: DecoderSpec, x: str, key: str, name: str) -> str:
+    """The model's norm (RMSNorm, or LayerNorm with its shift) of x over the last axis; its
+    parameters are `key`.weight / `key`.bias of the spec."""
+    weight = spec.weights[f"{key}.weight"]
+    if spec.norm == "rms":
+        return _rms_norm(b, spec, x, weight, name)
+    shift = spec.weights.get(f"{key}.bias", np.zeros_like(weight))
+    return b.op("LayerNormalization", [x, b.weight(f"{name}.weight", weight), b.weight(f"{name}.bias", shift)],
+                name, axis=-1, epsilon=spec.norm_eps)
 
 
 def _rms_norm(b: _Builder, spec: DecoderSpec, x: str, weight: np.ndarray, name: str) -> str:
@@ -246,13 +323,22 @@ def _rms_norm(b: _Builder, spec: DecoderSpec, x: str, weight: np.ndarray, name: 
     return b.op("Mul", [normed, b.weight(f"{name}.weight", scale)], f"{name}/weight")
 
 
-def _rope(b: _Builder, x: str, cos: str, sin: str, hd: int, name: str) -> str:
-    """x * cos + rotate_half(x) * sin (the Llama convention: rotate_half(x) = [-x2, x1])."""
-    half = hd // 2
-    x1 = b.op("Slice", [x, b.const([0], np.int64), b.const([half], np.int64), b.const([-1], np.int64)], f"{name}/x1")
-    x2 = b.op("Slice", [x, b.const([half], np.int64), b.const([hd], np.int64), b.const([-1], np.int64)], f"{name}/x2")
+def _rope(b: _Builder, x: str, cos: str, sin: str, hd: int, rotary: int, name: str) -> str:
+    """x * cos + rotate_half(x) * sin on the first `rotary` dims of each head, the rest passed
+    through (partial rotary: GPT-NeoX's rotary_pct, partial_rotary_factor); the Llama / NeoX
+    convention rotate_half(x) = [-x2, x1] applies to that slice."""
+    def dims(value: str, start: int, stop: int, suffix: str) -> str:
+        return b.op("Slice", [value, b.const([start], np.int64), b.const([stop], np.int64), b.const([-1], np.int64)],
+                    f"{name}/{suffix}")
+
+    part = x if rotary == hd else dims(x, 0, rotary, "rotary")
+    x1, x2 = dims(part, 0, rotary // 2, "x1"), dims(part, rotary // 2, rotary, "x2")
     rotated = b.op("Concat", [b.op("Neg", [x2], f"{name}/neg"), x1], f"{name}/rotate", axis=-1)
-    return b.op("Add", [b.op("Mul", [x, cos], f"{name}/cos"), b.op("Mul", [rotated, sin], f"{name}/sin")], f"{name}/add")
+    out = b.op("Add", [b.op("Mul", [part, cos], f"{name}/cos"), b.op("Mul", [rotated, sin], f"{name}/sin")],
+               f"{name}/add")
+    if rotary == hd:
+        return out
+    return b.op("Concat", [out, dims(x, rotary, hd, "pass")], f"{name}/with_pass", axis=-1)
 
 
 def _activation(b: _Builder, kind: str, x: str, name: str) -> str:

@@ -25,6 +25,9 @@ COMMON = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention
               intermediate_size=96, max_position_embeddings=128, eos_token_id=1, bos_token_id=0, pad_token_id=0)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
+# The LayerNorm families name their sizes differently and have no GQA knob of that name.
+SIZES = {k: v for k, v in COMMON.items() if k not in ("num_key_value_heads", "intermediate_size")} | {
+    "initializer_range": 0.1}  # attention far from uniform, so that a position or rotary error shows
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**COMMON, rope_scaling=LLAMA3_ROPE),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON),
@@ -32,6 +35,28 @@ FAMILIES = {
     "phi3": lambda: transformers.Phi3Config(**COMMON),
     "gemma": lambda: transformers.GemmaConfig(**COMMON, head_dim=16),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
+    # Phi-4-mini: RoPE on the first 3/4 of each head
+    "phi3_partial_rotary": lambda: transformers.Phi3Config(**COMMON, partial_rotary_factor=0.75),
+    # Pythia: parallel residual, per-head interleaved query_key_value with biases, rotary on 1/4 of each head
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**SIZES, intermediate_size=96, rotary_pct=0.25),
+    "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**SIZES, intermediate_size=96, rotary_pct=0.5,
+                                                              use_parallel_residual=False, hidden_act="gelu_new"),
+    # OPT-125m: learned positions, pre-norm, fc1 / ReLU / fc2 with biases
+    "opt": lambda: transformers.OPTConfig(**SIZES, ffn_dim=96, word_embed_proj_dim=64),
+    # OPT-350m: post-norm (no final norm), embeddings of 32 projected to the hidden 64 and back
+    "opt_post_norm": lambda: transformers.OPTConfig(**SIZES, ffn_dim=96, word_embed_proj_dim=32,
+                                                    do_layer_norm_before=False),
+    # Falcon-7B: multi-query, attention and MLP in parallel on one input_layernorm
+    "falcon": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96, multi_query=True, parallel_attn=True),
+    # Falcon-40B: new_decoder_architecture, kv groups of 2 queries + k + v in the fused qkv, ln_attn and ln_mlp
+    "falcon_new_arch": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96, new_decoder_architecture=True,
+                                                         num_kv_heads=2),
+    "falcon_new_arch_one_norm": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96,
+                                                                  new_decoder_architecture=True, num_kv_heads=2,
+                                                                  num_ln_in_parallel_attn=1),
+    # sequential Falcon with separate q, k, v heads interleaved in the fused qkv, biases
+    "falcon_sequential": lambda: transformers.FalconConfig(**SIZES, ffn_hidden_size=96, multi_query=False,
+                                                           parallel_attn=False, bias=True),
 }
 
 
@@ -41,7 +66,7 @@ def random_lm(family: str, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name:
+            if "norm" in name or "bias" in name or ".ln_" in name:  # Falcon: ln_attn, ln_mlp, ln_f
                 p += 0.1 * torch.randn_like(p)
     return model
 
@@ -86,12 +111,46 @@ def test_phi3_fused_projections_become_a_gated_ffn():
 
 
 def test_unsupported_family_and_context_are_clear_errors():
-    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                             ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ActsparseError, match="not supported for generation"):
-        read_causal_lm(opt, 16)
+        read_causal_lm(gpt2, 16)
     with pytest.raises(ActsparseError, match="max_position_embeddings"):
         read_causal_lm(random_lm("llama"), 4096)
+    with pytest.raises(ActsparseError, match="max_position_embeddings"):
+        read_causal_lm(random_lm("opt"), 129)  # the learned position table ends at 128
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "opt_post_norm", "falcon_new_arch"])
+def test_layernorm_family_folders_read_like_their_modules(family, tmp_path):
+    """A saved folder keeps the checkpoint names (GPT-NeoX's head is `embed_out`, tied heads are
+    left out): read from safetensors, the decode step still gives transformers' logits."""
+    model = random_lm(family)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokens = [0, 5, 9, 200, 31, 7]
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0].numpy()
+    got = ort_decode_logits(build_decode_graph(read_causal_lm(tmp_path, 32)), tokens)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_falcon_alibi_is_refused_by_name():
+    config = transformers.FalconConfig(**SIZES, alibi=True)
+    with pytest.raises(ActsparseError, match="ALiBi"):
+        read_causal_lm(transformers.AutoModelForCausalLM.from_config(config), 32)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "opt", "falcon"])
+def test_non_gated_ffns_are_found_as_ffn_blocks(family):
+    """fc1 / act / fc2 (with biases) is an "mlp" FFN block and fused qkv projections are split into
+    q, k, v: sparsify, quantize and the kernels find them as in a Llama."""
+    from actsparse.ir.blocks import find_blocks
+
+    blocks = find_blocks(build_decode_graph(read_causal_lm(random_lm(family), 32)))
+    assert [b.kind for b in blocks.ffn] == ["mlp", "mlp"]
+    assert [b.name for b in blocks.ffn] == ["layers.0.mlp", "layers.1.mlp"]
+    assert len(blocks.attention) == 2 and all(b.o is not None and not b.fused_qkv for b in blocks.attention)
+    expected = "relu" if family == "opt" else "gelu"
+    assert all(b.activation.kind == expected for b in blocks.ffn)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +174,36 @@ def test_compiled_greedy_equals_transformers(llama, dense_lm):
     assert lm.stats.decode_tokens_per_second > 0
     # a second sequence on the same object, without reloading, gives the same tokens
     assert list(lm.generate(prompt, 30, stop_tokens=[])) == got
+
+
+NEW_FAMILIES = ["phi3_partial_rotary", "gpt_neox", "gpt_neox_sequential", "opt", "opt_post_norm", "falcon",
+                "falcon_new_arch", "falcon_sequential"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_compiled_greedy_equals_transformers_per_family(family, tmp_path):
+    """LayerNorm, parallel residual, learned positions, partial rotary, fused qkv layouts: the
+    compiled decode step over the KV cache generates transformers' greedy tokens."""
+    model = random_lm(family)
+    art = compile_causal_lm(model, "host", output=tmp_path / f"{family}.actsparse", max_context=48)
+    lm = actsparse.load(art.path)
+    prompt = [0, 17, 42, 99, 5]
+    assert list(lm.generate(prompt, 24, stop_tokens=[])) == torch_greedy(model, prompt, 24)
+    assert lm.info["family"] == model.config.model_type
+
+
+@pytest.mark.slow
+def test_opt_relu_ffn_runs_on_the_sparse_kernel(tmp_path):
+    """OPT's fc1 / ReLU / fc2: with no pass at all, fc2 reads only the rows of the nonzero ReLU
+    outputs (the `nonzero` kernel) and the tokens are still transformers'."""
+    model = random_lm("opt")
+    art = compile_causal_lm(model, "host", output=tmp_path / "opt.actsparse", max_context=32)
+    kernels = {k["name"]: k["kernel"] for k in art.kernels}
+    assert [kernels[f"layers.{i}.mlp.down_proj"] for i in range(2)] == ["nonzero"] * 2
+    assert kernels["layers.0.mlp.up_proj"] == "dense"
+    lm = actsparse.load(art.path)
+    assert list(lm.generate([2, 7, 9], 12, stop_tokens=[])) == torch_greedy(model, [2, 7, 9], 12)
 
 
 def test_compiled_step_logits_and_perplexity_match_onnxruntime(llama, dense_lm):
@@ -186,6 +275,29 @@ def test_teal_decode_step_runs_sparse_kernels_everywhere(llama, tmp_path):
     tokens = list(lm.generate([0, 3, 9], 10, stop_tokens=[]))
     assert len(tokens) == 10 and all(0 <= t < 300 for t in tokens)
     assert np.isfinite(lm.perplexity([0, 3, 9, 27, 81, 243]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt_neox", "falcon"])
+def test_teal_on_layernorm_families_runs_sparse_kernels_and_a_dense_prompt(family, tmp_path):
+    """TEAL on non-gated FFNs with biases, parallel residuals (Falcon: q, k, v and fc1 share one
+    normed input, so one threshold): every projection on the sparse kernel; the prompt chunk reads
+    those kernels' weights densely and gives transformers' logits of the dense model."""
+    model = random_lm(family)
+    art = compile_causal_lm(model, "host", "sparsify{method=teal,sparsity=0.5}", output=tmp_path / "teal.actsparse",
+                            max_context=64)  # room for two chunks
+    kernels = {k["name"]: k["kernel"] for k in art.kernels}
+    projections = [n for n in kernels if ".self_attn." in n or ".mlp." in n]
+    assert len(projections) == 12 and all(kernels[n] == "threshold" for n in projections)
+    assert all(abs(l["calibrated_sparsity"] - 0.5) < 0.1 for l in art.records[-1].report["layers"])
+    lm = actsparse.load(art.path)
+    assert lm.prefill_tokens == 32
+    tokens = [0] + [int(t) for t in np.random.default_rng(2).integers(2, 300, 39)]
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0, -1].numpy()
+    lm.reset()
+    np.testing.assert_allclose(lm.prefill(tokens), expected, atol=1e-4, rtol=1e-4)
+    assert len(list(lm.generate([0, 3, 9], 8, stop_tokens=[]))) == 8
 
 
 def test_calibration_feeds_are_decode_steps(llama):
@@ -301,10 +413,3 @@ def test_bf16_and_fp16_checkpoints_compile_as_float32(tmp_path):
             expected = model.float()(torch.tensor([tokens])).logits[0].numpy()
         lm.reset()
         np.testing.assert_allclose(np.array([lm.step(t) for t in tokens]), expected, atol=1e-4, rtol=1e-3)
-
-
-def test_partial_rotary_is_refused_by_name():
-    """Phi-4-mini-style partial_rotary_factor < 1: one clear error, not a shape error in onnxruntime."""
-    config = transformers.Phi3Config(**COMMON, partial_rotary_factor=0.75)
-    with pytest.raises(ActsparseError, match="partial rotary embeddings"):
-        read_causal_lm(transformers.AutoModelForCausalLM.from_config(config), 32)

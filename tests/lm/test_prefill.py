@@ -97,10 +97,14 @@ def test_teal_prompt_runs_dense_over_the_sparse_kernels_weights(llama, dense, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma", "phi3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma", "phi3", "phi3_partial_rotary", "gpt_neox",
+                                    "gpt_neox_sequential", "opt", "opt_post_norm", "falcon", "falcon_new_arch",
+                                    "falcon_sequential"])
 def test_families_chunks_equal_single_steps(family, tmp_path):
     """Biases (qwen2), q/k norms (qwen3), a scaled embedding, norm offset and GELU FFN (gemma), fused
-    projections split (phi3)."""
+    projections split (phi3), partial rotary (phi3_partial_rotary, gpt_neox), LayerNorm and parallel
+    residual (gpt_neox, falcon), learned positions, post-norm and the embedding projections (opt),
+    and the fused-qkv layouts (falcon: multi-query, kv groups, per-head)."""
     art = compile_causal_lm(random_lm(family), "host", output=tmp_path / f"{family}.actsparse", max_context=64)
     lm = actsparse.load(art.path)
     assert lm.prefill_tokens == 32
