@@ -24,6 +24,14 @@ def stepped_logits(lm, tokens) -> np.ndarray:
     return np.array([lm.step(t) for t in tokens])
 
 
+def assert_chunk_equals_steps(lm, tokens=TOKENS[:40], tolerance: float = 1e-4) -> None:
+    """The prompt through `prefill` (chunks) gives the last logits the decode step gives token by token."""
+    assert lm.prefill_tokens == 32, lm.info["prefill"]
+    reference = stepped_logits(lm, tokens)
+    lm.reset()
+    np.testing.assert_allclose(lm.prefill(tokens), reference[-1], atol=tolerance, rtol=tolerance)
+
+
 def count_chunks(lm) -> list[int]:
     calls: list[int] = []
     run = lm._run_chunk
@@ -106,21 +114,15 @@ def test_families_chunks_equal_single_steps(family, tmp_path):
     residual (gpt_neox, falcon), learned positions, post-norm and the embedding projections (opt),
     and the fused-qkv layouts (falcon: multi-query, kv groups, per-head)."""
     art = compile_causal_lm(random_lm(family), "host", output=tmp_path / f"{family}.actsparse", max_context=64)
-    lm = actsparse.load(art.path)
-    assert lm.prefill_tokens == 32
-    reference = stepped_logits(lm, TOKENS[:40])
-    lm.reset()
-    np.testing.assert_allclose(lm.prefill(TOKENS[:40]), reference[-1], atol=1e-4, rtol=1e-4)
+    assert_chunk_equals_steps(actsparse.load(art.path))
 
 
 @pytest.mark.slow
 def test_sliding_window_chunks_equal_single_steps(tmp_path):
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(transformers.MistralConfig(**COMMON, sliding_window=6)).eval()
-    lm = actsparse.load(compile_causal_lm(model, "host", output=tmp_path / "sw.actsparse", max_context=64).path)
-    reference = stepped_logits(lm, TOKENS[:40])
-    lm.reset()
-    np.testing.assert_allclose(lm.prefill(TOKENS[:40]), reference[-1], atol=1e-4, rtol=1e-4)
+    assert_chunk_equals_steps(actsparse.load(compile_causal_lm(model, "host", output=tmp_path / "sw.actsparse",
+                                                               max_context=64).path))
 
 
 @pytest.mark.slow
@@ -129,11 +131,7 @@ def test_relufied_fused_ffn_chunks_follow_the_decode_activation(llama, tmp_path)
     form: gate panels, Wu^T read through strides), not from the model's own SiLU."""
     art = compile_causal_lm(llama, "host", "relufy", output=tmp_path / "relu.actsparse", max_context=64)
     assert {k["kernel"] for k in art.kernels if k["name"].endswith(".mlp")} == {"ffn_gate_sparse"}
-    lm = actsparse.load(art.path)
-    assert lm.prefill_tokens == 32
-    reference = stepped_logits(lm, TOKENS[:40])
-    lm.reset()
-    np.testing.assert_allclose(lm.prefill(TOKENS[:40]), reference[-1], atol=1e-4, rtol=1e-4)
+    assert_chunk_equals_steps(actsparse.load(art.path))
 
 
 @pytest.mark.slow
@@ -149,10 +147,7 @@ def test_quantized_chunks_run_the_int8_and_int4_kernels_at_32_rows(llama, tmp_pa
     teal = "sparsify{method=teal,sparsity=0.5},"
     for passes in ("quantize{mode=dynamic,bits=8}", "quantize{mode=weight_only,bits=4}"):
         lm = build(passes)
-        assert lm.prefill_tokens == 32, lm.info["prefill"]
-        reference = stepped_logits(lm, TOKENS[:40])
-        lm.reset()
-        np.testing.assert_allclose(lm.prefill(TOKENS[:40]), reference[-1], atol=1e-4, rtol=1e-4)
+        assert_chunk_equals_steps(lm)
     # int4 + TEAL: the sparse kernels' K-major layout, read densely (mode nonzero, 8 rows a call).
     # The int4 model's dense kernel may round x to int8 (VNNI): the two agree to that rounding,
     # far closer than the TEAL model's sparse steps are to either.
@@ -164,13 +159,13 @@ def test_quantized_chunks_run_the_int8_and_int4_kernels_at_32_rows(llama, tmp_pa
     assert np.abs(dense_prompt - int4_prompt).max() < 0.2 * np.abs(sparse_steps - int4_prompt).max()
     # int8 + TEAL takes the one-row VNNI kernel where the CPU has VNNI: the prompt says why it steps
     int8_teal = build(teal + "quantize{mode=dynamic,bits=8}")
-    if has_int8_dot_product(resolve_target("host")):
-        assert int8_teal.prefill_tokens == 0 and "VNNI" in int8_teal.info["prefill"]["reason"]
-    else:
-        assert int8_teal.prefill_tokens == 32
+    if not has_int8_dot_product(resolve_target("host")):
+        assert int8_teal.prefill_tokens == 32  # the multi-row int8 kernels over the sparse layout
+        return
+    assert int8_teal.prefill_tokens == 0 and "VNNI" in int8_teal.info["prefill"]["reason"]
     reference = stepped_logits(int8_teal, TOKENS[:20])
     int8_teal.reset()
-    np.testing.assert_allclose(int8_teal.prefill(TOKENS[:20]), reference[-1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(int8_teal.prefill(TOKENS[:20]), reference[-1])  # the same steps
 
 
 def test_weights_the_decode_step_deduplicated_are_compiled_in(tmp_path):
