@@ -43,6 +43,7 @@ from actsparse.passes.base import ActsparsePass, option, register
 SPARSE_RATIOS = np.round(np.linspace(0.0, 1.0, 21), 2)  # the α grid searched per linear
 MAX_ROWS = 4096  # calibration tokens used per linear (the search is a few matmuls of this many rows)
 DROP_ALL = np.float32(np.finfo(np.float32).max)  # threshold when α = 0: every channel goes to the rank
+RIDGE = 0.05  # basis=activation: λ as a fraction of the mean input power (few calibration tokens, many channels)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class RSparseOptions:
                                               "(the rest: rank); none: searched per linear")
     scope: Literal["down", "ffn", "attention", "all", "linears"] = option(
         "ffn", "down: FFN down inputs; ffn: FFN inputs; attention: q/k/v/o; all: ffn+attention; linears: every linear")
+    basis: Literal["weight", "activation"] = option(
+        "weight", "low-rank factors: weight = SVD of W (the paper); activation = fitted to the dropped inputs")
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -69,6 +72,8 @@ class Split:
     threshold: float
     kept: float  # fraction of calibration scores above the threshold
     error: float  # relative output error on the calibration tokens
+    lowrank_in: np.ndarray | None = None  # A [K, rank]
+    lowrank_out: np.ndarray | None = None  # B [rank, N]
 
 
 @register
@@ -96,7 +101,7 @@ class RSparsePass(ActsparsePass):
                 continue
             rows = _calibration_rows(as_rows(values[linear.input.name], linear.in_features, masks))
             weight = linear.weight_array("KN").astype(np.float64)
-            split = choose_split(rows, weight, self.options.sparsity, self.options.sparse_ratio)
+            split = choose_split(rows, weight, self.options.sparsity, self.options.sparse_ratio, self.options.basis)
             _rewrite(model, linear, weight, split)
             layers.append(_layer_report(linear, self.options.sparsity, split))
         for cleanup in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
@@ -149,22 +154,24 @@ def channel_scale(weight_kn: np.ndarray) -> np.ndarray:
     return np.sqrt(np.sum(np.square(weight_kn, dtype=np.float64), axis=1))
 
 
-def choose_split(rows: np.ndarray, weight_kn: np.ndarray, sparsity: float, sparse_ratio: float | None) -> Split:
-    """The split of one linear: the given α, or the α of the grid with the smallest output error."""
+def choose_split(rows: np.ndarray, weight_kn: np.ndarray, sparsity: float, sparse_ratio: float | None,
+                 basis: str = "weight") -> Split:
+    """The split of one linear: the given α, or the α of the grid with the smallest output error
+    on `rows` (calibration tokens), with its low-rank factors."""
     k, n = weight_kn.shape
-    u, s, _ = np.linalg.svd(weight_kn, full_matrices=False)
-    us = u * s  # x @ W = (x @ U Σ) @ Vᵀ
+    svd = np.linalg.svd(weight_kn, full_matrices=False) if basis == "weight" else None
     scores = np.abs(rows) * channel_scale(weight_kn)
     reference = float(np.sum((rows @ weight_kn) ** 2)) or 1.0
     candidates = [sparse_ratio] if sparse_ratio is not None else list(SPARSE_RATIOS)
     best = None
     for ratio in candidates:
-        keep = (1 - sparsity) * ratio
-        threshold = _threshold(scores, 1 - keep)
+        threshold = _threshold(scores, 1 - (1 - sparsity) * ratio)
         dropped = np.where(scores > threshold, 0.0, rows)
         rank = rank_for(sparsity, ratio, k, n)
-        tail = np.sum((dropped @ us[:, rank:]) ** 2) if rank < us.shape[1] else 0.0
-        split = Split(float(ratio), rank, threshold, float(np.mean(scores > threshold)), float(tail) / reference)
+        a, b = weight_factors(svd, rank) if svd is not None else activation_factors(dropped, weight_kn, rank)
+        residual = dropped @ weight_kn - (dropped @ a) @ b  # the kept rows are exact
+        split = Split(float(ratio), rank, threshold, float(np.mean(scores > threshold)),
+                      float(np.sum(residual ** 2)) / reference, a, b)
         if best is None or split.error < best.error - 1e-12:
             best = split
     return best
@@ -178,10 +185,21 @@ def _threshold(scores: np.ndarray, dropped_fraction: float) -> float:
     return float(np.quantile(scores, dropped_fraction))
 
 
-def low_rank_factors(weight_kn: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """A = U_r Σ_r [K, r], B = V_rᵀ [r, N] with A @ B the best rank-r approximation of W."""
-    u, s, vt = np.linalg.svd(weight_kn, full_matrices=False)
+def weight_factors(svd, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A = U_r Σ_r [K, r], B = V_rᵀ [r, N] from W = U Σ Vᵀ: the best rank-r approximation of W."""
+    u, s, vt = svd
     return u[:, :rank] * s[:rank], vt[:rank]
+
+
+def activation_factors(dropped: np.ndarray, weight_kn: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [K, r], B [r, N] minimizing ‖D W - D A B‖ over the dropped inputs D (ridge-regularized):
+    with DᵀD + λI = RᵀR, the best rank-r approximation of R W, mapped back through R⁻¹."""
+    k = weight_kn.shape[0]
+    covariance = dropped.T @ dropped
+    covariance += np.eye(k) * (RIDGE * np.trace(covariance) / k + 1e-12)
+    upper = np.linalg.cholesky(covariance).T
+    u, s, vt = np.linalg.svd(upper @ weight_kn, full_matrices=False)
+    return np.linalg.solve(upper, u[:, :rank] * s[:rank]), vt[:rank]
 
 
 def _rewrite(model: ir.Model, linear: Linear, weight_kn: np.ndarray, split: Split) -> None:
@@ -196,7 +214,7 @@ def _rewrite(model: ir.Model, linear: Linear, weight_kn: np.ndarray, split: Spli
         linear.node.replace_input_with(0, sparse)
         return
     ensure_function(model, RANK_SPARSE_MATMUL)
-    a, b = low_rank_factors(weight_kn, split.rank)
+    a, b = split.lowrank_in, split.lowrank_out
     if linear.node.op_type == "MatMul" and linear.weight_layout == "KN" and not linear.weight_nodes:
         weight = linear.weight  # the model's own tensor: no copy
     else:
