@@ -15,11 +15,13 @@ at 50 % reads as many bytes as TEAL at 50 %: (1 - sparsity) K N floats. The shar
 the channels on the calibration tokens), the rest to the rank:
 r = floor((1 - sparsity) (1 - α) K N / (K + N)), since A and B hold r (K + N) floats.
 
-α per linear: with `sparse_ratio=none` (the default) each linear takes the α of a grid (0, 0.05,
+α per linear: with `sparse_ratio=none` (the default) each linear takes the α of a grid (0, 0.1,
 .., 1) that minimizes its own relative output error on the calibration tokens (the paper runs an
 evolutionary search over whole-model loss instead). The rows kept are exact, so the error is the
-dropped part's, and for every rank at once it has a closed form: with D = x where not keep,
+dropped part's, and with the paper's SVD of W it has a closed form: with D = x where not keep,
 ‖D W - D A B‖² = Σ_{j >= r} ‖D (U Σ)[:, j]‖² (the rows of Vᵀ are orthonormal).
+`basis=activation` (an actsparse extension, not the paper's) fits A and B to the dropped inputs
+themselves instead: the best rank-r fit of D W under a small ridge (see `activation_factors`).
 A linear whose rank comes out 0 gets a plain SparsifyWeighted (WINA's op) instead.
 Approximate: the pipeline reports the cost.
 """
@@ -40,8 +42,8 @@ from actsparse.ir.custom_ops import (DOMAIN, RANK_SPARSE_MATMUL, add_initializer
                                      unique_name, unique_node_name)
 from actsparse.passes.base import ActsparsePass, option, register
 
-SPARSE_RATIOS = np.round(np.linspace(0.0, 1.0, 21), 2)  # the α grid searched per linear
-MAX_ROWS = 4096  # calibration tokens used per linear (the search is a few matmuls of this many rows)
+SPARSE_RATIOS = np.round(np.linspace(0.0, 1.0, 11), 2)  # the α grid searched per linear
+MAX_ROWS = 2048  # calibration tokens used per linear (the search is a few matmuls of this many rows)
 DROP_ALL = np.float32(np.finfo(np.float32).max)  # threshold when α = 0: every channel goes to the rank
 RIDGE = 0.05  # basis=activation: λ as a fraction of the mean input power (few calibration tokens, many channels)
 
@@ -168,10 +170,13 @@ def choose_split(rows: np.ndarray, weight_kn: np.ndarray, sparsity: float, spars
         threshold = _threshold(scores, 1 - (1 - sparsity) * ratio)
         dropped = np.where(scores > threshold, 0.0, rows)
         rank = rank_for(sparsity, ratio, k, n)
-        a, b = weight_factors(svd, rank) if svd is not None else activation_factors(dropped, weight_kn, rank)
-        residual = dropped @ weight_kn - (dropped @ a) @ b  # the kept rows are exact
-        split = Split(float(ratio), rank, threshold, float(np.mean(scores > threshold)),
-                      float(np.sum(residual ** 2)) / reference, a, b)
+        if svd is not None:  # ‖D W - D A B‖² = Σ_{j >= r} ‖D (U Σ)[:, j]‖²: Vᵀ's rows are orthonormal
+            u, s, vt = svd
+            error = float(np.sum((dropped @ (u[:, rank:] * s[rank:])) ** 2))
+            a, b = u[:, :rank] * s[:rank], vt[:rank]
+        else:
+            a, b, error = activation_factors(dropped, weight_kn, rank)
+        split = Split(float(ratio), rank, threshold, float(np.mean(scores > threshold)), error / reference, a, b)
         if best is None or split.error < best.error - 1e-12:
             best = split
     return best
@@ -185,21 +190,16 @@ def _threshold(scores: np.ndarray, dropped_fraction: float) -> float:
     return float(np.quantile(scores, dropped_fraction))
 
 
-def weight_factors(svd, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """A = U_r Σ_r [K, r], B = V_rᵀ [r, N] from W = U Σ Vᵀ: the best rank-r approximation of W."""
-    u, s, vt = svd
-    return u[:, :rank] * s[:rank], vt[:rank]
-
-
-def activation_factors(dropped: np.ndarray, weight_kn: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """A [K, r], B [r, N] minimizing ‖D W - D A B‖ over the dropped inputs D (ridge-regularized):
-    with DᵀD + λI = RᵀR, the best rank-r approximation of R W, mapped back through R⁻¹."""
+def activation_factors(dropped: np.ndarray, weight_kn: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """A [K, r], B [r, N] minimizing ‖D W - D A B‖² + λ‖W - A B‖² over the dropped inputs D: with
+    DᵀD + λI = RᵀR, the best rank-r approximation of R W, mapped back through R⁻¹; and that
+    minimum, Σ_{j >= r} σ_j(R W)² (an upper bound of the error on D alone)."""
     k = weight_kn.shape[0]
     covariance = dropped.T @ dropped
     covariance += np.eye(k) * (RIDGE * np.trace(covariance) / k + 1e-12)
     upper = np.linalg.cholesky(covariance).T
     u, s, vt = np.linalg.svd(upper @ weight_kn, full_matrices=False)
-    return np.linalg.solve(upper, u[:, :rank] * s[:rank]), vt[:rank]
+    return np.linalg.solve(upper, u[:, :rank] * s[:rank]), vt[:rank], float(np.sum(s[rank:] ** 2))
 
 
 def _rewrite(model: ir.Model, linear: Linear, weight_kn: np.ndarray, split: Split) -> None:
