@@ -203,7 +203,7 @@ def activation_factors(dropped: np.ndarray, weight_kn: np.ndarray, rank: int) ->
 
 
 def _rewrite(model: ir.Model, linear: Linear, weight_kn: np.ndarray, split: Split) -> None:
-    x = linear.input
+    x = linear.node.inputs[0]  # not linear.input: a linear rewritten before may have produced it
     x_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
     w_dtype = ir.convenience.get_const_tensor(linear.weight).dtype.numpy()
     base = linear.name or "linear"

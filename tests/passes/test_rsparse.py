@@ -149,6 +149,26 @@ def test_through_the_verified_pipeline():
     assert record.vs_original.cosine > 0.9
 
 
+def test_chained_linears_each_read_the_previous_rewrite():
+    """scope=linears on x -> MatMul -> MatMul: the second op reads the first op's output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 24)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.standard_normal((24, 8)).astype(np.float32), "w1")]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="first"),
+             helper.make_node("MatMul", ["h", "w1"], ["y"], name="second")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    samples = [{"x": rng.standard_normal((2, 16)).astype(np.float32)} for _ in range(8)]
+    after, _, _ = _rsparse(model, samples, scope="linears", sparsity=0.5, sparse_ratio=0.5)
+    first, second = [n for n in after.graph if n.domain == DOMAIN]
+    assert second.inputs[0] is first.outputs[0] and [o.name for o in after.graph.outputs] == ["y"]
+    check_model(after, "rsparse")
+    assert run_onnxruntime(after, samples[0])[0].shape == (2, 8)
+
+
 # ------------------------------------------------------------------ budget and split search
 
 def test_bytes_read_match_the_budget():
