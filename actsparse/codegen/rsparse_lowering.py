@@ -1,7 +1,7 @@
 """Lower actsparse.RankSparseMatMul (the `rsparse` pass) before the other linears get kernels.
 
     one token (x [1, K] or [1, 1, K]) on a CPU, constant operands, rank >= 1:
-        RankSparseMatMul(x, t, s, W, A, B)  =>  ActsparseRankSparseLinear(x, t, s, A_padded, [W; B])
+        RankSparseMatMul(x, t, s, W, A, B)  =>  ActsparseRankSparseLinear(x, t, s, A panels, [W; B])
                                                 (kernels/cpu/rsparse.py: one walk over the kept rows
                                                  of W and the rows of B)
     otherwise (prefill rows, CUDA, a threshold given at run time):
@@ -68,12 +68,12 @@ def _fuse(model: ir.Model, node: ir.Node, operands: list[np.ndarray], lanes: int
     threshold, scale, w, a, b = operands
     k, n = w.shape
     rank = a.shape[1]
-    a_padded, wb = pack_rank_sparse(w, a, b, lanes)
+    a_panels, wb = pack_rank_sparse(w, a, b, lanes)
     drop_pages(w)
     name = node.name or "rsparse"
     inputs = [node.inputs[0], add_initializer(model, f"{name}.threshold", threshold.reshape(1)),
               add_initializer(model, f"{name}.scale", scale.reshape(k)),
-              add_initializer(model, f"{name}.lowrank_in_padded", a_padded),
+              add_initializer(model, f"{name}.lowrank_in_panels", a_panels),
               add_initializer(model, f"{name}.weight_lowrank_out", wb)]
     attributes = {"k": ir.AttrInt64("k", k), "n": ir.AttrInt64("n", n), "rank": ir.AttrInt64("rank", rank),
                   "lanes": ir.AttrInt64("lanes", lanes)}

@@ -10,14 +10,15 @@ pytest.importorskip("tvm")
 
 from actsparse.codegen.kernels import reference as ref  # noqa: E402
 from actsparse.codegen.kernels.cpu import build_kernel  # noqa: E402
-from actsparse.codegen.kernels.cpu.rsparse import pack_rank_sparse, padded_rank, rank_sparse_matmul  # noqa: E402
+from actsparse.codegen.kernels.cpu.rsparse import pack_rank_sparse, rank_slice, rank_sparse_matmul  # noqa: E402
 from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, X86_ROWS, batch1_row_schedule  # noqa: E402
 from actsparse.codegen.targets import resolve_target  # noqa: E402
 
 ATOL = 2e-4
 RTOL = 1e-4
-# (k, n, rank): n not a multiple of the vector block, ranks below, at and above one vector.
-SHAPES = [(45, 77, 3), (64, 130, 16), (100, 36, 21)]
+# (k, n, rank): n not a multiple of the vector block; ranks leaving tasks without rows of B (3),
+# filling whole slices (64 = 4 tasks x 16 lanes) and ending inside a slice (21, 70).
+SHAPES = [(45, 77, 3), (64, 130, 64), (100, 36, 21), (37, 50, 70)]
 KEPT = [0.0, 0.3, 1.0]
 
 
@@ -62,12 +63,15 @@ def test_rank_sparse_matmul_matches_numpy(kernels, shape, kept):
                                    atol=ATOL * np.abs(expected).max(), rtol=RTOL)
 
 
-def test_pack_pads_the_rank_with_zero_columns_and_stacks_b_under_w():
-    w, a, b = np.ones((5, 7), np.float32), np.full((5, 3), 2, np.float32), np.full((3, 7), 3, np.float32)
-    a_padded, wb = pack_rank_sparse(w, a, b, lanes=8)
-    assert a_padded.shape == (5, 8) and padded_rank(3, 8) == 8
-    np.testing.assert_array_equal(a_padded[:, :3], a)
-    assert not a_padded[:, 3:].any()
+def test_pack_splits_a_into_task_panels_and_stacks_b_under_w():
+    w, b = np.ones((5, 7), np.float32), np.full((10, 7), 3, np.float32)
+    a = np.arange(50, dtype=np.float32).reshape(5, 10)
+    panels, wb = pack_rank_sparse(w, a, b, lanes=2, chunks=4)
+    assert rank_slice(10, 2, 4) == 4 and panels.shape == (4, 5, 4)
+    np.testing.assert_array_equal(panels[0], a[:, 0:4])
+    np.testing.assert_array_equal(panels[1], a[:, 4:8])
+    np.testing.assert_array_equal(panels[2][:, :2], a[:, 8:10])
+    assert not panels[2][:, 2:].any() and not panels[3].any()
     np.testing.assert_array_equal(wb, np.concatenate([w, b]))
 
 

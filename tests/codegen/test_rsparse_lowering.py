@@ -51,8 +51,8 @@ def test_one_token_becomes_one_kernel_node_per_linear():
     assert _ops(model).count(RANK_SPARSE_LINEAR) == 6 and RANK_SPARSE_MATMUL not in _ops(model)
     down = next(n for n in model.graph if n.name.startswith("layers.0.mlp.down_proj"))
     rank = int(down.attributes["rank"].value)
-    a_padded, wb = (v.const_value.numpy() for v in down.inputs[3:])
-    assert a_padded.shape == (F, -(-rank // 8) * 8) and wb.shape == (F + rank, D)
+    a_panels, wb = (v.const_value.numpy() for v in down.inputs[3:])
+    assert a_panels.shape == (4, F, -(-rank // 32) * 8) and wb.shape == (F + rank, D)
     np.testing.assert_array_equal(wb[:F], w_down)
 
 
