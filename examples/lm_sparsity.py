@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--relufy-minutes", type=float, default=None)
     parser.add_argument("--predictor-rank", type=int, default=32)
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--rsparse-methods", default=",".join(RSPARSE_METHODS), help="methods of the rsparse stage")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/lm_<size>.json")
     args = parser.parse_args(argv)
@@ -128,15 +129,16 @@ def main(argv=None) -> int:
         save()
 
     if "rsparse" in stages:
+        methods = tuple(m for m in args.rsparse_methods.split(",") if m)
         changes = {}
-        for method in RSPARSE_METHODS:
+        for method in methods:
             for level in RSPARSE_LEVELS:
                 candidate, _ = sparsified(onnx_model, method, level, calibration)
                 ppl = onnx_perplexity(candidate, heldout)
                 changes[f"{method}@{level}"] = {"method": method, "sparsity": level, "perplexity": round(ppl, 5),
                                                 "change": round(ppl / base_ppl - 1, 5)}
                 log(f"{method} {level:.0%}: perplexity {ppl:.4f} ({ppl / base_ppl - 1:+.2%})")
-        tolerance = ppl_tolerance(onnx_model, calibration, heldout, tolerance=0.01, methods=RSPARSE_METHODS,
+        tolerance = ppl_tolerance(onnx_model, calibration, heldout, tolerance=0.01, methods=methods,
                                   progress=log)
         results["rsparse"] = {"levels": changes, "ppl_1pct": tolerance}
         plot_curves(tolerance, out_path.with_name(f"{out_path.stem}_rsparse_ppl_tolerance.png"),
