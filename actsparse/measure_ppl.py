@@ -13,7 +13,9 @@ against perplexity.
 Methods, all on the FFN blocks (the part a sparse FFN kernel skips):
 teal = sparsify{method=teal,scope=ffn} (|x| on the inputs of gate/up and of down),
 wina = sparsify{method=wina,scope=ffn} (|x| * weight-row norm), cats = sparsify{method=cats}
-(one threshold on |act(gate)|), chess = chess (one threshold per channel of act(gate)).
+(one threshold on |act(gate)|), chess = chess (one threshold per channel of act(gate)),
+rsparse = rsparse{scope=ffn} (R-Sparse: `sparsity` is the fraction of the FFN weight bytes not read,
+TEAL's meaning; kept rows + the SVD of W), rsparse-act = the same with basis=activation.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import onnx_ir as ir
 
 from actsparse.errors import ActsparseError
 
-METHODS = ("teal", "wina", "cats", "chess")
+METHODS = ("teal", "wina", "cats", "chess", "rsparse", "rsparse-act")
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BISECTION_STEPS = 3
 
@@ -42,6 +44,10 @@ def method_pass(method: str, sparsity: float) -> tuple[str, dict]:
         return "sparsify", {"method": "cats", "sparsity": sparsity}
     if method == "chess":
         return "chess", {"sparsity": sparsity}
+    if method == "rsparse":
+        return "rsparse", {"scope": "ffn", "sparsity": sparsity}
+    if method == "rsparse-act":
+        return "rsparse", {"scope": "ffn", "sparsity": sparsity, "basis": "activation"}
     raise ActsparseError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
 
 

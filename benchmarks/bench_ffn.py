@@ -13,7 +13,9 @@ Model: `swiglu_stack` (h += down(silu(gate(h)) * up(h)) per layer), D=1024, F=28
   the read bound: a plain two-thread read of as many bytes as the dense weights (probe.read_sum),
   timed in the same rounds as each dense engine: its share of the read bound |
   sweeps over sparsity 0/0.3/0.5/0.7/0.9 (TEAL, shifted ReLU, indexed) + a linear fit of
-  time against the fraction of weight bytes read.
+  time against the fraction of weight bytes read |
+  actsparse R-Sparse 50 % / 70 % (rsparse pass, batch-1 rank_sparse kernel per linear) at the bytes
+  of TEAL 50 % / 70 %.
 
 Engines whose reads fit in the cache rotate over several loaded copies (4x the L3 of bytes
 actually read). GB/s counts the weight bytes an engine must read (all of them for the dense
@@ -27,6 +29,7 @@ moved by 10 % between runs of the same artifact; the "onnxruntime dense" row, a 
 paired with the first, shows the noise floor). Writes benchmarks/results/ffn.json and ffn_speed_vs_sparsity.png.
 
     .venv/bin/python benchmarks/bench_ffn.py [--layers 4] [--quick] [--blocks 12]
+    .venv/bin/python benchmarks/bench_ffn.py --only rsparse   # R-Sparse vs TEAL only -> ffn_rsparse.json
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ CALIBRATION_SAMPLES = 16
 BENCH_INPUTS = 8
 MEMORY_BUDGET = 2_500_000_000  # bytes of weight copies one engine may hold
 RESULTS = Path(__file__).resolve().parent / "results"
+RSPARSE_LEVELS = (0.5, 0.7)
+# Equal accuracy: the PPL-1 % sparsities of TEAL and R-Sparse on the in-repo mini LM's FFNs
+# (benchmarks/results/lm_mini_rsparse.json), compiled on this stack and timed head to head.
+EQUAL_ACCURACY = {"teal": 0.35, "rsparse": 0.8375}
+# The bench's weights are random (a flat spectrum: the split search would spend everything on rows),
+# and the speed depends only on the bytes read: half of the budget on rows, half on the rank.
+RSPARSE_RATIO = 0.5
 TARGETS = {  # the issue's targets: speed vs onnxruntime dense (and bandwidth for dense)
     "actsparse dense": 1.1, "actsparse TEAL 50%": 1.9, "actsparse relu 90%": 2.3, "active set up front 90%": 6.0,
 }
@@ -125,6 +135,27 @@ def teal_thresholds(records, layers: int):
 def cats_thresholds(records, layers: int):
     return [next(e["threshold"] for e in records[-1].report["layers"] if e["name"].startswith(f"layers.{i}."))
             for i in range(layers)]
+
+
+def rsparse_fraction(optimized, inputs) -> float:
+    """Fraction of the stack's linear weight bytes the R-Sparse kernels read on `inputs`: per
+    RankSparseMatMul, the kept rows of W (|x| * scale > t, measured) and all of A and B."""
+    from actsparse.calibrate.stats import collect_values
+    from actsparse.ir.custom_ops import is_rank_sparse_matmul
+
+    model = optimized.model
+    nodes = [n for n in model.graph if is_rank_sparse_matmul(n)]
+    values = collect_values(model, [n.inputs[0].name for n in nodes], [{"x": x} for x in inputs])
+    read = total = 0.0
+    for node in nodes:
+        threshold, scale, w, a = (v.const_value.numpy() for v in node.inputs[1:5])
+        k, n = w.shape
+        rank = a.shape[1]
+        xs = np.concatenate([v.reshape(-1, k) for v in values[node.inputs[0].name]])
+        kept = float(np.mean(np.abs(xs) * scale > threshold))
+        read += kept * k * n + rank * (k + n)
+        total += k * n
+    return read / total
 
 
 # ------------------------------------------------------------------------------ engines
@@ -385,6 +416,8 @@ def run(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
         del optimized
         gc.collect()
 
+    run_rsparse_levels(b)
+
     # CATS 50 %: fused ffn_gate_sparse with silu.
     optimized = b.optimize("cleanup,sparsify{method=cats,sparsity=0.5}")
     cats = cats_thresholds(optimized.records, layers)
@@ -430,10 +463,111 @@ def run(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
     }
 
 
+def run_rsparse_levels(b: Bench) -> None:
+    """R-Sparse at each of RSPARSE_LEVELS (the same bytes read as TEAL at that level)."""
+    for s in RSPARSE_LEVELS:
+        optimized = b.optimize(f"rsparse{{sparsity={s},sparse_ratio={RSPARSE_RATIO},scope=ffn}}")
+        fraction = rsparse_fraction(optimized, b.inputs)
+        reference = ort_session(optimized.to_onnx()).run(None, {"x": b.inputs[0]})[0]
+        b.artifact(f"actsparse R-Sparse {s:.0%}", optimized, f"rsparse{s}", fraction, reference, sparsity=s,
+                   sweep="rsparse", sparse_ratio=RSPARSE_RATIO)
+        del optimized
+        gc.collect()
+
+
+def run_rsparse_only(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
+    """R-Sparse next to TEAL at the same levels (fused and per-linear kernels): each paired with
+    onnxruntime dense, then the three artifacts of a level head to head (`head_to_head`): the
+    comparison at equal bytes read."""
+    from actsparse.codegen.ffn_fusion import GATE_SPARSE, enabled_forms
+
+    b = Bench(layers, iters, workdir, blocks)
+    print(f"SwiGLU FFN stack: {layers} layers, D={D}, F={F}, weights {b.weight_bytes / 1e6:.0f} MB, "
+          f"L3 {l3_cache_bytes() >> 20} MB", flush=True)
+    for s in RSPARSE_LEVELS:
+        optimized = b.optimize(f"sparsify{{method=teal,sparsity={s},scope=ffn}}")
+        t_in, t_down = teal_thresholds(optimized.records, layers)
+        fraction = float(np.mean([simulate(x, b.weights, t_in=t_in, t_down=t_down)[2] for x in b.inputs]))
+        reference = simulate(b.inputs[0], b.weights, t_in=t_in, t_down=t_down)[0]
+        b.artifact(f"actsparse TEAL {s:.0%}", optimized, f"teal{s}", fraction, reference, sparsity=s, sweep="teal")
+        with enabled_forms({GATE_SPARSE}):
+            b.artifact(f"actsparse TEAL {s:.0%} per-linear sparse kernels", optimized, f"teal_per_linear{s}",
+                       fraction, reference, sparsity=s)
+    run_rsparse_levels(b)
+    rows = {r["engine"]: r for r in b.rows}
+    comparison = {}
+    for s in RSPARSE_LEVELS:
+        fraction = min(rows[f"actsparse R-Sparse {s:.0%}"]["bytes_fraction"], rows[f"actsparse TEAL {s:.0%}"]["bytes_fraction"])
+        head = head_to_head(b, {"teal": workdir / f"teal{s}.actsparse", "teal_per_linear": workdir / f"teal_per_linear{s}.actsparse",
+                                "rsparse": workdir / f"rsparse{s}.actsparse"}, fraction)
+        print(f"  R-Sparse {s:.0%} head to head: {head}", flush=True)
+        comparison.setdefault(f"{s:.0%}", {})["head_to_head"] = head
+    comparison["equal accuracy"] = equal_accuracy(b)
+    print(f"  equal accuracy (mini LM PPL-1 %): {comparison['equal accuracy']}", flush=True)
+    for s in RSPARSE_LEVELS:
+        rsparse, teal = rows[f"actsparse R-Sparse {s:.0%}"], rows[f"actsparse TEAL {s:.0%}"]
+        per_linear = rows[f"actsparse TEAL {s:.0%} per-linear sparse kernels"]
+        comparison[f"{s:.0%}"] |= {
+            "rsparse_vs_teal_speed": round(rsparse["speed_vs_ort_dense"] / teal["speed_vs_ort_dense"], 3),
+            "rsparse_vs_teal_per_linear_speed": round(rsparse["speed_vs_ort_dense"] / per_linear["speed_vs_ort_dense"], 3),
+            "bytes_fraction": {"rsparse": round(rsparse["bytes_fraction"], 4), "teal": round(teal["bytes_fraction"], 4)},
+            "speed_per_byte_vs_teal": round(rsparse["speed_vs_ort_dense"] * rsparse["bytes_fraction"]
+                                            / (teal["speed_vs_ort_dense"] * teal["bytes_fraction"]), 3)}
+    bandwidth = copy_bandwidth_gbs()
+    for row in b.rows:
+        row["gbs"] = b.weight_bytes * row["bytes_fraction"] / (row["ms"] * 1e-3) / 1e9
+        row["bandwidth_fraction"] = row["gbs"] / bandwidth
+    return {"machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "l3_bytes": l3_cache_bytes(),
+                        "copy_bandwidth_gbs": bandwidth, "load_average_at_end": os.getloadavg()},
+            "model": {"layers": layers, "d": D, "f": F, "weight_bytes": b.weight_bytes},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": b.rows, "rsparse_vs_teal": comparison}
+
+
+def equal_accuracy(b: Bench) -> dict:
+    """TEAL and R-Sparse each at the sparsity where the mini LM's perplexity rises 1 %, head to head."""
+    teal, rsparse = EQUAL_ACCURACY["teal"], EQUAL_ACCURACY["rsparse"]
+    optimized = b.optimize(f"sparsify{{method=teal,sparsity={teal},scope=ffn}}")
+    t_in, t_down = teal_thresholds(optimized.records, b.layers)
+    teal_fraction = float(np.mean([simulate(x, b.weights, t_in=t_in, t_down=t_down)[2] for x in b.inputs]))
+    paths = {"teal": b.compile(optimized, "teal_equal_accuracy")}
+    optimized = b.optimize(f"rsparse{{sparsity={rsparse},sparse_ratio={RSPARSE_RATIO},scope=ffn}}")
+    rsparse_fraction_read = rsparse_fraction(optimized, b.inputs)
+    paths["rsparse"] = b.compile(optimized, "rsparse_equal_accuracy")
+    return {"sparsity": dict(EQUAL_ACCURACY), "bytes_fraction": {"teal": round(teal_fraction, 4),
+                                                                 "rsparse": round(rsparse_fraction_read, 4)},
+            **head_to_head(b, paths, rsparse_fraction_read)}
+
+
+def head_to_head(b: Bench, paths: dict[str, Path], fraction: float) -> dict:
+    """The compiled artifacts of `paths` timed in alternating blocks against each other (no
+    onnxruntime between them): each engine's speed relative to the first, median over blocks of
+    the same-stretch ratios, with quartiles. onnxruntime's spinning pool reacts to the other load
+    on this machine differently from our kernels, which made ratios through it swing 2x."""
+    import actsparse
+
+    copies = copies_for(b.weight_bytes, fraction)
+    xs = coprime_inputs(b.inputs, copies)
+    models = {name: [actsparse.load(path) for _ in range(copies)] for name, path in paths.items()}
+
+    def caller(loaded):
+        return lambda i: loaded[i % copies].run(x=xs[i % len(xs)])
+
+    times = interleaved_blocks({name: caller(loaded) for name, loaded in models.items()},
+                               {name: b.iters for name in models}, b.blocks)
+    first = next(iter(paths))
+    result = {"best_ms": {name: round(min(t) * 1e3, 3) for name, t in times.items()}}
+    for name in list(paths)[1:]:
+        median, q25, q75 = paired_speedup(times[first], times[name])
+        result[f"{name}_vs_{first}"] = {"median": round(median, 3), "q25": round(q25, 3), "q75": round(q75, 3)}
+    del models
+    gc.collect()
+    return result
+
+
 def linear_fits(rows: list[dict], weight_bytes: int) -> dict:
     """time_ms ~ fixed + slope * bytes fraction per sweep; slope says the effective bandwidth."""
     fits = {}
-    for sweep in ("teal", "relu", "indexed"):
+    for sweep in ("teal", "relu", "indexed", "rsparse"):
         points = [(r["bytes_fraction"], r["ms"]) for r in rows if r.get("sweep") == sweep]
         if len(points) >= 2:
             slope, fixed = np.polyfit(*zip(*points), 1)
@@ -490,7 +624,8 @@ def plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = {"teal": "actsparse TEAL (fused ffn_input_sparse)", "relu": "actsparse shifted ReLU (fused gate-sparse)",
-              "indexed": "ffn_indexed, active set given (direct kernel)"}
+              "indexed": "ffn_indexed, active set given (direct kernel)",
+              "rsparse": "actsparse R-Sparse (rank_sparse kernel per linear)"}
     # x: the weight bytes actually skipped (measured), not the nominal sparsity: TEAL's overshoots
     # at high targets and the gate-sparse kernel always reads the whole gate.
     for sweep, label in labels.items():
@@ -521,11 +656,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--blocks", type=int, default=12,
                         help="timed blocks per engine, each alternating with onnxruntime dense")
-    parser.add_argument("--output", type=Path, default=RESULTS / "ffn.json")
+    parser.add_argument("--output", type=Path, default=None, help="default: results/ffn.json (ffn_rsparse.json)")
+    parser.add_argument("--only", choices=["rsparse"], default=None,
+                        help="rsparse: only TEAL and R-Sparse at 50 %% / 70 %%, paired with onnxruntime dense")
     args = parser.parse_args(argv)
     if args.layers < 4:
         parser.error("--layers must be at least 4")
     iters = 10 if args.quick else 20
+    if args.only == "rsparse":
+        with tempfile.TemporaryDirectory(prefix="bench-ffn-") as workdir:
+            report = run_rsparse_only(args.layers, iters, Path(workdir), args.blocks)
+        output = args.output or RESULTS / "ffn_rsparse.json"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        for level, entry in report["rsparse_vs_teal"].items():
+            print(f"R-Sparse {level}: {entry}")
+        print(f"wrote {output}")
+        return 0
+    args.output = args.output or RESULTS / "ffn.json"
     with tempfile.TemporaryDirectory(prefix="bench-ffn-") as workdir:
         report = run(args.layers, iters, Path(workdir), args.blocks)
     print_table(report)

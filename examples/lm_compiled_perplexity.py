@@ -8,8 +8,9 @@
 2. onnxruntime: the full-sequence model (input_ids [1, 128] -> logits) on the held-out windows,
    as examples/lm_sparsity.py measures it;
 3. compiled: the decode step compiled for this machine, run token by token over the same windows
-   (`LanguageModel.perplexity`), dense and with TEAL at 50 % (FFN inputs, as the README's table;
-   and every linear), thresholds calibrated on decode steps of built-in text;
+   (`LanguageModel.perplexity`), dense, with TEAL at 50 % (FFN inputs, as the README's table;
+   and every linear) and with R-Sparse at 50 / 70 % (FFN inputs; `--only R-Sparse` runs just
+   those), thresholds calibrated on decode steps of built-in text;
 4. relufied (SiLU -> ReLU + ProSparse L1 fine-tuning, as lm_mini.json's relufy stage: 150 steps,
    lr 2e-3, L1 stages 0.05/0.15/0.3), compiled as it is (the ReLU-gated FFN kernel) and with a
    rank-32 active-neuron predictor (`predictor{mode=threshold,recall=0.95}`, lm_mini.json's
@@ -33,6 +34,8 @@ VARIANTS = {
     "TEAL 50% (FFN inputs)": "sparsify{method=teal,sparsity=0.5,scope=ffn}",
     "TEAL 50% (all linears)": "sparsify{method=teal,sparsity=0.5}",
     "TEAL 40% (all linears)": "sparsify{method=teal,sparsity=0.4}",
+    "R-Sparse 50% (FFN inputs)": "rsparse{sparsity=0.5,scope=ffn}",
+    "R-Sparse 70% (FFN inputs)": "rsparse{sparsity=0.7,scope=ffn}",
 }
 
 
@@ -93,6 +96,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lm_mini_compiled.json"))
+    parser.add_argument("--only", default=None,
+                        help="only the variants whose label contains this text (no relufied rows), e.g. R-Sparse")
     args = parser.parse_args(argv)
 
     import actsparse
@@ -107,7 +112,8 @@ def main(argv=None) -> dict:
     reference = onnxruntime_perplexity(load_lm(args.dir), windows)
     print(f"onnxruntime, full sequence: perplexity {reference:.5f} ({len(windows)} windows of {args.seq_len})")
     rows = []
-    for label, passes in VARIANTS.items():
+    variants = {label: p for label, p in VARIANTS.items() if args.only is None or args.only in label}
+    for label, passes in variants.items():
         start = time.perf_counter()
         art = compile_causal_lm(args.dir, "host", passes, output=Path(args.dir) / "compiled.actsparse",
                                 max_context=windows.shape[1])
@@ -117,7 +123,8 @@ def main(argv=None) -> dict:
                      "change_vs_onnxruntime_dense": round(ppl / reference - 1, 5),
                      "seconds": round(time.perf_counter() - start, 1)})
         print(f"compiled decode path, {label}: perplexity {ppl:.5f} ({ppl / reference - 1:+.2%} vs onnxruntime dense)")
-    rows += relufied_rows(args, windows, reference)
+    if args.only is None:
+        rows += relufied_rows(args, windows, reference)
     results = {"model": {"size": args.size, "train_steps": metrics["step"], "parameters": metrics["parameters"]},
                "windows": len(windows), "seq_len": args.seq_len, "onnxruntime_perplexity": round(reference, 5),
                "compiled": rows}

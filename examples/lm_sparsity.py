@@ -11,7 +11,9 @@
    control: the SiLU model fine-tuned on the same batches without swap or L1 (an under-trained
    LM improves from any extra steps: the fair reference for relufy's perplexity);
 6. predictor: the low-rank active-neuron predictor on the relufied ONNX: recall / precision /
-   predicted-active per layer, and the end perplexity with the predicted masks applied.
+   predicted-active per layer, and the end perplexity with the predicted masks applied;
+7. rsparse: R-Sparse (paper basis and basis=activation) next to TEAL / WINA / CATS / CHESS, all
+   on the FFNs: perplexity change at 40/50/60/70 % and PPL-1 % sparsity (stored under "rsparse").
 Writes --out (default benchmarks/results/lm_<size>.json: everything) and, beside it,
 lm_<size>_ppl_tolerance.png/.json.
 
@@ -36,7 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-STAGES = ("train", "methods", "tolerance", "relufy", "control", "predictor")
+STAGES = ("train", "methods", "tolerance", "relufy", "control", "predictor", "rsparse")
+RSPARSE_METHODS = ("teal", "wina", "cats", "chess", "rsparse", "rsparse-act")
+RSPARSE_LEVELS = (0.4, 0.5, 0.6, 0.7)
 
 
 def log(message: str) -> None:
@@ -61,6 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--relufy-minutes", type=float, default=None)
     parser.add_argument("--predictor-rank", type=int, default=32)
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--rsparse-methods", default=",".join(RSPARSE_METHODS), help="methods of the rsparse stage")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/lm_<size>.json")
     args = parser.parse_args(argv)
@@ -120,6 +125,23 @@ def main(argv=None) -> int:
         results["ppl_1pct"] = tolerance
         out_path.with_name(f"{out_path.stem}_ppl_tolerance.json").write_text(json.dumps(tolerance, indent=1))
         plot_curves(tolerance, out_path.with_name(f"{out_path.stem}_ppl_tolerance.png"),
+                    title=f"{args.size} LM (stdlib bytes): FFN sparsity vs held-out perplexity")
+        save()
+
+    if "rsparse" in stages:
+        methods = tuple(m for m in args.rsparse_methods.split(",") if m)
+        changes = {}
+        for method in methods:
+            for level in RSPARSE_LEVELS:
+                candidate, _ = sparsified(onnx_model, method, level, calibration)
+                ppl = onnx_perplexity(candidate, heldout)
+                changes[f"{method}@{level}"] = {"method": method, "sparsity": level, "perplexity": round(ppl, 5),
+                                                "change": round(ppl / base_ppl - 1, 5)}
+                log(f"{method} {level:.0%}: perplexity {ppl:.4f} ({ppl / base_ppl - 1:+.2%})")
+        tolerance = ppl_tolerance(onnx_model, calibration, heldout, tolerance=0.01, methods=methods,
+                                  progress=log)
+        results["rsparse"] = {"levels": changes, "ppl_1pct": tolerance}
+        plot_curves(tolerance, out_path.with_name(f"{out_path.stem}_rsparse_ppl_tolerance.png"),
                     title=f"{args.size} LM (stdlib bytes): FFN sparsity vs held-out perplexity")
         save()
 

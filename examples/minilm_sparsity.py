@@ -1,12 +1,14 @@
 """Accuracy cost of training-free activation sparsity on the real all-MiniLM-L6-v2.
 
 For TEAL and WINA at 30/50/70/90 % sparsity, on the down projections, the FFN inputs and
-all linears, this optimizes the ONNX model with actsparse, runs the result in onnxruntime
+all linears, and R-Sparse (`rsparse` pass, the paper's SVD basis and basis=activation) at 50/70 %
+on the FFN inputs and all linears (sparsity = fraction of those weight bytes not read), this optimizes the ONNX model with actsparse, runs the result in onnxruntime
 and prints the mean cosine of sentence embeddings (mean-pooled, normalized) to the dense
 model's, on a fixed sentence set that is disjoint from the calibration sentences.
 
     python examples/minilm_sparsity.py            # full table (a few minutes on 2 cores)
     python examples/minilm_sparsity.py --quick    # two rows, for a smoke test
+    python examples/minilm_sparsity.py --methods rsparse,rsparse-act   # those rows only, merged into the JSON
 """
 
 from __future__ import annotations
@@ -79,9 +81,29 @@ EVAL_SENTENCES = [
     "The bridge was built more than a century ago.",
 ]
 
-METHODS = ("teal", "wina")
+METHODS = ("teal", "wina", "rsparse", "rsparse-act")
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
+RSPARSE_SPARSITIES = (0.5, 0.7)
 SCOPES = {"down": "down projections", "ffn": "FFN", "all": "all linears"}
+LABELS = {"teal": "TEAL", "wina": "WINA", "rsparse": "R-Sparse", "rsparse-act": "R-Sparse, basis=activation"}
+
+
+def pass_spec(method: str, sparsity: float, scope: str, allocate: str) -> tuple[str, dict]:
+    if method.startswith("rsparse"):
+        basis = "activation" if method == "rsparse-act" else "weight"
+        return "rsparse", {"sparsity": sparsity, "scope": scope, "basis": basis}
+    return "sparsify", {"method": method, "sparsity": sparsity, "scope": scope, "allocate": allocate}
+
+
+def configs_for(methods) -> list[tuple[str, float, str, str]]:
+    configs = []
+    for m in methods:
+        if m.startswith("rsparse"):
+            configs += [(m, s, scope, "uniform") for scope in ("ffn", "all") for s in RSPARSE_SPARSITIES]
+        else:
+            configs += [(m, s, scope, "uniform") for scope in SCOPES for s in SPARSITIES]
+            configs.append((m, 0.5, "all", "greedy"))
+    return configs
 
 
 def export_minilm(path: Path) -> None:
@@ -136,6 +158,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only TEAL 30 %% all linears and 50 %% FFN")
     parser.add_argument("--work-dir", default=None, help="where the exported ONNX file is cached")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="methods to run; rows of the others are kept from the results file")
     args = parser.parse_args(argv)
 
     work = Path(args.work_dir or Path.home() / ".cache" / "actsparse")
@@ -149,22 +173,29 @@ def main(argv=None) -> int:
     evaluation = tokenize(EVAL_SENTENCES)
     reference = embed(dense, evaluation)
 
-    configs = [(m, s, scope, "uniform") for m in METHODS for scope in SCOPES for s in SPARSITIES]
-    configs += [(m, 0.5, "all", "greedy") for m in METHODS]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    configs = configs_for(methods)
     if args.quick:
         configs = [("teal", 0.3, "all", "uniform"), ("teal", 0.5, "ffn", "uniform")]
     rows = []
     for method, sparsity, scope, allocate in configs:
         start = time.perf_counter()
-        result = actsparse.optimize(load_model(onnx_path), passes=[(
-            "sparsify", {"method": method, "sparsity": sparsity, "scope": scope, "allocate": allocate})],
-            calib=calibration, verify=False)
+        result = actsparse.optimize(load_model(onnx_path), passes=[pass_spec(method, sparsity, scope, allocate)],
+                                    calib=calibration, verify=False)
         cosine = float(np.mean(np.sum(embed(result.model, evaluation) * reference, axis=1)))
         report = result.records[0].report
         rows.append({"method": method, "sparsity": sparsity, "scope": scope, "allocate": allocate,
                      "cosine": round(cosine, 4), "skippable_weight_fraction": report["skippable_weight_fraction"]})
         print(f"{method:5s} {allocate:7s} {SCOPES[scope]:17s} {sparsity:.0%}  cosine {cosine:.4f}  "
               f"({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+    if not args.quick and set(methods) != set(METHODS) and RESULTS.exists():  # keep the other methods' rows
+        ran = {(r["method"], r["sparsity"], r["scope"], r["allocate"]) for r in rows}
+        kept = [r for r in json.loads(RESULTS.read_text())["rows"]
+                if (r["method"], r["sparsity"], r["scope"], r["allocate"]) not in ran]
+        rows = kept + rows
     print(markdown_table(rows))
     if not args.quick:
         RESULTS.parent.mkdir(exist_ok=True)
@@ -181,12 +212,12 @@ def markdown_table(rows: list[dict]) -> str:
         for scope in dict.fromkeys(r["scope"] for r in uniform):
             cells = {r["sparsity"]: r["cosine"] for r in uniform if r["method"] == method and r["scope"] == scope}
             if cells:
-                lines.append(f"| {method.upper()} | {SCOPES[scope]} | "
+                lines.append(f"| {LABELS[method]} | {SCOPES[scope]} | "
                              + " | ".join(f"{cells[s]:.4f}" if s in cells else "" for s in sparsities) + " |")
     greedy = [r for r in rows if r["allocate"] == "greedy"]
     for r in greedy:
         same = next((u for u in uniform if (u["method"], u["sparsity"], u["scope"]) == (r["method"], r["sparsity"], r["scope"])), None)
-        lines.append(f"\n{r['method'].upper()} {SCOPES[r['scope']]} {r['sparsity']:.0%}: greedy allocation cosine "
+        lines.append(f"\n{LABELS[r['method']]} {SCOPES[r['scope']]} {r['sparsity']:.0%}: greedy allocation cosine "
                      f"{r['cosine']:.4f} vs uniform {same['cosine']:.4f}" if same else "")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@
      Sparsify(x, t[, s]) -> MatMul(., W)   =>  ActsparseSparseLinear(x, t[, s], W)   (threshold fused)
      Relu-produced x     -> MatMul(x, W)   =>  ActsparseSparseLinear(x, W)          (x != 0 skipped)
      x                   -> MatMul(x, W)   =>  ActsparseDenseLinear(x, Wp)          (W packed once)
+     RankSparseMatMul (R-Sparse)       =>  ActsparseRankSparseLinear at one token (codegen/rsparse_lowering.py)
    The sparse forms only where x has at most SPARSE_MAX_ROWS rows (decoding); an encoder's
    128 tokens together activate nearly every input channel, so they take the dense kernel.
    Remaining actsparse functions are inlined to plain ONNX.
@@ -78,12 +79,17 @@ def select_kernels(model: ir.Model, target=None) -> KernelPlan:
     from actsparse.codegen.ffn_fusion import fuse_ffn_blocks
     from actsparse.codegen.kernels.cpu.quant import has_int8_dot_product
     from actsparse.codegen.quant_lowering import select_quant_kernels
+    from actsparse.codegen.rsparse_lowering import select_rank_sparse_kernels
 
     # Quantized linears (QDQ, dynamic, MatMulNBits) first, then gated FFN blocks that fit
     # one fused kernel, then every remaining float linear. A CUDA target takes only the kernels
     # that have a CUDA twin (kernels/cuda): the dense FFN runs as three dense GEMVs there, and
     # quantized linears stay with TVM's own lowering until they have CUDA kernels.
     on_cuda = target is not None and target.kind.name == "cuda"
+    # R-Sparse linears first: one token on a CPU takes the fused kernel, anything else is expanded
+    # into a SparsifyWeighted and three MatMuls, which the loop below gives kernels like any other.
+    rank_sparse_layers = select_rank_sparse_kernels(
+        model, target, lanes=kernel_lanes(target, "sparse") if target is not None else 16)
     if on_cuda:
         if any(node.op_type == "MatMulNBits" for node in model.graph):
             raise ActsparseError("int4 weights (MatMulNBits) have no CUDA kernel yet: compile for a CPU target, or "
@@ -95,7 +101,7 @@ def select_kernels(model: ir.Model, target=None) -> KernelPlan:
                                             int8_dot=has_int8_dot_product(target))
     with _cuda_fusable_forms() if on_cuda else contextlib.nullcontext():
         plan = KernelPlan(fuse_ffn_blocks(model))
-    plan.layers += quant_layers
+    plan.layers += quant_layers + rank_sparse_layers
     for linear in find_linears(model):
         # A linear fed by one rewritten above reads the rewrite's output now.
         if linear.node.inputs and linear.node.inputs[0] is not linear.input and linear.node.inputs[0] is not None:
@@ -538,13 +544,14 @@ def _our_converters(target):
     from actsparse.codegen.ffn_fusion import fused_ffn_converters
     from actsparse.codegen.kv_cache import kv_converters
     from actsparse.codegen.quant_lowering import quant_converters
+    from actsparse.codegen.rsparse_lowering import rank_sparse_converters
 
     original = onnx_frontend._get_convert_map
     kernels = _KernelCache(target)
     from actsparse.codegen.prefill import prefill_converters
 
     fused = (fused_ffn_converters(target) | quant_converters(target) | kv_converters(target)
-             | prefill_converters(target))
+             | rank_sparse_converters(target) | prefill_converters(target))
 
     def extended():
         table = dict(original()) | fused

@@ -11,11 +11,11 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from actsparse.errors import ActsparseError
-from actsparse.ir.custom_ops import CACHED_ATTENTION, DOMAIN, SPARSIFY, SPARSIFY_WEIGHTED
+from actsparse.ir.custom_ops import CACHED_ATTENTION, DOMAIN, RANK_SPARSE_MATMUL, SPARSIFY, SPARSIFY_WEIGHTED
 
 # actsparse ops: (inputs, outputs); none takes attributes.
 _ACTSPARSE_SIGNATURES = {
-    SPARSIFY: (2, 1), SPARSIFY_WEIGHTED: (3, 1), CACHED_ATTENTION: (5, 3),
+    SPARSIFY: (2, 1), SPARSIFY_WEIGHTED: (3, 1), CACHED_ATTENTION: (5, 3), RANK_SPARSE_MATMUL: (6, 1),
     "PredictActive": (5, 1), "PredictActiveTopK": (5, 1), "PredictActiveStat": (5, 1),
 }
 _MICROSOFT_OPS = {"MatMulNBits"}  # lowered by codegen/quant_lowering.py

@@ -9,6 +9,10 @@ onnxruntime and onnx.checker accept a model that uses them; codegen lowers them 
   [kv_heads, 1, head_dim], past_* [kv_heads, past, head_dim]; present_* = past_* with k / v
   appended; out = softmax(q present_kᵀ) present_v. The compiled form keeps the cache as runtime
   state instead (codegen/kv_cache.py).
+- `RankSparseMatMul(x, threshold, channel_scale, weight, lowrank_in, lowrank_out) -> y` (R-Sparse):
+  keep = |x| * channel_scale > threshold; y = (x where keep) @ weight + ((x where not keep) @
+  lowrank_in) @ lowrank_out. weight [K, N]; lowrank_in [K, r] and lowrank_out [r, N] are the top r
+  singular components of weight (U_r Σ_r and V_rᵀ), so dropped channels still reach y through them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ SPARSIFY = "Sparsify"
 SPARSIFY_WEIGHTED = "SparsifyWeighted"
 CUSTOM_OPS = (SPARSIFY, SPARSIFY_WEIGHTED)
 CACHED_ATTENTION = "CachedAttention"
+RANK_SPARSE_MATMUL = "RankSparseMatMul"
 
 
 def _cached_attention_proto(onnx_opset: int) -> onnx.FunctionProto:
@@ -38,6 +43,28 @@ def _cached_attention_proto(onnx_opset: int) -> onnx.FunctionProto:
     return helper.make_function(DOMAIN, CACHED_ATTENTION, ["q", "k", "v", "past_k", "past_v"],
                                 ["out", "present_k", "present_v"], nodes,
                                 opset_imports=[helper.make_opsetid("", onnx_opset)])
+
+
+def _rank_sparse_matmul_proto(onnx_opset: int) -> onnx.FunctionProto:
+    nodes = [
+        helper.make_node("Abs", ["x"], ["magnitude"]),
+        helper.make_node("Mul", ["magnitude", "channel_scale"], ["score"]),
+        helper.make_node("Greater", ["score", "threshold"], ["keep"]),
+        helper.make_node("Sub", ["threshold", "threshold"], ["zero"]),
+        helper.make_node("Where", ["keep", "x", "zero"], ["kept"]),
+        helper.make_node("Where", ["keep", "zero", "x"], ["dropped"]),
+        helper.make_node("MatMul", ["kept", "weight"], ["sparse_part"]),
+        helper.make_node("MatMul", ["dropped", "lowrank_in"], ["projected"]),
+        helper.make_node("MatMul", ["projected", "lowrank_out"], ["lowrank_part"]),
+        helper.make_node("Add", ["sparse_part", "lowrank_part"], ["y"]),
+    ]
+    return helper.make_function(DOMAIN, RANK_SPARSE_MATMUL,
+                                ["x", "threshold", "channel_scale", "weight", "lowrank_in", "lowrank_out"], ["y"],
+                                nodes, opset_imports=[helper.make_opsetid("", onnx_opset)])
+
+
+def is_rank_sparse_matmul(node: ir.Node) -> bool:
+    return node.domain == DOMAIN and node.op_type == RANK_SPARSE_MATMUL
 
 
 def is_cached_attention(node: ir.Node) -> bool:
@@ -66,13 +93,14 @@ def _function_proto(name: str, onnx_opset: int) -> onnx.FunctionProto:
 
 def ensure_function(model: ir.Model, name: str) -> None:
     """Add the op's function definition and the `actsparse` opset import, once."""
-    if name not in (*CUSTOM_OPS, CACHED_ATTENTION):
+    if name not in (*CUSTOM_OPS, CACHED_ATTENTION, RANK_SPARSE_MATMUL):
         raise ValueError(f"unknown actsparse op {name!r}")
     model.opset_imports.setdefault(DOMAIN, VERSION)
     key = (DOMAIN, name, "")
     if key not in model.functions:
         onnx_opset = model.opset_imports.get("", 18)
-        proto = _cached_attention_proto(onnx_opset) if name == CACHED_ATTENTION else _function_proto(name, onnx_opset)
+        builders = {CACHED_ATTENTION: _cached_attention_proto, RANK_SPARSE_MATMUL: _rank_sparse_matmul_proto}
+        proto = builders[name](onnx_opset) if name in builders else _function_proto(name, onnx_opset)
         model.functions[key] = ir.serde.deserialize_function(proto)
 
 

@@ -18,7 +18,8 @@ pytest.importorskip("tvm")
 
 from actsparse.codegen.kernels import reference as ref  # noqa: E402
 from actsparse.codegen.kernels.cpu import dense_matmul, pack_dense, sparse_matmul, vector_lanes  # noqa: E402
-from actsparse.codegen.kernels.cpu.schedule import batch1_row_schedule, row_schedule_for  # noqa: E402
+from actsparse.codegen.kernels.cpu.rsparse import pack_rank_sparse, rank_sparse_matmul  # noqa: E402
+from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, batch1_row_schedule, row_schedule_for  # noqa: E402
 from tests.arm.conftest import BOARD_SCRIPTS, export_arm_library  # noqa: E402
 from tests.arm.qemu_trace import run_counted  # noqa: E402
 
@@ -77,6 +78,18 @@ def _kernel_cases(lanes: int) -> dict[str, dict]:
             inputs=[x_zeros, w],
             expected=ref.sparse_matmul_reference(x_zeros, w, "nonzero"),
         )
+    # R-Sparse (kept rows of W + rows of B in one walk), in the Pi's row schedule, both lane widths.
+    for (k, n, rank), kernel_lanes in [((70, 45, 5), lanes), ((96, 100, 20), SPARSE_NEON_LANES)]:
+        x, w, a, b = _rand(rng, 1, k), _rand(rng, k, n), _rand(rng, k, rank), _rand(rng, rank, n)
+        scale = rng.uniform(0.2, 3.0, k).astype(np.float32)
+        t = _threshold_leaving(np.abs(x) * scale, 0.3)
+        with batch1_row_schedule(PLAIN_ROWS):
+            func = rank_sparse_matmul(k, n, rank, lanes=kernel_lanes)
+        cases[f"rsparse_1x{k}x{n}_r{rank}_l{kernel_lanes}"] = dict(
+            func=func,
+            inputs=[x, np.array([t]), scale, *pack_rank_sparse(w, a, b, kernel_lanes)],
+            expected=ref.rank_sparse_matmul_reference(x, t, scale, w, a, b),
+        )
     # Every channel below the threshold: the kernel must write zeros, not leave garbage.
     x, w = _rand(rng, 1, 50), _rand(rng, 50, 45)
     cases["threshold_all_inactive"] = dict(
@@ -134,6 +147,8 @@ def test_library_is_aarch64_elf(arm_kernel_results):
             for shape in ("1x70x45_l4", "3x40x100_l4", "1x96x100_l16")
         ],
         "threshold_all_inactive",
+        "rsparse_1x70x45_r5_l4",
+        "rsparse_1x96x100_r20_l16",
     ],
 )
 def test_kernel_on_arm_matches_numpy(arm_kernel_results, symbol):

@@ -22,6 +22,8 @@ CASES = {
     "swiglu TEAL ffn": ("swiglu", "sparsify{method=teal,sparsity=0.5,scope=ffn}", {"ffn_input_sparse"}),
     "swiglu relufy": ("swiglu", "relufy", {"ffn_gate_sparse"}),
     "swiglu WINA": ("swiglu", "sparsify{method=wina,sparsity=0.5}", {"scaled"}),
+    # No CUDA R-Sparse kernel yet: expanded into SparsifyWeighted + MatMuls (kept rows sparse, factors dense).
+    "swiglu R-Sparse": ("swiglu", "rsparse{sparsity=0.5,sparse_ratio=0.5,scope=ffn}", {"scaled", "dense"}),
     "gelu_mlp dense": ("gelu_mlp", None, {"dense"}),
     "swiglu int8 dynamic": ("swiglu", "quantize{mode=dynamic,bits=8}", {"tvm"}),
 }

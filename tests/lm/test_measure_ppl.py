@@ -60,6 +60,8 @@ def test_options_and_errors():
             parse_tolerance(bad)
     assert method_pass("chess", 0.4) == ("chess", {"sparsity": 0.4})
     assert method_pass("teal", 0.4)[1]["scope"] == "ffn"
+    assert method_pass("rsparse", 0.6) == ("rsparse", {"scope": "ffn", "sparsity": 0.6})
+    assert method_pass("rsparse-act", 0.6)[1]["basis"] == "activation"
     with pytest.raises(ActsparseError, match="unknown method"):
         method_pass("magic", 0.4)
 

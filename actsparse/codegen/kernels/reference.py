@@ -31,6 +31,14 @@ def sparse_matmul_reference(
     return dense_matmul_reference(np.where(active_mask(x, mode, threshold, scale), x, 0), w)
 
 
+def rank_sparse_matmul_reference(x: np.ndarray, threshold: float, scale: np.ndarray, w: np.ndarray, a: np.ndarray,
+                                 b: np.ndarray) -> np.ndarray:
+    """R-Sparse: (x where keep) @ W + ((x where not keep) @ A) @ B, keep = |x| * scale > t."""
+    keep = active_mask(x, "scaled", threshold, scale)
+    x64 = x.astype(np.float64)
+    return (np.where(keep, x64, 0) @ w + (np.where(keep, 0, x64) @ a) @ b).astype(np.float32)
+
+
 def activation(g: np.ndarray, act: str) -> np.ndarray:
     if act == "silu":
         return g / (1.0 + np.exp(-g))
