@@ -170,13 +170,7 @@ def _lowerable(linear: Linear) -> bool:
     w = linear.weight.const_value
     if w is None or w.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or len(w.shape) != 2:
         return False
-    if linear.node.inputs[0] is not linear.input or linear.node.outputs[0].dtype != ir.DataType.FLOAT:
-        return False
-    if linear.node.op_type == "Gemm":
-        attrs = linear.node.attributes
-        return not (attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0
-                    or attrs.get_float("beta", 1.0) != 1.0)
-    return linear.node.op_type == "MatMul"
+    return linear.node.outputs[0].dtype == ir.DataType.FLOAT and linear.plain_product
 
 
 def _static_shape(value: ir.Value) -> list[int] | None:

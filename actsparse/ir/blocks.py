@@ -75,6 +75,17 @@ class Linear:
         reader = self.weight_nodes[0] if self.weight_nodes else self.node
         return any(use.node is not reader for use in self.weight.uses())
 
+    @property
+    def plain_product(self) -> bool:
+        """x @ W with the activation on the left: a MatMul, or a Gemm without transA, alpha or beta."""
+        if self.node.inputs[0] is not self.input:
+            return False
+        if self.node.op_type == "Gemm":
+            attrs = self.node.attributes
+            return not (attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0
+                        or attrs.get_float("beta", 1.0) != 1.0)
+        return self.node.op_type == "MatMul"
+
     def weight_array(self, layout: str = "KN") -> np.ndarray:
         """The weight as a numpy array in `layout` ("KN": [in, out], or "NK": [out, in])."""
         if layout not in ("KN", "NK"):

@@ -88,7 +88,7 @@ class RSparsePass(ActsparsePass):
     Options = RSparseOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        linears = [l for l in linears_in_scope(model, self.options.scope) if _rewritable(l)]
+        linears = [l for l in linears_in_scope(model, self.options.scope) if l.plain_product]
         if not linears:
             raise ActsparseError(f"pass 'rsparse': no {self.options.scope!r} linear layers found")
         samples = self.context.require_calibration(self.name)
@@ -126,17 +126,6 @@ def linears_in_scope(model: ir.Model, scope: str) -> list[Linear]:
             linears += [l for l in (block.q, block.k, block.v, block.o) if l]
     unique = {id(l.node): l for l in linears}
     return list(unique.values())
-
-
-def _rewritable(linear: Linear) -> bool:
-    """A MatMul, or a Gemm without transA / alpha / beta, with the activation on the left."""
-    if linear.node.inputs[0] is not linear.input:
-        return False
-    if linear.node.op_type == "Gemm":
-        attrs = linear.node.attributes
-        return not (attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0
-                    or attrs.get_float("beta", 1.0) != 1.0)
-    return linear.node.op_type == "MatMul"
 
 
 def _calibration_rows(rows: np.ndarray) -> np.ndarray:
