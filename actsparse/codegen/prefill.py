@@ -72,7 +72,7 @@ def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) ->
         return reason
     fused = {id(node): node for name, node in kernels.items() if node.op_type == FUSED_FFN and name in placeholders}
     for node in fused.values():
-        _bind_fused_ffn(prefill, decode, node, placeholders)
+        _bind_fused_ffn(prefill, node, placeholders)
     bound_by_ffn = {name for node in fused.values() for name in node.attributes.get_strings("linears")}
     if relufied and any(".mlp." in name for name in set(placeholders) - bound_by_ffn):
         return "relufied FFNs outside a fused kernel (the chunk graph has the model's own activation)"
@@ -192,7 +192,7 @@ def _replace(prefill: ir.Model, placeholder: ir.Node, value: ir.Value) -> None:
     ir.convenience.replace_all_uses_with(placeholder.outputs[0], value)
 
 
-def _bind_fused_ffn(prefill: ir.Model, decode: ir.Model, fused: ir.Node, placeholders: dict[str, ir.Node]) -> None:
+def _bind_fused_ffn(prefill: ir.Model, fused: ir.Node, placeholders: dict[str, ir.Node]) -> None:
     """gate, up, act, Mul, down of the chunk graph -> GEMMs over the fused kernel's weights."""
     from actsparse.codegen.ffn_fusion import DENSE, GATE_SPARSE, INDEXED
 
@@ -219,15 +219,16 @@ def _bind_fused_ffn(prefill: ir.Model, decode: ir.Model, fused: ir.Node, placeho
         prefill.graph.register_initializer(value)
         return value
 
-    def columns(value: ir.Value, start: int, stop: int, suffix: str) -> ir.Value:
-        return op("Slice", [value, const([start]), const([stop]), const([1])], suffix)
+    def columns(value: ir.Value, start: int, stop: int, suffix: str, axis: int = 1) -> ir.Value:
+        return op("Slice", [value, const([start]), const([stop]), const([axis])], suffix)
 
     if form == DENSE:  # panels of [gate L | up L]: [rows, panels, 2, L]
         panels, _, width = (int(s) for s in weights["gate_up_panels"].shape)
         both = _linear_node(prefill, x, weights["gate_up_panels"], PACKED, rows, d, panels * width, f"{name}.gate_up")
         both = op("Reshape", [both, const([rows, panels, 2, width // 2])], "panels")
-        g = op("Reshape", [columns_axis(op, const, both, 0), const([rows, panels * width // 2])], "gate_flat")
-        u = op("Reshape", [columns_axis(op, const, both, 1), const([rows, panels * width // 2])], "up_flat")
+        halves = [columns(both, i, i + 1, f"half{i}", axis=2) for i in (0, 1)]  # [rows, panels, 1, L] each
+        g, u = (op("Reshape", [half, const([rows, panels * width // 2])], f"{role}_flat")
+                for half, role in zip(halves, ("gate", "up")))
         g, u = columns(g, 0, f, "gate"), columns(u, 0, f, "up")
         down_weight, down_layout = weights["down_panels"], PACKED
     elif form == GATE_SPARSE:  # gate panels, Wu^T [F, D], Wd [F, D]
@@ -254,11 +255,6 @@ def _bind_fused_ffn(prefill: ir.Model, decode: ir.Model, fused: ir.Node, placeho
     hidden = op("Mul", [a, u], "hidden")
     out = _linear_node(prefill, hidden, down_weight, down_layout, rows, f, d, f"{name}.down")
     _replace(prefill, down, out)
-
-
-def columns_axis(op, const, both: ir.Value, index: int) -> ir.Value:
-    """[rows, panels, 2, L] -> the gate (0) or up (1) half of every panel, [rows, panels, 1, L]."""
-    return op("Slice", [both, const([index]), const([index + 1]), const([2])], f"half{index}")
 
 
 # ------------------------------------------------------------------------------ TVM import

@@ -122,8 +122,7 @@ class LanguageModel(CompiledModel):
                 raise ActsparseError(f"context overflow: the artifact holds {self.max_context} tokens "
                                      f"(compile with a larger --max-context)")
             token = int(token)
-            if not 0 <= token < self.vocab_size:
-                raise ActsparseError(f"token id {token} is outside the vocabulary (0..{self.vocab_size - 1})")
+            self._check_vocabulary([token])
             self._token[0, 0] = token
             self._position[0] = self.length
             try:
@@ -144,9 +143,7 @@ class LanguageModel(CompiledModel):
             if self.length + len(tokens) > self.max_context:
                 raise ActsparseError(f"context overflow: {self.length} + {len(tokens)} tokens > the artifact's "
                                      f"maximum context {self.max_context}")
-            bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise ActsparseError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+            self._check_vocabulary(tokens)
             done, logits = 0, None
             while done < len(tokens):
                 rest = len(tokens) - done
@@ -159,6 +156,11 @@ class LanguageModel(CompiledModel):
                     logits = self.step(tokens[done])
                     done += 1
             return logits
+
+    def _check_vocabulary(self, tokens: list[int]) -> None:
+        bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ActsparseError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def _run_chunk(self, tokens: list[int]) -> np.ndarray:
         self._chunk[0, :] = 0  # padding rows: computed, written past the length, never read
