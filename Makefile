@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch==2.13.0 first: an unpinned torch pulls a CUDA build of several GB (shared/NOTES.md).
+# torch==2.13.0 first: an unpinned torch pulls a CUDA build of several GB.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

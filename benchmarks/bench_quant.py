@@ -7,7 +7,7 @@ ORT MatMulNBits int4 (symmetric, group 128, accuracy_level 4 and 0); our fp32 de
 int8 dense, int8 sparse-input at 50 %, int4 dense, int4 sparse-input at 50 % (on CPUs with
 AVX-512 VNNI, the int8-activation kernels the compiler picks there, plus the float-activation
 ones as ``*_float`` rows). Each ORT
-engine is one session holding one node per weight copy (shared/NOTES.md).
+engine is one session holding one node per weight copy (see ``common.ort_matmul_session``).
 
 All engines of a shape are loaded at once and timed in ``--blocks`` rounds of one block each,
 round-robin (``actsparse.bench.interleaved_blocks``): the machine is shared and its bandwidth

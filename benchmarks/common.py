@@ -17,7 +17,7 @@ def ort_matmul_session(weights: list[np.ndarray], threads: int | None = None):
     """One onnxruntime session holding one MatMul node per weight matrix (x @ W_i).
 
     One session with many nodes, not many sessions: several sessions spinning their
-    thread pools on 2 cores were 4x slower (shared/NOTES.md). Returns (session,
+    thread pools on 2 cores were 4x slower in our measurements. Returns (session,
     input names); one ``session.run`` runs every node, so time per MatMul is the run
     time divided by ``len(weights)``.
     """

@@ -1,6 +1,6 @@
 """Lower an optimized ONNX model to a TVM Relax module whose linear layers call our kernels.
 
-1. specialize: fix the input shapes (TVM needs static shapes, shared/NOTES.md), fold and infer.
+1. specialize: fix the input shapes (TVM 0.27's ONNX importer needs static shapes), fold and infer.
 2. select kernels (on the ONNX graph): every MatMul/Gemm with a constant 2-D weight becomes
      Sparsify(x, t[, s]) -> MatMul(., W)   =>  ActsparseSparseLinear(x, t[, s], W)   (threshold fused)
      Relu-produced x     -> MatMul(x, W)   =>  ActsparseSparseLinear(x, W)          (x != 0 skipped)

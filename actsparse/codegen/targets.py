@@ -3,7 +3,7 @@
 Names:
   host     llvm for this machine: the triple of its architecture and the CPU name
            LLVM detects (e.g. ``znver4``). ``mcpu=native`` is not used: with TVM's
-           default triple it silently falls back to a generic CPU (shared/NOTES.md).
+           default triple it silently falls back to a generic CPU (TVM 0.27).
   x86      portable x86-64: ``mcpu=x86-64-v3`` (AVX2 + FMA + BMI2, the psABI level 3
            that every x86-64 server/desktop CPU since Haswell (2013) and Zen 1 runs).
            Chosen over ``haswell`` because it names a feature level, not a core,

@@ -1,7 +1,7 @@
 """torch.nn.Module -> `ir.Model` through torch's dynamo exporter (`torch.onnx.export(dynamo=True)`).
 
 Shapes are static unless `dynamic_shapes` is given: TVM's ONNX importer needs them
-(shared/NOTES.md). The exporter runs onnxscript's optimizer itself (constant folding,
+(a dynamic dimension stops the import). The exporter runs onnxscript's optimizer itself (constant folding,
 so nn.Linear becomes MatMul with a pre-transposed [in, out] initializer for 3-D inputs,
 Gemm with transB=1 for 2-D ones). At opset 18 GELU comes out as its Erf (or Tanh)
 decomposition and SiLU as `x * Sigmoid(x)`; from opset 20 GELU is one `Gelu` op.

@@ -3,7 +3,7 @@
 Layout: W [K, N] (ONNX MatMul) is packed once at compile time into column panels
 ``Wp[NB, K, block]`` (``pack_dense``): panel b holds columns b*block .. b*block+block-1
 of every row, contiguously, zero-padded past N. A thread then reads one contiguous
-stream per panel, which is what reached full memory bandwidth (shared/NOTES.md),
+stream per panel, which is what reached full memory bandwidth in our measurements,
 and keeps a ``rows x block`` tile of y in registers for the whole K loop.
 """
 

@@ -12,7 +12,7 @@ input channel k needs). The kernel, in one call:
    ``accumulate_rows_macro``); per step of
    ``rows_per_step`` active rows (default 16, measured best of 4/8/16/32; at batch 1 the target's
    ``schedule.RowSchedule``: on x86 8, with an L2 prefetch) it loads a register block of y, FMAs all those rows
-   into it and stores it once (shared/NOTES.md: one row per step fell to half the
+   into it and stores it once (measured: one row per step fell to half the
    bandwidth). Columns past the last full vector block are done serially at the end.
 
 Activity tests: ``threshold`` |x| > t; ``scaled`` |x| * scale[k] > t (WINA);
