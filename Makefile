@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch==2.13.0 first: an unpinned torch pulls a CUDA build of several GB.
+# The base install is only the device runtime; `compile` brings the compiler (TVM, onnx, onnxruntime).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
