@@ -44,7 +44,7 @@ def pack_reference(optimized, input_specs: list[dict]) -> tuple[dict, dict[str, 
     random inputs of the artifact's signature. When onnxruntime cannot run the model, the
     section says why and no files are packed (deploy then falls back to the source model)."""
     from actsparse import __version__
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
     from actsparse.runtime.run_command import artifact_inputs
 
     try:
@@ -207,7 +207,7 @@ def _read_npz(data: bytes) -> dict[str, np.ndarray]:
 def onnx_outputs(onnx_path: str, feeds: dict) -> dict[str, np.ndarray]:
     """onnxruntime's outputs of the ONNX model at `onnx_path` on `feeds` (extra feeds ignored)."""
     from actsparse.frontend.onnx_file import load_model
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
 
     session = ort_session(load_model(onnx_path))
     names = [o.name for o in session.get_outputs()]

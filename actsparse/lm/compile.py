@@ -134,7 +134,7 @@ def decode_feeds(model: ir.Model, sequences: list[np.ndarray]) -> list[dict[str,
     """One feed per decode step of each sequence (teacher-forced through onnxruntime), so the
     thresholds see the activations the compiled decode step will see. The first step of each
     sequence sees an empty cache (no attention statistics worth keeping) and is left out."""
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
 
     session = ort_session(model)
     return [feed for tokens in sequences

@@ -15,7 +15,7 @@ from actsparse.codegen.kernels.cpu import build_kernel  # noqa: E402
 from actsparse.codegen.kernels.cpu import quant  # noqa: E402
 from actsparse.codegen.kernels.reference import active_mask, dense_matmul_reference  # noqa: E402
 from actsparse.codegen.targets import resolve_target  # noqa: E402
-from actsparse.passes.quantize import dequantize_blockwise, quantize_blockwise, quantize_per_channel  # noqa: E402
+from actsparse.passes.quant_numerics import dequantize_blockwise, quantize_blockwise, quantize_per_channel  # noqa: E402
 
 ATOL = 2e-4
 RTOL = 1e-4
