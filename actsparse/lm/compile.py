@@ -186,7 +186,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
         caches.extend(lower_cached_attention(graph, capacity, window, kv_cache))
 
     def companions(lowered: ir.Model) -> dict[str, ir.Model]:
-        from actsparse.codegen.prefill import bind_prefill
+        from actsparse.codegen.lowering.prefill import bind_prefill
         from actsparse.frontend.decode_graph import build_prefill_graph
 
         tokens = min(PREFILL_TOKENS, max_context)

@@ -53,14 +53,13 @@ import onnx_ir.passes.common as common
 from actsparse.calibrate.stats import as_rows, collect_values, token_masks
 from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import Linear, find_linears
-from actsparse.ir.custom_ops import add_initializer, unique_name, unique_node_name
+from actsparse.ir.custom_ops import MS_DOMAIN, add_initializer, unique_name, unique_node_name
 from actsparse.ir.large import copy_model
 from actsparse.passes.base import ActsparsePass, option, register
 from actsparse.passes.quant_numerics import (activation_qparams, gptq_quantize, layer_hessian, pack_matmulnbits,
                                               pack_zero_points, quantize_blockwise, quantize_per_channel)
 
 GROUPS = (32, 64, 128)
-MS_DOMAIN = "com.microsoft"
 QDQ_BLOCKED_OPSET = 21
 # Ops whose meaning changed between opsets 18 and 21: raising the opset under them is not safe.
 _CHANGED_BEFORE_21 = frozenset({"GridSample", "DFT", "GroupNormalization"})

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import actsparse
-from actsparse.codegen.lower import kernel_lanes
+from actsparse.codegen.targets import kernel_lanes
 from actsparse.codegen.targets import resolve_target
 from actsparse.zoo import swiglu_stack
 
