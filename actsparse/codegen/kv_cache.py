@@ -77,7 +77,7 @@ def lower_cached_attention(model: ir.Model, capacity: int, window: int = 0, cach
 
 
 def kv_converters(target) -> dict:
-    """{op name: converter} for TVM's ONNX importer (see codegen/lower.py `_our_converters`)."""
+    """{op name: converter} for TVM's ONNX importer (see lowering/relax_import.py `_our_converters`)."""
     from tvm import relax
 
     from actsparse.codegen.kernels.cpu.attention import decode_attention

@@ -15,7 +15,7 @@ onnxruntime's outputs of the optimized model on fixed inputs (``reference/inputs
 Tolerance without --atol: 1e-4 against a model the artifact computes exactly; 3x the max abs
 error the artifact's own accuracy report measured when the reference is the source model of
 approximate passes; when its int8/int4 kernels skip the activation rounding of the graph (see
-codegen/quant_lowering.py), 3x the error its quantize pass caused by itself (else the report's).
+codegen/lowering/quant.py), 3x the error its quantize pass caused by itself (else the report's).
 """
 
 from __future__ import annotations

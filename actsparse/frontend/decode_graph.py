@@ -24,7 +24,7 @@ reference the compiled decode step is checked against, and calibration feeds com
     outputs: logits float32 [1, vocab]
 Its linears are `actsparse.lowering.PrefillLinear` placeholders (attribute `layer`: the decode
 step's node name) and its attention is `PrefillAttention` on the decode step's cache buffers;
-codegen/prefill.py binds each placeholder to the weights the decode step's kernels were given,
+codegen/lowering/prefill.py binds each placeholder to the weights the decode step's kernels were given,
 so the two entry points share one copy of every weight.
 """
 

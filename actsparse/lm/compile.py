@@ -5,7 +5,7 @@
         --compile_model--> artifact with a manifest "lm" section (+ the tokenizer, if any)
 
 A second entry point, `prefill`, runs a chunk of PREFILL_TOKENS prompt tokens at once over the
-same weights (frontend/decode_graph.build_prefill_graph, bound by codegen/prefill.py). The
+same weights (frontend/decode_graph.build_prefill_graph, bound by codegen/lowering/prefill.py). The
 runtime's `LanguageModel` (runtime/generate.py) owns the cache buffers, runs the prompt in chunks
 and then the step once per new token.
 """

@@ -296,7 +296,7 @@ LOWERING_CASES = {
 
 
 def _with_converters(target):
-    """Stand-in for the one-line hook in lower._our_converters: add ours to from_onnx's table."""
+    """Stand-in for the one-line hook in relax_import._our_converters: add ours to from_onnx's table."""
     import contextlib
 
     from tvm.relax.frontend.onnx import onnx_frontend

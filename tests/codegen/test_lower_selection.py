@@ -1,4 +1,4 @@
-"""Kernel selection in lower.py: chained linears, quantized linears, NEON lane widths."""
+"""Kernel selection in lowering/select.py: chained linears, quantized linears, NEON lane widths."""
 
 import numpy as np
 import onnx

@@ -94,7 +94,7 @@ def _share_initializers(prefill: ir.Model, decode: ir.Model) -> str | None:
     embeddings, rotary tables, biases): checked equal, then shared."""
     for name, value in list(prefill.graph.initializers.items()):
         if name.startswith("prefill.const."):
-            continue  # small constants: compiled into the code (lower._small_constants_inline)
+            continue  # small constants: compiled into the code (relax_import._small_constants_inline)
         mine = value.const_value.numpy()
         theirs = decode.graph.initializers.get(name)
         if theirs is None or theirs.const_value is None:
