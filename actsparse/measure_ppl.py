@@ -58,7 +58,7 @@ def windows_as_samples(windows: np.ndarray) -> list[dict[str, np.ndarray]]:
 
 def onnx_perplexity(model: ir.Model, windows: np.ndarray) -> float:
     """exp(mean next-token cross-entropy) of an ONNX causal LM over `windows` ([n, L + 1])."""
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
 
     session = ort_session(model)
     input_name = session.get_inputs()[0].name

@@ -361,22 +361,29 @@ class Bench:
     def optimize(self, passes: str):
         return self.actsparse.optimize(self.proto, passes=passes, calib=self.calibration)
 
-    def compile(self, optimized, name: str) -> Path:
+    def compile(self, optimized, name: str, fused_ffn_forms=None) -> Path:
+        """The artifact; `fused_ffn_forms`: only these fused FFN kernels (the others per linear)."""
         path = self.workdir / f"{name}.actsparse"
-        self.actsparse.compile(optimized.model, target="host", example_inputs={"x": self.inputs[0]}, output=path)
+        if fused_ffn_forms is None:
+            self.actsparse.compile(optimized.model, target="host", example_inputs={"x": self.inputs[0]}, output=path)
+        else:
+            from actsparse.codegen.compile import compile_model
+
+            compile_model(optimized.model, "host", path, input_shapes={"x": self.inputs[0].shape},
+                          fused_ffn_forms=fused_ffn_forms)
         return path
 
     def artifact(self, engine: str, optimized, name: str, fraction: float, reference: np.ndarray,
-                 read_bound: bool = False, **extra):
+                 read_bound: bool = False, fused_ffn_forms=None, **extra):
         timer = self.paired_with_read_bound if read_bound else self.paired
-        seconds, copies, y0 = time_artifact(self.compile(optimized, name), self.inputs, self.weight_bytes, fraction,
-                                            self.iters, timer=timer)
+        seconds, copies, y0 = time_artifact(self.compile(optimized, name, fused_ffn_forms), self.inputs,
+                                            self.weight_bytes, fraction, self.iters, timer=timer)
         return self.add(engine, seconds, fraction=fraction, copies=copies,
                         error=float(np.abs(y0 - reference).max()), **extra)
 
 
 def run(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
-    from actsparse.codegen.ffn_fusion import GATE_SPARSE, enabled_forms
+    from actsparse.codegen.lowering.ffn_fusion import GATE_SPARSE
 
     b = Bench(layers, iters, workdir, blocks)
     print(f"SwiGLU FFN stack: {layers} layers, D={D}, F={F}, weights {b.weight_bytes / 1e6:.0f} MB, "
@@ -394,9 +401,9 @@ def run(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
     t, y = time_tvm_default(b.proto, b.inputs, timer=b.paired)
     b.add("TVM default build (from_onnx + tvm.compile)", t, error=float(np.abs(y - dense_ref).max()))
     b.artifact("actsparse dense", b.optimize("cleanup"), "dense", 1.0, dense_ref, read_bound=True)
-    with enabled_forms({GATE_SPARSE}):  # the dense block as per-linear kernels instead of ffn_dense
-        b.artifact("actsparse dense per-linear kernels", b.optimize("cleanup"), "dense_per_linear", 1.0, dense_ref,
-                   read_bound=True)
+    # the dense block as per-linear kernels instead of ffn_dense
+    b.artifact("actsparse dense per-linear kernels", b.optimize("cleanup"), "dense_per_linear", 1.0, dense_ref,
+               read_bound=True, fused_ffn_forms={GATE_SPARSE})
 
     # TEAL sweep (0.5 is the headline row); ORT on the 50 % ONNX; the fused input-sparse kernel at 50 %.
     for s in SPARSITIES:
@@ -410,9 +417,9 @@ def run(layers: int, iters: int, workdir: Path, blocks: int = 12) -> dict:
         if s == 0.5:
             t, y = time_ort(optimized.to_onnx(), b.inputs, iters, timer=b.paired)
             b.add("onnxruntime TEAL 50% ONNX", t, error=float(np.abs(y - reference).max()))
-            with enabled_forms({GATE_SPARSE}):  # TEAL keeps the per-linear sparse kernels
-                b.artifact("actsparse TEAL 50% per-linear sparse kernels", optimized, "teal_per_linear", fraction,
-                           reference, sparsity=s)
+            # TEAL keeps the per-linear sparse kernels
+            b.artifact("actsparse TEAL 50% per-linear sparse kernels", optimized, "teal_per_linear", fraction,
+                       reference, sparsity=s, fused_ffn_forms={GATE_SPARSE})
         del optimized
         gc.collect()
 
@@ -479,7 +486,7 @@ def run_rsparse_only(layers: int, iters: int, workdir: Path, blocks: int = 12) -
     """R-Sparse next to TEAL at the same levels (fused and per-linear kernels): each paired with
     onnxruntime dense, then the three artifacts of a level head to head (`head_to_head`): the
     comparison at equal bytes read."""
-    from actsparse.codegen.ffn_fusion import GATE_SPARSE, enabled_forms
+    from actsparse.codegen.lowering.ffn_fusion import GATE_SPARSE
 
     b = Bench(layers, iters, workdir, blocks)
     print(f"SwiGLU FFN stack: {layers} layers, D={D}, F={F}, weights {b.weight_bytes / 1e6:.0f} MB, "
@@ -490,9 +497,8 @@ def run_rsparse_only(layers: int, iters: int, workdir: Path, blocks: int = 12) -
         fraction = float(np.mean([simulate(x, b.weights, t_in=t_in, t_down=t_down)[2] for x in b.inputs]))
         reference = simulate(b.inputs[0], b.weights, t_in=t_in, t_down=t_down)[0]
         b.artifact(f"actsparse TEAL {s:.0%}", optimized, f"teal{s}", fraction, reference, sparsity=s, sweep="teal")
-        with enabled_forms({GATE_SPARSE}):
-            b.artifact(f"actsparse TEAL {s:.0%} per-linear sparse kernels", optimized, f"teal_per_linear{s}",
-                       fraction, reference, sparsity=s)
+        b.artifact(f"actsparse TEAL {s:.0%} per-linear sparse kernels", optimized, f"teal_per_linear{s}",
+                   fraction, reference, sparsity=s, fused_ffn_forms={GATE_SPARSE})
     run_rsparse_levels(b)
     rows = {r["engine"]: r for r in b.rows}
     comparison = {}

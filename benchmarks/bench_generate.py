@@ -178,7 +178,7 @@ class OnnxruntimeEngine:
 
     def __init__(self, folder: Path):
         from actsparse.lm.compile import load_decoder
-        from actsparse.passes.verify import ort_session
+        from actsparse.ir.ort_session import ort_session
 
         spec, graph = load_decoder(folder, 2048)
         self.session = ort_session(graph, threads=2)

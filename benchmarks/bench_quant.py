@@ -38,7 +38,7 @@ from actsparse.codegen.kernels.cpu import quant  # noqa: E402
 from actsparse.codegen.kernels.cpu.build import build_kernel  # noqa: E402
 from actsparse.codegen.kernels.cpu.dense import dense_matmul, pack_dense, vector_lanes  # noqa: E402
 from actsparse.codegen.targets import resolve_target, target_summary  # noqa: E402
-from actsparse.passes.quantize import pack_matmulnbits, quantize_blockwise, quantize_per_channel  # noqa: E402
+from actsparse.passes.quant_numerics import pack_matmulnbits, quantize_blockwise, quantize_per_channel  # noqa: E402
 
 SHAPES = ((1024, 2816), (2816, 1024))
 GROUP = 128
@@ -239,7 +239,7 @@ class Bench:
             del packed
 
         # ours int4 (symmetric, group 128)
-        from actsparse.passes.quantize import dequantize_blockwise
+        from actsparse.passes.quant_numerics import dequantize_blockwise
 
         c0, sc0 = self.int4[0]
         w4 = dequantize_blockwise(c0, sc0, np.full_like(sc0, 8, np.uint8), GROUP, k).astype(np.float64)

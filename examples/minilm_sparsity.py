@@ -139,7 +139,7 @@ def tokenize(sentences: list[str]) -> list[dict[str, np.ndarray]]:
 
 def embed(model, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     """Mean-pooled, L2-normalized sentence embeddings from an ONNX model run in onnxruntime."""
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
 
     session = ort_session(model)
     out = []

@@ -26,8 +26,8 @@ from actsparse.cli import main
 from actsparse.frontend import onnx_file
 from actsparse.frontend.onnx_file import load_model
 from actsparse.ir import large
-from actsparse.passes import verify
-from actsparse.passes.verify import ort_session
+from actsparse.ir import ort_session as verify
+from actsparse.ir.ort_session import ort_session
 
 
 def write_swiglu_external(folder: Path, layers: int, d: int, f: int) -> tuple[Path, int]:

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from actsparse.calibrate.data import Feeds
 from actsparse.errors import ActsparseError
 from actsparse.ir.large import copy_model
+from actsparse.ir.ort_session import ort_session
 
 
 def collect_values(model: ir.Model, names: list[str], samples: list[Feeds],
@@ -28,8 +29,6 @@ def collect_values(model: ir.Model, names: list[str], samples: list[Feeds],
         if name not in existing:
             probe.graph.outputs.append(values[name])
         wanted.append(name)
-    from actsparse.passes.verify import ort_session  # here: passes import this module
-
     session = ort_session(probe)
     output_names = [o.name for o in session.get_outputs()]
     collected: dict[str, list[np.ndarray]] = {name: [] for name in wanted}

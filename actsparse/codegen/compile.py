@@ -33,7 +33,8 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
                   report: dict | None = None, bundle_runtime: bool | str = False,
                   on_step: Progress | None = None, copy: bool = True, prepare: Callable | None = None,
                   extra_manifest: dict | None = None, extra_files: dict[str, bytes] | None = None,
-                  companions: Callable | None = None, reference_model: ir.Model | None = None) -> CompileResult:
+                  companions: Callable | None = None, reference_model: ir.Model | None = None,
+                  fused_ffn_forms: frozenset[str] | None = None) -> CompileResult:
     """Lower `model` for `target_name` and write the artifact at `output`. The model is not
     modified unless `copy=False` (for callers that own it and will not use it again).
     `prepare(model)` rewrites the graph before shapes are fixed (e.g. the KV-cache lowering);
@@ -41,10 +42,11 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     points over the same weights (see `lower.to_relax`); the manifest's "functions" section lists
     each one's params as indices into main's. `reference_model` (the optimized model, when passes
     made it in memory): its onnxruntime outputs are packed for `actsparse deploy`'s check
-    (actsparse.deploy.reference)."""
+    (actsparse.deploy.reference). `fused_ffn_forms`: only these fused FFN kernels (lowering/ffn_fusion.py;
+    benchmarks compare them with per-linear kernels)."""
     from actsparse.codegen.lower import select_kernels, specialize_shapes, to_relax
     from actsparse.codegen.package import write_artifact
-    from actsparse.codegen.targets import resolve_target, target_summary
+    from actsparse.codegen.targets import describe_target, resolve_target, target_summary
     from actsparse.ir.large import copy_model
 
     step = on_step or (lambda message: None)
@@ -59,6 +61,7 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     if target.kind.name not in ("llvm", "cuda"):
         raise ActsparseError(f"target {target_name!r}: only CPU targets (host, x86, rpi4, aarch64) and cuda "
                              "compile models so far")
+    info = describe_target(target)  # the target's facts, worked out once for every lowering step
     if copy:  # lowering rewrites the graph; callers that own a fresh model skip this copy
         model = copy_model(model)  # shares the tensors: lowering replaces them, never changes them
     from actsparse.ir.graph import name_unnamed_nodes
@@ -77,14 +80,14 @@ def compile_model(model: ir.Model, target_name: str, output: str | os.PathLike, 
     step("specializing shapes")
     model = specialize_shapes(model, input_shapes or {})
     step("selecting kernels")
-    plan = select_kernels(model, target)
+    plan = select_kernels(model, info, fused_ffn_forms)
     timings["prepare"] = time.perf_counter() - start
     step("importing into TVM Relax")
     mark = time.perf_counter()
     from actsparse.codegen.relax_util import quiet_native_stderr
 
     with quiet_native_stderr():
-        mod, params = to_relax(model, target, companions)
+        mod, params = to_relax(model, info, companions)
     timings["import"] = time.perf_counter() - mark
     step(f"compiling for {target_name}")
     mark = time.perf_counter()

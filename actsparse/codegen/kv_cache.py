@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from actsparse.codegen.relax_util import as_converter
+from actsparse.codegen.lowering.ops import (DECODE_ATTENTION, LOWERING_DOMAIN, as_converter, attr_text,
+                                            declare_lowering_domain)
 from actsparse.errors import ActsparseError
 from actsparse.ir.custom_ops import is_cached_attention
 
-DECODE_ATTENTION = "ActsparseDecodeAttention"
 POSITION_INPUT = "position"
 
 
@@ -32,8 +32,6 @@ def lower_cached_attention(model: ir.Model, capacity: int, window: int = 0, cach
     """Rewrite every CachedAttention node (see the module docstring), in place. Returns the cache
     buffers' descriptions [{name, shape, dtype}] in graph-input order, for the manifest.
     `cache_dtype` float16 stores keys and values in half the bytes (kernels/cpu/attention.py)."""
-    from actsparse.codegen.lower import LOWERING_DOMAIN
-
     nodes = [node for node in model.graph if is_cached_attention(node)]
     if not nodes:
         raise ActsparseError("the model has no CachedAttention node: it is not a decode step")
@@ -74,16 +72,15 @@ def lower_cached_attention(model: ir.Model, capacity: int, window: int = 0, cach
     inputs = [v for v in model.graph.inputs if v.name not in old_inputs]
     model.graph.inputs.clear()
     model.graph.inputs.extend(inputs)
-    model.opset_imports.setdefault(LOWERING_DOMAIN, 1)
+    declare_lowering_domain(model)
     return caches
 
 
 def kv_converters(target) -> dict:
-    """{op name: converter} for TVM's ONNX importer (see codegen/lower.py `_our_converters`)."""
+    """{op name: converter} for TVM's ONNX importer (see lowering/relax_import.py `_our_converters`)."""
     from tvm import relax
 
     from actsparse.codegen.kernels.cpu.attention import decode_attention
-    from actsparse.codegen.relax_util import attr_text
 
     functions: dict[tuple, object] = {}
 

@@ -11,14 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from actsparse.errors import ActsparseError
-from actsparse.ir.custom_ops import CACHED_ATTENTION, DOMAIN, RANK_SPARSE_MATMUL, SPARSIFY, SPARSIFY_WEIGHTED
-
-# actsparse ops: (inputs, outputs); none takes attributes.
-_ACTSPARSE_SIGNATURES = {
-    SPARSIFY: (2, 1), SPARSIFY_WEIGHTED: (3, 1), CACHED_ATTENTION: (5, 3), RANK_SPARSE_MATMUL: (6, 1),
-    "PredictActive": (5, 1), "PredictActiveTopK": (5, 1), "PredictActiveStat": (5, 1),
-}
-_MICROSOFT_OPS = {"MatMulNBits"}  # lowered by codegen/quant_lowering.py
+from actsparse.ir.custom_ops import DOMAIN, SIGNATURES, is_matmul_nbits
 
 
 def check_lowerable_ops(model: ir.Model) -> None:
@@ -32,7 +25,7 @@ def check_lowerable_ops(model: ir.Model) -> None:
         if domain == DOMAIN:
             _check_actsparse_node(node, where)
             continue
-        if domain == "com.microsoft" and node.op_type in _MICROSOFT_OPS:
+        if is_matmul_nbits(node):  # lowered by codegen/lowering/quant.py
             continue
         raise ActsparseError(f"{where}: the compiler does not support ops of domain {domain!r}")
 
@@ -46,9 +39,9 @@ def check_actsparse_ops(model: ir.Model) -> None:
 
 
 def _check_actsparse_node(node: ir.Node, where: str) -> None:
-    signature = _ACTSPARSE_SIGNATURES.get(node.op_type)
+    signature = SIGNATURES.get(node.op_type)
     if signature is None:
-        raise ActsparseError(f"{where}: unknown actsparse op (known: {', '.join(_ACTSPARSE_SIGNATURES)})")
+        raise ActsparseError(f"{where}: unknown actsparse op (known: {', '.join(SIGNATURES)})")
     inputs, outputs = signature
     if len(node.inputs) != inputs or len(node.outputs) != outputs or any(v is None for v in node.inputs):
         raise ActsparseError(f"{where}: takes {inputs} inputs and {outputs} outputs, has "

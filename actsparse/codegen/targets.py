@@ -13,6 +13,11 @@ Names:
   cuda     ``{"kind": "cuda", "arch": "sm_80"}``; ``cuda:sm_90`` picks another arch.
 
 A JSON dict string (``'{"kind": "llvm", "mcpu": "skylake"}'``) is passed to TVM as is.
+
+``describe_target`` works out, once per compile, what the lowering needs to know about the
+target (vector width, ISA features, the batch-1 row schedule): a ``TargetInfo`` that
+``codegen/compile.py`` passes down to kernel selection, fusion, quantized lowering, the prefill
+binding and the kernel builders.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from actsparse.errors import ActsparseError
@@ -27,6 +33,7 @@ from actsparse.errors import ActsparseError
 TARGET_NAMES = ("host", "x86", "rpi4", "aarch64", "cuda")
 X86_PORTABLE_MCPU = "x86-64-v3"
 DEFAULT_CUDA_ARCH = "sm_80"
+DEFAULT_LANES = 16  # kernels built for no particular CPU (and CUDA's twins) use 16-lane blocks
 
 
 def host_arch() -> str:
@@ -100,3 +107,59 @@ def target_summary(target) -> dict[str, Any]:
     if "mattr" in attrs:
         summary["mattr"] = [str(a) for a in attrs["mattr"]]
     return summary
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """The target facts the lowering reads, worked out once (``describe_target``)."""
+
+    kind: str  # "llvm", "cuda", or "" (no target: kernels for 16 lanes, as built outside a compile)
+    vector_lanes: int  # fp32 lanes of the widest vector register (16, 8 or 4)
+    tvm_vector_lanes: int  # fp32 lanes LLVM vectorizes TVM's own ops by (at least 4)
+    row_schedule: Any  # kernels.cpu.schedule.RowSchedule: how the batch-1 row kernels walk rows
+    avx512: bool = False
+    vnni: bool = False  # AVX-512 VNNI (vpdpbusd on 512-bit vectors): the int8 dot-product kernels
+    neon: bool = False
+    dotprod: bool = False
+    tvm_target: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    def kernel_lanes(self, kind: str) -> int:
+        """fp32 lanes per register block for a kernel kind ("dense" or "sparse"). On 128-bit NEON
+        (4 lanes) wider blocks pay: counted under qemu (docs/arm.md), the sparse kernel at 4 lanes
+        spends 3-4 scalar instructions per 2 FMAs on the row index and coefficient; 16 lanes spread
+        them over 8 FMAs (0.55x the dense instructions at 50 % sparsity instead of 0.92x), and dense
+        does best at 8 lanes."""
+        if self.vector_lanes == 4:
+            return 16 if kind == "sparse" else 8
+        return self.vector_lanes
+
+
+def describe_target(target) -> TargetInfo:
+    """The ``TargetInfo`` of a ``tvm.target.Target`` (None: no target, the kernels' defaults; a
+    TargetInfo is returned as it is)."""
+    from actsparse.codegen.kernels.cpu.schedule import row_schedule_for
+
+    if isinstance(target, TargetInfo):
+        return target
+    if target is None or target.kind.name != "llvm":
+        return TargetInfo(kind="" if target is None else target.kind.name, vector_lanes=DEFAULT_LANES,
+                          tvm_vector_lanes=4, row_schedule=row_schedule_for(target), tvm_target=target)
+    from tvm.target import codegen
+
+    features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    avx512 = "avx512f" in features
+    lanes = 16 if avx512 else 8 if ("avx" in features or "avx2" in features) else 4
+    bits = codegen.llvm_get_vector_width(target)
+    return TargetInfo(kind="llvm", vector_lanes=lanes, tvm_vector_lanes=max((bits if bits > 0 else 128) // 32, 4),
+                      row_schedule=row_schedule_for(target), avx512=avx512,
+                      vnni="avx512vnni" in features and "avx512bw" in features,
+                      neon="neon" in features, dotprod="dotprod" in features, tvm_target=target)
+
+
+def kernel_lanes(target, kind: str) -> int:
+    """fp32 lanes per register block of a kernel kind on a ``tvm.target.Target`` (TargetInfo.kernel_lanes)."""
+    return describe_target(target).kernel_lanes(kind)

@@ -15,7 +15,7 @@ onnxruntime's outputs of the optimized model on fixed inputs (``reference/inputs
 Tolerance without --atol: 1e-4 against a model the artifact computes exactly; 3x the max abs
 error the artifact's own accuracy report measured when the reference is the source model of
 approximate passes; when its int8/int4 kernels skip the activation rounding of the graph (see
-codegen/quant_lowering.py), 3x the error its quantize pass caused by itself (else the report's).
+codegen/lowering/quant.py), 3x the error its quantize pass caused by itself (else the report's).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def pack_reference(optimized, input_specs: list[dict]) -> tuple[dict, dict[str, 
     random inputs of the artifact's signature. When onnxruntime cannot run the model, the
     section says why and no files are packed (deploy then falls back to the source model)."""
     from actsparse import __version__
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
     from actsparse.runtime.run_command import artifact_inputs
 
     try:
@@ -207,7 +207,7 @@ def _read_npz(data: bytes) -> dict[str, np.ndarray]:
 def onnx_outputs(onnx_path: str, feeds: dict) -> dict[str, np.ndarray]:
     """onnxruntime's outputs of the ONNX model at `onnx_path` on `feeds` (extra feeds ignored)."""
     from actsparse.frontend.onnx_file import load_model
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
 
     session = ort_session(load_model(onnx_path))
     names = [o.name for o in session.get_outputs()]

@@ -24,7 +24,7 @@ reference the compiled decode step is checked against, and calibration feeds com
     outputs: logits float32 [1, vocab]
 Its linears are `actsparse.lowering.PrefillLinear` placeholders (attribute `layer`: the decode
 step's node name) and its attention is `PrefillAttention` on the decode step's cache buffers;
-codegen/prefill.py binds each placeholder to the weights the decode step's kernels were given,
+codegen/lowering/prefill.py binds each placeholder to the weights the decode step's kernels were given,
 so the two entry points share one copy of every weight.
 """
 
@@ -35,6 +35,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from actsparse.codegen.lowering.ops import LOWERING_DOMAIN, PREFILL_ATTENTION, PREFILL_LINEAR
 from actsparse.frontend.causal_lm import DecoderSpec
 from actsparse.ir.custom_ops import CACHED_ATTENTION, DOMAIN, VERSION, ensure_function
 
@@ -50,9 +51,6 @@ def present_names(layers: int) -> list[tuple[str, str]]:
     return [(f"present_key.{i}", f"present_value.{i}") for i in range(layers)]
 
 
-PREFILL_LINEAR = "PrefillLinear"
-PREFILL_ATTENTION = "PrefillAttention"
-LOWERING_DOMAIN = "actsparse.lowering"
 
 
 class _Builder:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from actsparse.ir.activations import Activation, match_activation
-from actsparse.ir.custom_ops import is_cached_attention
+from actsparse.ir.custom_ops import is_cached_attention, is_predict_active, is_sparsify
 from actsparse.ir.graph import dataflow_graph, nearest_downstream, nearest_upstream
 
 __all__ = [
@@ -334,7 +334,7 @@ def _skip_shape_ops_back(value: ir.Value) -> ir.Value:
         if masked is not None:
             value = masked
             continue
-        sparsify = producer.domain == "actsparse" and producer.op_type.startswith("Sparsify")
+        sparsify = is_sparsify(producer)
         if producer.op_type not in _SHAPE_ONLY and not sparsify:
             break
         value = producer.inputs[0]
@@ -347,7 +347,7 @@ def predicted_mask_input(node: ir.Node) -> ir.Value | None:
         return None
     for index, value in enumerate(node.inputs):
         producer = value.producer() if value is not None else None
-        if producer is not None and producer.domain == "actsparse" and producer.op_type.startswith("PredictActive"):
+        if producer is not None and is_predict_active(producer):
             return node.inputs[1 - index]
     return None
 

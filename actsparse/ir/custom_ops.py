@@ -13,6 +13,14 @@ onnxruntime and onnx.checker accept a model that uses them; codegen lowers them 
   keep = |x| * channel_scale > threshold; y = (x where keep) @ weight + ((x where not keep) @
   lowrank_in) @ lowrank_out. weight [K, N]; lowrank_in [K, r] and lowrank_out [r, N] are the top r
   singular components of weight (U_r Σ_r and V_rᵀ), so dropped channels still reach y through them.
+- `PredictActive(x, A, B, bias, t)`, `PredictActiveTopK(x, A, B, bias, k)`,
+  `PredictActiveStat(x, A, B, bias, z) -> mask`: a low-rank predictor's 0/1 mask of the FFN neurons
+  that will be active (threshold / top-k / mean + z std of the logits x A B + bias); their
+  function bodies are built by passes/predictor.py.
+
+One check per op family: `is_sparsify`, `is_predict_active`, `is_rank_sparse_matmul`,
+`is_cached_attention`; and `is_matmul_nbits` for the one com.microsoft op the passes write.
+The lowering-only ops (domain `actsparse.lowering`) are in codegen/lowering/ops.py.
 """
 
 from __future__ import annotations
@@ -29,6 +37,16 @@ SPARSIFY_WEIGHTED = "SparsifyWeighted"
 CUSTOM_OPS = (SPARSIFY, SPARSIFY_WEIGHTED)
 CACHED_ATTENTION = "CachedAttention"
 RANK_SPARSE_MATMUL = "RankSparseMatMul"
+PREDICT_THRESHOLD, PREDICT_TOPK, PREDICT_STAT = "PredictActive", "PredictActiveTopK", "PredictActiveStat"
+PREDICTOR_OPS = {"threshold": PREDICT_THRESHOLD, "topk": PREDICT_TOPK, "statistical": PREDICT_STAT}  # by mode
+PREDICTOR_MODES = {op: mode for mode, op in PREDICTOR_OPS.items()}
+# Every op of the domain: (inputs, outputs); none takes attributes.
+SIGNATURES = {
+    SPARSIFY: (2, 1), SPARSIFY_WEIGHTED: (3, 1), CACHED_ATTENTION: (5, 3), RANK_SPARSE_MATMUL: (6, 1),
+    PREDICT_THRESHOLD: (5, 1), PREDICT_TOPK: (5, 1), PREDICT_STAT: (5, 1),
+}
+MS_DOMAIN = "com.microsoft"
+MATMUL_NBITS = "MatMulNBits"  # int4 weights (passes/quantize.py), lowered by codegen/lowering/quant.py
 
 
 def _cached_attention_proto(onnx_opset: int) -> onnx.FunctionProto:
@@ -105,7 +123,17 @@ def ensure_function(model: ir.Model, name: str) -> None:
 
 
 def is_sparsify(node: ir.Node) -> bool:
+    """Sparsify or SparsifyWeighted."""
     return node.domain == DOMAIN and node.op_type in CUSTOM_OPS
+
+
+def is_predict_active(node: ir.Node) -> bool:
+    """Any of the PredictActive* ops."""
+    return node.domain == DOMAIN and node.op_type in PREDICTOR_MODES
+
+
+def is_matmul_nbits(node: ir.Node) -> bool:
+    return node.domain == MS_DOMAIN and node.op_type == MATMUL_NBITS
 
 
 def add_initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:

@@ -5,7 +5,7 @@
         --compile_model--> artifact with a manifest "lm" section (+ the tokenizer, if any)
 
 A second entry point, `prefill`, runs a chunk of PREFILL_TOKENS prompt tokens at once over the
-same weights (frontend/decode_graph.build_prefill_graph, bound by codegen/prefill.py). The
+same weights (frontend/decode_graph.build_prefill_graph, bound by codegen/lowering/prefill.py). The
 runtime's `LanguageModel` (runtime/generate.py) owns the cache buffers, runs the prompt in chunks
 and then the step once per new token.
 """
@@ -134,7 +134,7 @@ def decode_feeds(model: ir.Model, sequences: list[np.ndarray]) -> list[dict[str,
     """One feed per decode step of each sequence (teacher-forced through onnxruntime), so the
     thresholds see the activations the compiled decode step will see. The first step of each
     sequence sees an empty cache (no attention statistics worth keeping) and is left out."""
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
 
     session = ort_session(model)
     return [feed for tokens in sequences
@@ -186,7 +186,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
         caches.extend(lower_cached_attention(graph, capacity, window, kv_cache))
 
     def companions(lowered: ir.Model) -> dict[str, ir.Model]:
-        from actsparse.codegen.prefill import bind_prefill
+        from actsparse.codegen.lowering.prefill import bind_prefill
         from actsparse.frontend.decode_graph import build_prefill_graph
 
         tokens = min(PREFILL_TOKENS, max_context)

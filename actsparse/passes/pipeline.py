@@ -13,8 +13,9 @@ import onnx_ir as ir
 import yaml
 
 from actsparse.errors import ActsparseError, VerificationError
+from actsparse.ir.ort_session import ort_session
 from actsparse.passes.base import PassContext, make_pass, options_dict
-from actsparse.passes.verify import OutputComparison, check_model, compare_outputs, ort_session, run_onnxruntime
+from actsparse.passes.verify import OutputComparison, check_model, compare_outputs, run_onnxruntime
 
 
 @dataclass

@@ -33,11 +33,11 @@ from onnx import helper
 from actsparse.calibrate.stats import as_rows, collect_values
 from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import FFNBlock, find_blocks
-from actsparse.ir.custom_ops import DOMAIN, VERSION, add_initializer, unique_name, unique_node_name
+from actsparse.ir.custom_ops import (DOMAIN, PREDICT_THRESHOLD, PREDICT_TOPK, PREDICTOR_OPS, VERSION, add_initializer,
+                                     unique_name, unique_node_name)
 from actsparse.passes.base import ActsparsePass, option, register
 
-PREDICT_THRESHOLD, PREDICT_TOPK, PREDICT_STAT = "PredictActive", "PredictActiveTopK", "PredictActiveStat"
-OPS = {"threshold": PREDICT_THRESHOLD, "topk": PREDICT_TOPK, "statistical": PREDICT_STAT}
+OPS = PREDICTOR_OPS
 
 
 @dataclass

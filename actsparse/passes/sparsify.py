@@ -186,7 +186,7 @@ def _freeze_threshold(model: ir.Model, group: _Group, t: ir.Value, threshold: fl
 def output_error_curves(model, groups, scores, thresholds, samples) -> dict[str, np.ndarray]:
     """For each group alone at each level: squared error of the model's float outputs,
     relative to their squared norm, over the samples."""
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
 
     session = ort_session(model)
     float_outputs = [i for i, o in enumerate(session.get_outputs()) if "float" in o.type]

@@ -6,8 +6,6 @@ The model is a tiny 2-layer SwiGLU stack (d 64, f 176); every pattern compiles o
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -17,7 +15,8 @@ pytest.importorskip("tvm")
 
 import actsparse  # noqa: E402
 from actsparse.codegen.compile import compile_model  # noqa: E402
-from actsparse.codegen.ffn_fusion import FORMS, FUSED_FFN, enabled_forms, fuse_ffn_blocks  # noqa: E402
+from actsparse.codegen.lowering.ffn_fusion import FORMS, fuse_ffn_blocks, fused_forms  # noqa: E402
+from actsparse.codegen.lowering.ops import FUSED_FFN  # noqa: E402
 from actsparse.codegen.lower import specialize_shapes  # noqa: E402
 from actsparse.zoo import swiglu_stack  # noqa: E402
 
@@ -60,8 +59,7 @@ def compiled(request, tmp_path_factory):
     passes, forms, _ = PATTERNS[request.param]
     optimized = actsparse.optimize(swiglu_stack(), passes=passes, calib=_calibration())
     output = tmp_path_factory.mktemp(request.param) / "model.actsparse"
-    with enabled_forms(forms) if forms else contextlib.nullcontext():
-        result = compile_model(optimized.model, "host", output, input_shapes={"x": (1, D)})
+    result = compile_model(optimized.model, "host", output, input_shapes={"x": (1, D)}, fused_ffn_forms=forms or None)
     return request.param, optimized, actsparse.load(result.path), result.kernels
 
 
@@ -171,8 +169,7 @@ def test_residual_add_stays_when_the_ffn_output_is_read_elsewhere():
 
 def test_enabled_forms_rejects_unknown_forms():
     with pytest.raises(ValueError, match="unknown fused FFN forms"):
-        with enabled_forms(["ffn_magic"]):
-            pass
+        fused_forms(["ffn_magic"])
 
 
 def test_batch_model_keeps_per_linear_kernels_and_matches(tmp_path):

@@ -15,7 +15,7 @@ from actsparse.codegen.kernels.cpu import build_kernel  # noqa: E402
 from actsparse.codegen.kernels.cpu import quant  # noqa: E402
 from actsparse.codegen.kernels.reference import active_mask, dense_matmul_reference  # noqa: E402
 from actsparse.codegen.targets import resolve_target  # noqa: E402
-from actsparse.passes.quantize import dequantize_blockwise, quantize_blockwise, quantize_per_channel  # noqa: E402
+from actsparse.passes.quant_numerics import dequantize_blockwise, quantize_blockwise, quantize_per_channel  # noqa: E402
 
 ATOL = 2e-4
 RTOL = 1e-4
@@ -296,12 +296,12 @@ LOWERING_CASES = {
 
 
 def _with_converters(target):
-    """Stand-in for the one-line hook in lower._our_converters: add ours to from_onnx's table."""
+    """Stand-in for the one-line hook in relax_import._our_converters: add ours to from_onnx's table."""
     import contextlib
 
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    from actsparse.codegen.quant_lowering import quant_converters
+    from actsparse.codegen.lowering.quant import quant_converters
 
     @contextlib.contextmanager
     def patched():
@@ -343,7 +343,7 @@ def lowered(request):
 
     import actsparse
     from actsparse.codegen.lower import specialize_shapes, to_relax
-    from actsparse.codegen.quant_lowering import select_quant_kernels
+    from actsparse.codegen.lowering.quant import select_quant_kernels
     from actsparse.zoo import swiglu_stack
 
     passes, *_, reference_passes = (*LOWERING_CASES[request.param], None)[:4]
@@ -397,7 +397,7 @@ def test_lowered_quantized_model_matches_onnxruntime(lowered):
 
 
 def test_unpack_nibbles_low_first():
-    from actsparse.codegen.quant_lowering import unpack_nibbles
+    from actsparse.codegen.lowering.quant import unpack_nibbles
 
     np.testing.assert_array_equal(unpack_nibbles(np.array([[0x21, 0xF3]], np.uint8)), [[1, 2, 3, 15]])
 
@@ -408,7 +408,7 @@ def test_non_int8_qdq_weights_are_not_matched():
 
     import onnx_ir as ir
 
-    from actsparse.codegen.quant_lowering import select_quant_kernels
+    from actsparse.codegen.lowering.quant import select_quant_kernels
 
     q = np.ones((4, 3), np.int8)
     graph = helper.make_graph(

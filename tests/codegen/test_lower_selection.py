@@ -1,4 +1,4 @@
-"""Kernel selection in lower.py: chained linears, quantized linears, NEON lane widths."""
+"""Kernel selection in lowering/select.py: chained linears, quantized linears, NEON lane widths."""
 
 import numpy as np
 import onnx
@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import actsparse
-from actsparse.codegen.lower import kernel_lanes
+from actsparse.codegen.targets import kernel_lanes
 from actsparse.codegen.targets import resolve_target
 from actsparse.zoo import swiglu_stack
 

@@ -18,6 +18,7 @@ pytest.importorskip("tvm")
 
 import actsparse  # noqa: E402
 from actsparse.codegen import lower  # noqa: E402
+from actsparse.codegen.lowering import relax_import  # noqa: E402
 from actsparse.errors import ActsparseError  # noqa: E402
 
 ATOL = 1e-4
@@ -192,7 +193,7 @@ def test_scalars_and_small_int_initializers_become_constants():
          numpy_helper.from_array(np.array(2.0, np.float32), "scale"),
          numpy_helper.from_array(np.ones((4, 4), np.float32), "weight")],
     )
-    lower._small_constants_inline(graph)
+    relax_import._small_constants_inline(graph)
     assert [t.name for t in graph.initializer] == ["weight"]  # float weights stay parameters
     constants = {node.output[0] for node in graph.node if node.op_type == "Constant"}
     assert constants == {"shape", "scale"}

@@ -15,7 +15,8 @@ pytest.importorskip("tvm")
 
 import actsparse  # noqa: E402
 from actsparse.codegen.compile import compile_model  # noqa: E402
-from actsparse.codegen.ffn_fusion import FUSED_FFN, INDEXED, fuse_ffn_blocks  # noqa: E402
+from actsparse.codegen.lowering.ffn_fusion import INDEXED, fuse_ffn_blocks  # noqa: E402
+from actsparse.codegen.lowering.ops import FUSED_FFN  # noqa: E402
 from actsparse.codegen.kernels.cpu.build import build_kernel  # noqa: E402
 from actsparse.codegen.kernels.cpu.ffn import pack_predictor, predict_active  # noqa: E402
 from actsparse.codegen.lower import specialize_shapes  # noqa: E402

@@ -12,7 +12,8 @@ pytest.importorskip("tvm")
 import actsparse  # noqa: E402
 from actsparse.codegen.compile import compile_model  # noqa: E402
 from actsparse.codegen.lower import specialize_shapes  # noqa: E402
-from actsparse.codegen.rsparse_lowering import RANK_SPARSE_LINEAR, select_rank_sparse_kernels  # noqa: E402
+from actsparse.codegen.lowering.ops import RANK_SPARSE_LINEAR  # noqa: E402
+from actsparse.codegen.lowering.rsparse import select_rank_sparse_kernels  # noqa: E402
 from actsparse.ir.custom_ops import RANK_SPARSE_MATMUL, SPARSIFY_WEIGHTED  # noqa: E402
 from actsparse.zoo import swiglu_stack  # noqa: E402
 

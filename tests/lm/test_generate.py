@@ -86,7 +86,7 @@ def torch_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
 
 def ort_decode_logits(model_ir, tokens) -> np.ndarray:
     """Logits of each position, from the decode-step graph run token by token in onnxruntime."""
-    from actsparse.passes.verify import ort_session
+    from actsparse.ir.ort_session import ort_session
 
     return np.array([logits[0] for _, logits in ort_decode_steps(ort_session(model_ir), tokens)])
 

@@ -14,7 +14,7 @@ from actsparse.frontend.onnx_file import load_model
 from actsparse.ir.blocks import find_blocks
 from actsparse.passes import PassContext, make_pass
 from actsparse.passes.predictor import OPS, _function_proto, select, threshold_for_recall
-from actsparse.passes.verify import ort_session
+from actsparse.ir.ort_session import ort_session
 from tests.models import SEQ_LEN, VOCAB
 
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from actsparse.errors import ActsparseError
 from actsparse.passes import PassContext, PassSpec, make_pass, run_pipeline
 from actsparse.passes.prune import global_magnitude_masks, magnitude_mask, nm_mask
-from actsparse.passes.verify import ort_session
+from actsparse.ir.ort_session import ort_session
 
 RNG = np.random.default_rng(0)
 

@@ -13,10 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 from actsparse.errors import ActsparseError
 from actsparse.frontend.onnx_file import load_model
 from actsparse.passes import PassContext, PassSpec, make_pass, run_pipeline
-from actsparse.passes.quantize import (
+from actsparse.passes.quant_numerics import (
     dequantize_blockwise, entropy_threshold, gptq_quantize, quantize_blockwise, quantize_per_channel,
 )
-from actsparse.passes.verify import ort_session
+from actsparse.ir.ort_session import ort_session
 from tests import models
 
 RNG = np.random.default_rng(0)

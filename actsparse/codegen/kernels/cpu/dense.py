@@ -13,22 +13,12 @@ import numpy as np
 from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.schedule import stream_prefetch_macro
-
-DEFAULT_LANES = 16
+from actsparse.codegen.targets import DEFAULT_LANES, describe_target
 
 
 def vector_lanes(target) -> int:
-    """fp32 lanes of the widest vector register the target has (16, 8 or 4)."""
-    from tvm.target import codegen
-
-    if target.kind.name != "llvm":
-        return DEFAULT_LANES
-    features = codegen.llvm_get_cpu_features(target)
-    if "avx512f" in features:
-        return 16
-    if "avx" in features or "avx2" in features:
-        return 8
-    return 4
+    """fp32 lanes of the widest vector register a ``tvm.target.Target`` has (16, 8 or 4; TargetInfo)."""
+    return describe_target(target).vector_lanes
 
 
 def panel_count(n: int, block: int) -> int:

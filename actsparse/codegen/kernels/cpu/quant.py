@@ -498,13 +498,10 @@ VNNI_LANES = 16
 
 
 def has_int8_dot_product(target) -> bool:
-    """Whether ``target`` (an LLVM x86 target) has AVX-512 VNNI (vpdpbusd on 512-bit vectors)."""
-    from tvm.target import codegen
+    """Whether a ``tvm.target.Target`` has AVX-512 VNNI (vpdpbusd on 512-bit vectors; TargetInfo.vnni)."""
+    from actsparse.codegen.targets import describe_target
 
-    if target is None or target.kind.name != "llvm":
-        return False
-    features = codegen.llvm_get_cpu_features(target)
-    return "avx512vnni" in features and "avx512bw" in features
+    return describe_target(target).vnni
 
 
 def pack_int4_dense_vnni(codes, scales, zeros=None, *, k: int, group: int):

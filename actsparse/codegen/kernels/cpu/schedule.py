@@ -2,7 +2,8 @@
 
 ``RowSchedule`` says how the batch-1 row kernels (sparse.py, quant.py, ffn.py) walk active rows
 and how far ahead the dense panel streams (dense.py, ffn.py) prefetch. The lowering sets the
-target's schedule (``batch1_row_schedule(row_schedule_for(target))``); kernels built outside it
+target's schedule while importing (``batch1_row_schedule(TargetInfo.row_schedule)``, lowering/relax_import.py;
+the TargetInfo takes it from ``row_schedule_for``); kernels built outside it
 get ``X86_ROWS``.
 """
 

@@ -30,13 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES
-from actsparse.codegen.relax_util import as_converter, attr_text
-from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, SPARSIFY_WEIGHTED, add_initializer, unique_node_name
+from actsparse.codegen.lowering.ops import LOWERING_DOMAIN, QUANT_LINEAR, as_converter, attr_text, declare_lowering_domain
+from actsparse.codegen.targets import DEFAULT_LANES, TargetInfo
+from actsparse.ir.custom_ops import SPARSIFY_WEIGHTED, add_initializer, is_matmul_nbits, is_sparsify, unique_node_name
 
-QUANT_LINEAR = "ActsparseQuantLinear"
-LOWERING_DOMAIN = "actsparse.lowering"
-MS_DOMAIN = "com.microsoft"
 MAX_SPARSE_ROWS = 8  # the sparse kernels unroll the rows of x: beyond this, use the dense ones
 
 
@@ -64,7 +61,7 @@ def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: 
     batch-1 sparse-input int8 layers (activation QDQ or dynamic) ``int8_sparse_matmul_vnni``.
 
     Returns one plan entry per rewritten layer ({"name", "kernel", "shape"}), in the form of
-    ``lower.KernelPlan.layers``. Nodes left without users are removed.
+    ``select.KernelPlan.layers``. Nodes left without users are removed.
     """
     model = _infer_matmulnbits_shapes(model)
     layers = []
@@ -77,7 +74,7 @@ def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: 
         import onnx_ir.passes.common as common
 
         common.RemoveUnusedNodesPass()(model)
-        model.opset_imports.setdefault(LOWERING_DOMAIN, 1)
+        declare_lowering_domain(model)
     return layers
 
 
@@ -93,8 +90,7 @@ def _infer_matmulnbits_shapes(model: ir.Model) -> ir.Model:
         changed = False
         for node in model.graph:
             out, x = node.outputs[0], node.inputs[0] if node.inputs else None
-            if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits" and out.shape is None \
-                    and x is not None and x.shape is not None:
+            if is_matmul_nbits(node) and out.shape is None and x is not None and x.shape is not None:
                 out.shape = ir.Shape([*list(x.shape)[:-1], node.attributes.get_int("N", 0)])
                 out.type = x.type
                 changed = True
@@ -112,7 +108,7 @@ def match_quant_linear(node: ir.Node) -> QuantLinear | None:
         return _match_qdq(node)
     if node.domain in ("", "ai.onnx") and node.op_type == "Mul":
         return _match_dynamic(node)
-    if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits":
+    if is_matmul_nbits(node):
         return _match_matmulnbits(node)
     return None
 
@@ -254,7 +250,7 @@ def _activity(match: QuantLinear) -> tuple[str, list[ir.Value]]:
     if rows is None or rows > MAX_SPARSE_ROWS:
         return "dense", [match.x]
     producer = match.x.producer()
-    if producer is not None and producer.domain == DOMAIN and producer.op_type in (SPARSIFY, SPARSIFY_WEIGHTED):
+    if producer is not None and is_sparsify(producer):
         mode = "scaled" if producer.op_type == SPARSIFY_WEIGHTED else "threshold"
         return mode, list(producer.inputs[: 3 if mode == "scaled" else 2])
     if _zero_producing(producer):
@@ -314,7 +310,7 @@ def _replace(model: ir.Model, match: QuantLinear, lanes: int, int8_dot: bool = F
 
 # ------------------------------------------------------------------------------ TVM import
 
-def quant_converters(target) -> dict:
+def quant_converters(target: TargetInfo) -> dict:
     """from_onnx converters for ActsparseQuantLinear (one PrimFunc per variant and shape)."""
     return {QUANT_LINEAR: _converter()}
 

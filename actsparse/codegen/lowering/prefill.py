@@ -31,10 +31,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from actsparse.codegen.relax_util import as_converter, attr_text
-from actsparse.frontend.decode_graph import PREFILL_ATTENTION, PREFILL_LINEAR
+from actsparse.codegen.lowering.ops import (DENSE_LINEAR, FUSED_FFN, LOWERING_DOMAIN, PREFILL_ATTENTION, PREFILL_LINEAR,
+                                            QUANT_LINEAR, SPARSE_LINEAR, as_converter, attr_text, is_lowering_op)
+from actsparse.codegen.targets import TargetInfo
 
-LOWERING_DOMAIN = "actsparse.lowering"
 PACKED, ROWS, COLUMNS, GENERIC, QUANT = "packed", "kn", "nk", "generic", "quant"
 QUANT_PASS_SUFFIXES = (".matmul_integer", ".matmul_nbits")  # passes/quantize.py's node names
 
@@ -42,18 +42,14 @@ QUANT_PASS_SUFFIXES = (".matmul_integer", ".matmul_nbits")  # passes/quantize.py
 def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) -> str | None:
     """Bind `prefill`'s placeholders and weights to `decode`'s (lowered, weights packed), in
     place. Returns None, or why the chunk cannot share the decode step's weights."""
-    from actsparse.codegen.ffn_fusion import FUSED_FFN
-    from actsparse.codegen.lower import DENSE_LINEAR, SPARSE_LINEAR
-    from actsparse.codegen.quant_lowering import QUANT_LINEAR
-
     kernels: dict[str, ir.Node] = {}
     for node in decode.graph:
-        if node.domain == LOWERING_DOMAIN and node.op_type in (DENSE_LINEAR, SPARSE_LINEAR):
+        if is_lowering_op(node, DENSE_LINEAR, SPARSE_LINEAR):
             kernels[node.attributes.get_string("layer")] = node
-        elif node.domain == LOWERING_DOMAIN and node.op_type == FUSED_FFN:
+        elif is_lowering_op(node, FUSED_FFN):
             for name in node.attributes.get_strings("linears"):
                 kernels[name] = node
-        elif node.domain == LOWERING_DOMAIN and node.op_type == QUANT_LINEAR:
+        elif is_lowering_op(node, QUANT_LINEAR):
             if node.attributes.get_int("int8_dot", 0) and node.attributes.get_string("kind") == "int8":
                 return "the one-row VNNI int8 kernel has no multi-row form yet"
             layer = node.attributes.get_string("layer", "")
@@ -63,7 +59,7 @@ def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) ->
         elif node.op_type in ("MatMul", "Gemm") and node.name:
             kernels[node.name] = node
     placeholders = {node.attributes.get_string("layer"): node for node in prefill.graph
-                    if node.domain == LOWERING_DOMAIN and node.op_type == PREFILL_LINEAR}
+                    if is_lowering_op(node, PREFILL_LINEAR)}
     missing = sorted(set(placeholders) - set(kernels))
     if missing:
         return f"no decode-step kernel for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
@@ -98,7 +94,7 @@ def _share_initializers(prefill: ir.Model, decode: ir.Model) -> str | None:
     embeddings, rotary tables, biases): checked equal, then shared."""
     for name, value in list(prefill.graph.initializers.items()):
         if name.startswith("prefill.const."):
-            continue  # small constants: compiled into the code (lower._small_constants_inline)
+            continue  # small constants: compiled into the code (relax_import._small_constants_inline)
         mine = value.const_value.numpy()
         theirs = decode.graph.initializers.get(name)
         if theirs is None or theirs.const_value is None:
@@ -151,18 +147,16 @@ def _rows_of(placeholder: ir.Node) -> int:
 
 
 def _bind_linear(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node) -> str | None:
-    from actsparse.codegen.lower import DENSE_LINEAR
-    from actsparse.codegen.quant_lowering import QUANT_LINEAR
 
     if kernel.op_type == QUANT_LINEAR:
         return _bind_quant(prefill, placeholder, kernel)
-    weight = kernel.inputs[-1] if kernel.domain == LOWERING_DOMAIN else kernel.inputs[1]
+    weight = kernel.inputs[-1] if is_lowering_op(kernel) else kernel.inputs[1]
     if weight is None or weight.const_value is None:
         return f"{placeholder.name}: the decode step's weight is not a constant"
     n = placeholder.attributes.get_int("n")
-    if kernel.domain == LOWERING_DOMAIN and kernel.op_type == DENSE_LINEAR:
+    if is_lowering_op(kernel, DENSE_LINEAR):
         layout, k = PACKED, int(weight.shape[1])
-    elif kernel.domain == LOWERING_DOMAIN:
+    elif is_lowering_op(kernel):
         layout, k = ROWS, int(weight.shape[0])
     elif kernel.op_type == "MatMul" and len(weight.shape) == 2 and int(weight.shape[1]) == n:
         layout, k = GENERIC, int(weight.shape[0])
@@ -194,7 +188,7 @@ def _replace(prefill: ir.Model, placeholder: ir.Node, value: ir.Value) -> None:
 
 def _bind_fused_ffn(prefill: ir.Model, fused: ir.Node, placeholders: dict[str, ir.Node]) -> None:
     """gate, up, act, Mul, down of the chunk graph -> GEMMs over the fused kernel's weights."""
-    from actsparse.codegen.ffn_fusion import DENSE, GATE_SPARSE, INDEXED
+    from actsparse.codegen.lowering.ffn_fusion import DENSE, GATE_SPARSE, INDEXED
 
     gate_name, _, down_name = fused.attributes.get_strings("linears")
     gate, down = placeholders[gate_name], placeholders[down_name]
@@ -259,16 +253,15 @@ def _bind_fused_ffn(prefill: ir.Model, fused: ir.Node, placeholders: dict[str, i
 
 # ------------------------------------------------------------------------------ TVM import
 
-def prefill_converters(target) -> dict:
+def prefill_converters(target: TargetInfo) -> dict:
     """from_onnx converters for PrefillLinear and PrefillAttention."""
     from tvm import relax
 
     from actsparse.codegen.kernels.cpu.attention import prefill_attention
     from actsparse.codegen.kernels.cpu.dense import dense_matmul
-    from actsparse.codegen.lower import kernel_lanes
 
     functions: dict[tuple, object] = {}
-    lanes = kernel_lanes(target, "dense")
+    lanes = target.kernel_lanes("dense")
 
     def add(bb, key: tuple, symbol: str, build):
         if key not in functions:
@@ -278,7 +271,7 @@ def prefill_converters(target) -> dict:
     def quant(bb, inputs, attrs):
         """The decode step's int8/int4 kernel at M rows; sparse layouts in mode nonzero (every
         nonzero input counts: the dense product), at most MAX_SPARSE_ROWS rows a call."""
-        from actsparse.codegen.quant_lowering import MAX_SPARSE_ROWS, quant_kernel
+        from actsparse.codegen.lowering.quant import MAX_SPARSE_ROWS, quant_kernel
 
         kind, mode = attr_text(attrs["kind"]), attr_text(attrs["mode"])
         rows, k, n, group = int(attrs["rows"]), int(attrs["k"]), int(attrs["n"]), int(attrs["group"])

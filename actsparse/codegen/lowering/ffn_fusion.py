@@ -26,8 +26,9 @@ them, so up and down skip the rows of inactive neurons. The patterns (after `spe
 
 TEAL: measured on the 4-layer D=1024 F=2816 stack at 50 % (benchmarks/bench_ffn.py, 2 busy
 cores, interleaved blocks), the fused kernel beat the per-linear sparse kernels in every run
-(best 4.96 vs 7.10 ms), so both forms are on by default; `enabled_forms` switches them for
-comparisons. WINA (SparsifyWeighted) keeps the per-linear kernels.
+(best 4.96 vs 7.10 ms), so both forms are on by default; `fuse_ffn_blocks(model, forms)` (and
+`compile_model(..., fused_ffn_forms=)`) switches them for comparisons. WINA (SparsifyWeighted)
+keeps the per-linear kernels.
 
 The block is replaced by one node `actsparse.lowering.ActsparseFusedFFN` (attributes: kernel,
 act, d, f); its weights are packed here, once, by the kernels' ``pack_*`` functions. The
@@ -36,43 +37,33 @@ converter (`fused_ffn_converters`) turns the node into a `call_tir` of the kerne
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from actsparse.codegen.relax_util import as_converter, attr_text
-from actsparse.ir.blocks import Linear, find_blocks, find_linears, predicted_mask_input
+from actsparse.codegen.lowering.ops import FUSED_FFN, LOWERING_DOMAIN, as_converter, attr_text, declare_lowering_domain
+from actsparse.codegen.targets import TargetInfo
 from actsparse.ir.activations import match_activation
-from actsparse.ir.custom_ops import DOMAIN, SPARSIFY, add_initializer, unique_node_name
+from actsparse.ir.blocks import Linear, find_blocks, find_linears, predicted_mask_input
+from actsparse.ir.custom_ops import PREDICTOR_MODES, SPARSIFY, add_initializer, is_sparsify, unique_node_name
 from actsparse.ir.large import drop_pages
 
-FUSED_FFN = "ActsparseFusedFFN"
-LOWERING_DOMAIN = "actsparse.lowering"
 GATE_SPARSE = "ffn_gate_sparse"
 INPUT_SPARSE = "ffn_input_sparse"
 INDEXED = "ffn_indexed"
 DENSE = "ffn_dense"
 FORMS = (GATE_SPARSE, INPUT_SPARSE, INDEXED, DENSE)
-PREDICTOR_MODES = {"PredictActive": "threshold", "PredictActiveTopK": "topk", "PredictActiveStat": "statistical"}
 DEFAULT_FORMS = frozenset(FORMS)
+CUDA_FORMS = frozenset({GATE_SPARSE, INPUT_SPARSE})  # the fused FFN kernels with a CUDA version
 
-_enabled_forms: frozenset[str] = DEFAULT_FORMS
 
-
-@contextlib.contextmanager
-def enabled_forms(forms):
-    """Within the block, fuse only these forms (benchmarks compare fused with per-linear kernels)."""
-    global _enabled_forms
+def fused_forms(forms) -> frozenset[str]:
+    """`forms` as a set, every one of them known (benchmarks compare fused with per-linear kernels)."""
     unknown = set(forms) - set(FORMS)
     if unknown:
         raise ValueError(f"unknown fused FFN forms {sorted(unknown)}; known: {FORMS}")
-    previous, _enabled_forms = _enabled_forms, frozenset(forms)
-    try:
-        yield
-    finally:
-        _enabled_forms = previous
+    return frozenset(forms)
 
 
 @dataclass(eq=False)
@@ -119,10 +110,12 @@ class GatedFFN:
         return None
 
 
-def fuse_ffn_blocks(model: ir.Model) -> list[dict]:
-    """Replace every gated FFN block that fits an enabled fused kernel (at M == 1) by one
-    ActsparseFusedFFN node, in place. Returns the kernel-plan entries of the fused blocks."""
+def fuse_ffn_blocks(model: ir.Model, forms=DEFAULT_FORMS) -> list[dict]:
+    """Replace every gated FFN block that fits one of the fused kernels `forms` (at M == 1) by
+    one ActsparseFusedFFN node, in place. Returns the kernel-plan entries of the fused blocks."""
     import onnx_ir.passes.common as common
+
+    forms = fused_forms(forms)
 
     names = _block_names(model)
     linears = find_linears(model)
@@ -133,7 +126,7 @@ def fuse_ffn_blocks(model: ir.Model) -> list[dict]:
         if block is None:
             continue
         form = block.form()
-        if form is None or form not in _enabled_forms or not _single_token(block.x) or not _self_contained(block):
+        if form is None or form not in forms or not _single_token(block.x) or not _self_contained(block):
             continue
         if form == DENSE:
             block.residual = _residual_add(block)
@@ -148,7 +141,7 @@ def fuse_ffn_blocks(model: ir.Model) -> list[dict]:
         plan.append(entry)
     if plan:
         common.RemoveUnusedNodesPass()(model)
-        model.opset_imports.setdefault(LOWERING_DOMAIN, 1)
+        declare_lowering_domain(model)
     return plan
 
 
@@ -219,7 +212,7 @@ def _gate_side(value: ir.Value, by_output):
 def _through_sparsify(value: ir.Value, nodes: set[ir.Node]) -> tuple[ir.Value, float | None, bool]:
     """(dense value, threshold of a plain Sparsify on it or None, whether a SparsifyWeighted is there)."""
     producer = value.producer()
-    if producer is None or producer.domain != DOMAIN or not producer.op_type.startswith("Sparsify"):
+    if producer is None or not is_sparsify(producer):
         return value, None, False
     nodes.add(producer)
     if producer.op_type != SPARSIFY:
@@ -393,12 +386,12 @@ def _replace(model: ir.Model, block: GatedFFN, form: str, name: str) -> tuple[di
 
 # ------------------------------------------------------------------------------ TVM import
 
-def fused_ffn_converters(target) -> dict:
+def fused_ffn_converters(target: TargetInfo) -> dict:
     """from_onnx converters for ActsparseFusedFFN (one PrimFunc per kernel variant and shape)."""
     return {FUSED_FFN: _converter(target)}
 
 
-def _converter(target):
+def _converter(target: TargetInfo):
     from tvm import relax
 
     from actsparse.codegen.kernels.cpu.ffn import (ffn_dense, ffn_gate_sparse, ffn_indexed, ffn_input_sparse,
@@ -438,16 +431,12 @@ def _converter(target):
                                           [x2, a, b, bias, bb.emit(relax.op.reshape(param, (1,)))],
                                           [relax.TensorType((f,), "int32"), relax.TensorType((1,), "int32")]))
         shift = [bb.emit(relax.op.reshape(rest[4], (1,)))] if shifted else []
-        from actsparse.codegen.kernels.cpu.dense import vector_lanes
-
-        func = kernel(bb, INDEXED, act, d, f, shifted, vector_lanes(target))
+        func = kernel(bb, INDEXED, act, d, f, shifted, target.vector_lanes)
         args = [x2, bb.emit(relax.TupleGetItem(selected, 0)), bb.emit(relax.TupleGetItem(selected, 1)), *shift,
                 *rest[4 + int(shifted):]]
         return bb.emit(relax.call_tir(func, args, relax.TensorType((1, d), "float32")))
 
     def convert(bb, inputs, attrs, params):
-        from actsparse.codegen.kernels.cpu.dense import vector_lanes
-
         form, act = attr_text(attrs["kernel"]), attr_text(attrs["act"])
         d, f, shifted = int(attrs["d"]), int(attrs["f"]), bool(attrs.get("shifted", 0))
         x = inputs[0]
@@ -459,7 +448,7 @@ def _converter(target):
         scalars = {GATE_SPARSE: 1 + int(shifted), DENSE: 0}.get(form, 2)
         rest = [bb.emit(relax.op.reshape(v, (1,))) for v in inputs[1:1 + scalars]] + list(inputs[1 + scalars:])
         # The gate panels were packed with a fixed width (2 x lanes): the kernel follows it.
-        lanes = int(rest[scalars].ty.shape[2]) // 2 if form in (GATE_SPARSE, DENSE) else vector_lanes(target)
+        lanes = int(rest[scalars].ty.shape[2]) // 2 if form in (GATE_SPARSE, DENSE) else target.vector_lanes
         func = kernel(bb, form, act, d, f, shifted, lanes, bool(attrs.get("residual", 0)))
         y = bb.emit(relax.call_tir(func, [x2, *rest], relax.TensorType((1, d), "float32")))
         return relax.op.reshape(y, shape) if shape != [1, d] else y

@@ -16,20 +16,17 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from actsparse.codegen.relax_util import as_converter
+from actsparse.codegen.lowering.ops import LOWERING_DOMAIN, RANK_SPARSE_LINEAR, as_converter, declare_lowering_domain
+from actsparse.codegen.targets import TargetInfo
 from actsparse.ir.custom_ops import (DOMAIN, SPARSIFY_WEIGHTED, add_initializer, ensure_function,
                                      is_rank_sparse_matmul, unique_node_name)
 from actsparse.ir.large import drop_pages
 
-RANK_SPARSE_LINEAR = "ActsparseRankSparseLinear"
-LOWERING_DOMAIN = "actsparse.lowering"
 
-
-def select_rank_sparse_kernels(model: ir.Model, target=None, lanes: int = 16) -> list[dict]:
+def select_rank_sparse_kernels(model: ir.Model, on_cpu: bool = True, lanes: int = 16) -> list[dict]:
     """Rewrite every RankSparseMatMul node in place (module docstring); one plan entry per fused
     kernel ({"name", "kernel": "rsparse", "shape", "rank"}). Expanded ones get their entries from
-    the per-linear selection that follows."""
-    on_cpu = target is None or target.kind.name == "llvm"
+    the per-linear selection that follows. `on_cpu`: the fused kernel is a CPU kernel (no CUDA twin)."""
     layers = []
     for node in [n for n in model.graph if is_rank_sparse_matmul(n)]:
         operands = _constants(node)
@@ -38,7 +35,7 @@ def select_rank_sparse_kernels(model: ir.Model, target=None, lanes: int = 16) ->
         else:
             _expand(model, node)
     if layers:
-        model.opset_imports.setdefault(LOWERING_DOMAIN, 1)
+        declare_lowering_domain(model)
     return layers
 
 
@@ -123,7 +120,7 @@ def _take_over(model: ir.Model, node: ir.Node, new: ir.Node) -> None:
     model.graph.remove(node, safe=True)
 
 
-def rank_sparse_converters(target) -> dict:
+def rank_sparse_converters(target: TargetInfo) -> dict:
     """from_onnx converter for ActsparseRankSparseLinear (one PrimFunc per k, n, rank)."""
     from tvm import relax
 
