@@ -19,7 +19,7 @@ pytest.importorskip("tvm")
 from actsparse.codegen.kernels import reference as ref  # noqa: E402
 from actsparse.codegen.kernels.cpu import dense_matmul, pack_dense, sparse_matmul, vector_lanes  # noqa: E402
 from actsparse.codegen.kernels.cpu.rsparse import pack_rank_sparse, rank_sparse_matmul  # noqa: E402
-from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, batch1_row_schedule, row_schedule_for  # noqa: E402
+from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, row_schedule_for  # noqa: E402
 from tests.arm.conftest import BOARD_SCRIPTS, export_arm_library  # noqa: E402
 from tests.arm.qemu_trace import run_counted  # noqa: E402
 
@@ -83,8 +83,7 @@ def _kernel_cases(lanes: int) -> dict[str, dict]:
         x, w, a, b = _rand(rng, 1, k), _rand(rng, k, n), _rand(rng, k, rank), _rand(rng, rank, n)
         scale = rng.uniform(0.2, 3.0, k).astype(np.float32)
         t = _threshold_leaving(np.abs(x) * scale, 0.3)
-        with batch1_row_schedule(PLAIN_ROWS):
-            func = rank_sparse_matmul(k, n, rank, lanes=kernel_lanes)
+        func = rank_sparse_matmul(k, n, rank, lanes=kernel_lanes, schedule=PLAIN_ROWS)
         cases[f"rsparse_1x{k}x{n}_r{rank}_l{kernel_lanes}"] = dict(
             func=func,
             inputs=[x, np.array([t]), scale, *pack_rank_sparse(w, a, b, kernel_lanes)],
@@ -169,8 +168,8 @@ def test_sparse_kernel_executes_proportionally_fewer_instructions(arm_board, arm
         libraries[alias] = str(export_arm_library({"kernel": kernel}, rpi4_target, tmp_path / f"{alias}.so"))
         calls.append((alias, "kernel", [x, pack_dense(w, block=2 * dense_lanes)], (m, n)))
         expected[alias] = ref.dense_matmul_reference(x, w)
-    with batch1_row_schedule(row_schedule_for(rpi4_target)):  # as the lowering builds it for the Pi
-        kernel = sparse_matmul(m, k, n, mode="nonzero", lanes=SPARSE_NEON_LANES)
+    # as the lowering builds it for the Pi
+    kernel = sparse_matmul(m, k, n, mode="nonzero", lanes=SPARSE_NEON_LANES, schedule=row_schedule_for(rpi4_target))
     sparse = export_arm_library({"kernel": kernel}, rpi4_target, tmp_path / "sparse.so")
     for sparsity in (0.5, 0.9):
         alias = f"sparse{int(sparsity * 100)}"

@@ -24,7 +24,7 @@ from actsparse.codegen.kernels.cpu import (  # noqa: E402
     pack_ffn_input_sparse,
     sparse_matmul,
 )
-from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, X86_ROWS, batch1_row_schedule  # noqa: E402
+from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, X86_ROWS  # noqa: E402
 from actsparse.codegen.targets import resolve_target  # noqa: E402
 from actsparse.errors import ActsparseError  # noqa: E402
 
@@ -61,8 +61,7 @@ DENSE_SHAPES = [(1, 37, 45), (1, 64, 96), (3, 33, 70), (8, 20, 100), (19, 50, 33
 # panels: the address is clamped to the buffer); the plain schedule has no prefetch.
 @pytest.fixture(scope="module", params=[X86_ROWS, PLAIN_ROWS], ids=["x86_rows", "plain_rows"])
 def dense_kernels(target, request):
-    with batch1_row_schedule(request.param):
-        return {shape: build_kernel(dense_matmul(*shape), target) for shape in DENSE_SHAPES}
+    return {shape: build_kernel(dense_matmul(*shape, schedule=request.param), target) for shape in DENSE_SHAPES}
 
 
 @pytest.mark.parametrize("shape", DENSE_SHAPES)
@@ -116,12 +115,11 @@ SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 # serial list, 16 rows per step), whatever the host, so that both code paths are checked here.
 @pytest.fixture(scope="module", params=[X86_ROWS, PLAIN_ROWS], ids=["x86_rows", "plain_rows"])
 def sparse_kernels(target, request):
-    with batch1_row_schedule(request.param):
-        return {
-            (mode, shape): build_kernel(sparse_matmul(*shape, mode=mode), target)
-            for mode in ("threshold", "scaled", "nonzero")
-            for shape in SPARSE_SHAPES
-        }
+    return {
+        (mode, shape): build_kernel(sparse_matmul(*shape, mode=mode, schedule=request.param), target)
+        for mode in ("threshold", "scaled", "nonzero")
+        for shape in SPARSE_SHAPES
+    }
 
 
 @pytest.mark.parametrize("shape", SPARSE_SHAPES)
@@ -168,13 +166,12 @@ def _ffn_weights(d, f, seed):
 
 @pytest.fixture(scope="module", params=[X86_ROWS, PLAIN_ROWS], ids=["x86_rows", "plain_rows"])
 def ffn_kernels(target, request):
-    kernels = {}
-    with batch1_row_schedule(request.param):
-        for d, f in FFN_SHAPES:
-            for act in ("silu", "relu"):
-                kernels[("input", d, f, act)] = build_kernel(ffn_input_sparse(d, f, act), target)
-                kernels[("gate", d, f, act)] = build_kernel(ffn_gate_sparse(d, f, act), target)
-                kernels[("indexed", d, f, act)] = build_kernel(ffn_indexed(d, f, act), target)
+    kernels, schedule = {}, request.param
+    for d, f in FFN_SHAPES:
+        for act in ("silu", "relu"):
+            kernels[("input", d, f, act)] = build_kernel(ffn_input_sparse(d, f, act, schedule=schedule), target)
+            kernels[("gate", d, f, act)] = build_kernel(ffn_gate_sparse(d, f, act, schedule=schedule), target)
+            kernels[("indexed", d, f, act)] = build_kernel(ffn_indexed(d, f, act, schedule=schedule), target)
     return kernels
 
 

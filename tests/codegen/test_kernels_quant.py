@@ -148,14 +148,13 @@ def test_int8_sparse_matches_numpy(kernels, mode, shape, sparsity):
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
 def test_int8_sparse_plain_row_schedule_matches_numpy(mode, shape, sparsity):
     """The batch-1 int8 kernel as built for non-x86 targets (one serial list, no prefetch)."""
-    from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, batch1_row_schedule
+    from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS
 
     rng = np.random.default_rng(17)
     x, w = _case(*shape, 4)
     x, extra, x_ref = _mode_inputs(mode, x, sparsity, rng)
     q, s = quantize_per_channel(w)
-    with batch1_row_schedule(PLAIN_ROWS):
-        kernel = build_kernel(quant.int8_sparse_matmul(*shape, mode), resolve_target("host"))
+    kernel = build_kernel(quant.int8_sparse_matmul(*shape, mode, schedule=PLAIN_ROWS), resolve_target("host"))
     y = kernel(x, *extra, *quant.pack_int8_sparse(q, s))
     np.testing.assert_allclose(y, dense_matmul_reference(x_ref, q.astype(np.float32) * s), atol=ATOL, rtol=RTOL)
 

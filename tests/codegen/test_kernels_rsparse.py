@@ -11,7 +11,7 @@ pytest.importorskip("tvm")
 from actsparse.codegen.kernels import reference as ref  # noqa: E402
 from actsparse.codegen.kernels.cpu import build_kernel  # noqa: E402
 from actsparse.codegen.kernels.cpu.rsparse import pack_rank_sparse, rank_slice, rank_sparse_matmul  # noqa: E402
-from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, X86_ROWS, batch1_row_schedule  # noqa: E402
+from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, X86_ROWS  # noqa: E402
 from actsparse.codegen.targets import resolve_target  # noqa: E402
 
 ATOL = 2e-4
@@ -25,8 +25,7 @@ KEPT = [0.0, 0.3, 1.0]
 @pytest.fixture(scope="module", params=[X86_ROWS, PLAIN_ROWS], ids=["x86_rows", "plain_rows"])
 def kernels(request):
     target = resolve_target("host")
-    with batch1_row_schedule(request.param):
-        return {shape: build_kernel(rank_sparse_matmul(*shape), target) for shape in SHAPES}
+    return {shape: build_kernel(rank_sparse_matmul(*shape, schedule=request.param), target) for shape in SHAPES}
 
 
 def _case(k, n, rank, kept, seed):

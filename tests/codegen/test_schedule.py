@@ -6,8 +6,7 @@ pytest.importorskip("tvm")
 
 from actsparse.codegen.kernels.cpu import dense_matmul  # noqa: E402
 from actsparse.codegen.kernels.cpu.ffn import ffn_dense  # noqa: E402
-from actsparse.codegen.kernels.cpu.schedule import (PLAIN_ROWS, X86_ROWS, batch1_row_schedule,  # noqa: E402
-                                                    current_row_schedule, row_schedule_for)
+from actsparse.codegen.kernels.cpu.schedule import PLAIN_ROWS, X86_ROWS, row_schedule_for  # noqa: E402
 from actsparse.codegen.targets import resolve_target  # noqa: E402
 
 
@@ -23,21 +22,31 @@ def test_x86_targets_get_the_x86_schedule_and_others_the_plain_one():
 
 def test_only_the_x86_schedule_prefetches_the_dense_streams():
     assert X86_ROWS.stream_prefetch_bytes > 0 and PLAIN_ROWS.stream_prefetch_bytes == 0
-    with batch1_row_schedule(X86_ROWS):
-        assert _prefetches(dense_matmul(1, 64, 96)) == 1
-        assert _prefetches(dense_matmul(8, 64, 96)) == 0  # M > 1: compute-bound, no prefetch
-        assert _prefetches(ffn_dense(64, 96)) == 2  # gate/up panels, then down panels
-    with batch1_row_schedule(PLAIN_ROWS):
-        assert _prefetches(dense_matmul(1, 64, 96)) == 0
-        assert _prefetches(ffn_dense(64, 96)) == 0
+    assert _prefetches(dense_matmul(1, 64, 96, schedule=X86_ROWS)) == 1
+    assert _prefetches(dense_matmul(8, 64, 96, schedule=X86_ROWS)) == 0  # M > 1: compute-bound, no prefetch
+    assert _prefetches(ffn_dense(64, 96, schedule=X86_ROWS)) == 2  # gate/up panels, then down panels
+    assert _prefetches(dense_matmul(1, 64, 96, schedule=PLAIN_ROWS)) == 0
+    assert _prefetches(ffn_dense(64, 96, schedule=PLAIN_ROWS)) == 0
 
 
-def test_the_schedule_is_restored_after_the_block():
-    before = current_row_schedule()
-    with pytest.raises(RuntimeError):
-        with batch1_row_schedule(PLAIN_ROWS):
-            raise RuntimeError
-    assert current_row_schedule() is before
+@pytest.mark.parametrize("name,prefetches", [("x86", True), ("rpi4", False)])
+def test_the_lowering_builds_its_kernels_with_the_targets_schedule(name, prefetches):
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from actsparse.codegen.lower import select_kernels, specialize_shapes, to_relax
+    from actsparse.codegen.targets import describe_target
+
+    w = numpy_helper.from_array(np.ones((64, 96), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 96])], [w])
+    model = specialize_shapes(ir.serde.deserialize_model(helper.make_model(graph)), {})
+    target = describe_target(resolve_target(name))
+    select_kernels(model, target)
+    mod, _ = to_relax(model, target)
+    assert ("llvm.prefetch" in mod.script()) is prefetches
 
 
 def test_read_probe_sums_every_element_once():

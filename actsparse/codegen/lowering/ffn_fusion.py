@@ -398,18 +398,19 @@ def _converter(target: TargetInfo):
                                                    predict_active)
 
     functions: dict[tuple, object] = {}
+    schedule = target.row_schedule
 
     def kernel(bb, form: str, act: str, d: int, f: int, shifted: bool, lanes: int, residual: bool = False):
         key = (form, act, d, f, shifted, lanes, residual)
         if key not in functions:
             if form == GATE_SPARSE:
-                func = ffn_gate_sparse(d, f, act, lanes=lanes, shifted=shifted)
+                func = ffn_gate_sparse(d, f, act, lanes=lanes, shifted=shifted, schedule=schedule)
             elif form == INDEXED:
-                func = ffn_indexed(d, f, act, lanes=lanes, shifted=shifted)
+                func = ffn_indexed(d, f, act, lanes=lanes, shifted=shifted, schedule=schedule)
             elif form == DENSE:
-                func = ffn_dense(d, f, act, lanes=lanes, residual=residual)
+                func = ffn_dense(d, f, act, lanes=lanes, residual=residual, schedule=schedule)
             else:
-                func = ffn_input_sparse(d, f, act, lanes=lanes)
+                func = ffn_input_sparse(d, f, act, lanes=lanes, schedule=schedule)
             symbol = f"actsparse_{form}_{act}{'_shifted' if shifted else ''}{'_residual' if residual else ''}_d{d}_f{f}"
             functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
         return functions[key]
@@ -418,7 +419,7 @@ def _converter(target: TargetInfo):
         key = ("predict_active", mode, d, rank, f, lanes)
         if key not in functions:
             symbol = f"actsparse_predict_active_{mode}_d{d}_r{rank}_f{f}"
-            func = predict_active(d, rank, f, mode, lanes=lanes)
+            func = predict_active(d, rank, f, mode, lanes=lanes, schedule=schedule)
             functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
         return functions[key]
 

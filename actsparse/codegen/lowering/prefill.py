@@ -286,7 +286,7 @@ def prefill_converters(target: TargetInfo) -> dict:
             symbol = (f"actsparse_prefill_{kind}_{mode}_m{m}_k{k}_n{n}" + (f"_g{group}" if kind == "int4" else "")
                       + ("_zp" if zero_points else "") + ("_vnni" if int8_dot else ""))
             func = add(bb, key, symbol, lambda m=m: quant_kernel(kind, mode, m, k, n, group, zero_points,
-                                                                 kernel_lanes_, int8_dot))
+                                                                 kernel_lanes_, int8_dot, target.row_schedule))
             rows_x = x if m == rows else bb.emit(relax.op.strided_slice(x, axes=[0], begin=[start], end=[start + m]))
             parts.append(bb.emit(relax.call_tir(func, [rows_x, *inputs[1:]], relax.TensorType((m, n), "float32"))))
         return parts[0] if len(parts) == 1 else relax.op.concat(parts, axis=0)
@@ -307,7 +307,8 @@ def prefill_converters(target: TargetInfo) -> dict:
         key = ("prefill_dense", layout, rows, k, n, block, stride, offset)
         symbol = f"actsparse_prefill_{layout}_m{rows}_k{k}_n{n}" + (f"_s{stride}_o{offset}" if stride else "")
         func = add(bb, key, symbol, lambda: dense_matmul(rows, k, n, lanes=block // 2, layout=layout,
-                                                         row_stride=stride or None, offset=offset))
+                                                         row_stride=stride or None, offset=offset,
+                                                         schedule=target.row_schedule))
         if layout == COLUMNS and stride:
             w = bb.emit(relax.op.reshape(w, (int(np.prod([int(s) for s in w.ty.shape])),)))
         return relax.call_tir(func, [x2, w], relax.TensorType((rows, n), "float32"))

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from actsparse.codegen.lowering.ops import LOWERING_DOMAIN, QUANT_LINEAR, as_converter, attr_text, declare_lowering_domain
-from actsparse.codegen.targets import DEFAULT_LANES, TargetInfo
+from actsparse.codegen.targets import DEFAULT_LANES, TargetInfo, describe_target
 from actsparse.ir.custom_ops import SPARSIFY_WEIGHTED, add_initializer, is_matmul_nbits, is_sparsify, unique_node_name
 
 MAX_SPARSE_ROWS = 8  # the sparse kernels unroll the rows of x: beyond this, use the dense ones
@@ -312,11 +312,11 @@ def _replace(model: ir.Model, match: QuantLinear, lanes: int, int8_dot: bool = F
 
 def quant_converters(target: TargetInfo) -> dict:
     """from_onnx converters for ActsparseQuantLinear (one PrimFunc per variant and shape)."""
-    return {QUANT_LINEAR: _converter()}
+    return {QUANT_LINEAR: _converter(describe_target(target).row_schedule)}  # a TargetInfo stays as it is
 
 
 def quant_kernel(kind: str, mode: str, m: int, k: int, n: int, group: int, zero_points: bool, lanes: int,
-                 int8_dot: bool = False):
+                 int8_dot: bool = False, schedule=None):
     """The PrimFunc an ActsparseQuantLinear node calls."""
     from actsparse.codegen.kernels.cpu import quant
 
@@ -327,13 +327,13 @@ def quant_kernel(kind: str, mode: str, m: int, k: int, n: int, group: int, zero_
     if kind == "int8":
         if mode == "dense":
             return quant.int8_dense_matmul(m, k, n, lanes=lanes)
-        return quant.int8_sparse_matmul(m, k, n, mode, lanes=lanes)
+        return quant.int8_sparse_matmul(m, k, n, mode, lanes=lanes, schedule=schedule or quant.X86_ROWS)
     if mode == "dense":
         return quant.int4_dense_matmul(m, k, n, group, zero_points=zero_points, lanes=lanes)
     return quant.int4_sparse_matmul(m, k, n, group, mode, zero_points=zero_points, lanes=lanes)
 
 
-def _converter():
+def _converter(schedule):
     from tvm import relax
 
     functions: dict[tuple, object] = {}
@@ -354,7 +354,7 @@ def _converter():
         if key not in functions:
             symbol = f"actsparse_{kind}_{mode}_m{m}_k{k}_n{n}" + (f"_g{group}{'_zp' if zero_points else ''}"
                                                                  if kind == "int4" else "") + ("_vnni" if int8_dot else "")
-            func = quant_kernel(*key)
+            func = quant_kernel(*key, schedule=schedule)
             functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
         y = bb.emit(relax.call_tir(functions[key], [x2, *rest], relax.TensorType((m, n), "float32")))
         return relax.op.reshape(y, (*shape[:-1], n)) if shape != [m, k] else y

@@ -26,9 +26,7 @@ def import_onnx(model: ir.Model, target: TargetInfo):
     proto, weights = weightless_proto(model)  # weights stay arrays, out of the protobuf (2 GB cap, copies)
     proto = onnx.inliner.inline_local_functions(proto)
     _small_constants_inline(proto.graph)
-    from actsparse.codegen.kernels.cpu.schedule import batch1_row_schedule
-
-    with _our_converters(target), batch1_row_schedule(target.row_schedule):
+    with _our_converters(target):
         try:
             mod = from_onnx(proto, keep_params_in_input=True, sanitize_input_names=False)
         except Exception as exc:

@@ -133,7 +133,7 @@ def rank_sparse_converters(target: TargetInfo) -> dict:
         key = (k, n, rank, lanes)
         if key not in functions:
             symbol = f"actsparse_rsparse_k{k}_n{n}_r{rank}"
-            func = rank_sparse_matmul(k, n, rank, lanes=lanes)
+            func = rank_sparse_matmul(k, n, rank, lanes=lanes, schedule=target.row_schedule)
             functions[key] = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
         x, threshold, scale, a, wb = inputs
         shape = [int(d) for d in x.ty.shape]

@@ -189,6 +189,7 @@ class _KernelCache:
 
     def __init__(self, target: TargetInfo):
         self.lanes = {kind: target.kernel_lanes(kind) for kind in ("dense", "sparse")}
+        self.schedule = target.row_schedule
         self.functions: dict[tuple, object] = {}
 
     def get(self, bb, kind: str, mode: str, m: int, k: int, n: int):
@@ -198,9 +199,9 @@ class _KernelCache:
         key = (kind, mode, m, k, n)
         if key not in self.functions:
             if kind == "dense":
-                func = dense_matmul(m, k, n, lanes=self.lanes["dense"])
+                func = dense_matmul(m, k, n, lanes=self.lanes["dense"], schedule=self.schedule)
             else:
-                func = sparse_matmul(m, k, n, mode=mode, lanes=self.lanes["sparse"])
+                func = sparse_matmul(m, k, n, mode=mode, lanes=self.lanes["sparse"], schedule=self.schedule)
             name = f"actsparse_{kind}_{mode}_m{m}_k{k}_n{n}"
             self.functions[key] = bb.add_func(func.with_attr("global_symbol", name), name)
         return self.functions[key]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from tvm.script import tirx as T
 
-from actsparse.codegen.kernels.cpu.schedule import stream_prefetch_macro
+from actsparse.codegen.kernels.cpu.schedule import X86_ROWS, RowSchedule, stream_prefetch_macro
 from actsparse.codegen.targets import DEFAULT_LANES, describe_target
 
 
@@ -56,7 +56,8 @@ ROWS_AHEAD = 8  # rows of a row-major W prefetched ahead of the panel's current 
 
 
 def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: int | None = None,
-                 layout: str = PACKED, row_stride: int | None = None, offset: int = 0):
+                 layout: str = PACKED, row_stride: int | None = None, offset: int = 0,
+                 schedule: RowSchedule = X86_ROWS):
     """y[m, n] = x[m, k] @ W[k, n] with W packed by ``pack_dense(w, block=2*lanes)``.
 
     Signature: ``(x: f32[m, k], wp: f32[ceil(n/block), k, block], y: f32[m, n])``. The prompt's
@@ -88,7 +89,7 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
     # kernel was 11, 17 and 25 % slower with it, and all-MiniLM-L6-v2 (128 rows) 4 % slower.
     # A row-major W is another matter: each step of a panel is on another page, where the
     # hardware prefetchers stop, so the panel's rows ROWS_AHEAD steps on are prefetched.
-    ahead = {PACKED: None if m == 1 else 0, ROWS: ROWS_AHEAD * n * 4, COLUMNS: 0}[layout]
+    ahead = {PACKED: schedule.stream_prefetch_bytes if m == 1 else 0, ROWS: ROWS_AHEAD * n * 4, COLUMNS: 0}[layout]
     prefetch_stream = stream_prefetch_macro(element_bytes=4, ahead_bytes=ahead)
     step_b, step_k = panel_strides[0], panel_strides[1]  # flat offset of (panel b, row kk)
 

@@ -22,7 +22,7 @@ from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, pack_dense, panel_count
 from actsparse.codegen.kernels.cpu.fastmath import sigmoid_f32
-from actsparse.codegen.kernels.cpu.schedule import current_row_schedule, prefetch_l2, stream_prefetch_macro
+from actsparse.codegen.kernels.cpu.schedule import X86_ROWS, RowSchedule, prefetch_l2, stream_prefetch_macro
 from actsparse.codegen.kernels.cpu.sparse import ROW_CHUNKS, accumulate_macro, batch1_rows_macro, pad_macro
 from actsparse.codegen.kernels.params import without_params
 
@@ -39,11 +39,11 @@ def _act(act: str, g):
     return g * sigmoid_f32(g) if act == "silu" else T.max(g, T.float32(0))
 
 
-def panel_dot_macro(block: int):
+def panel_dot_macro(block: int, schedule: RowSchedule = X86_ROWS):
     """T.macro(v, w, p, k, acc): acc[0:block] = sum over kk < k of v[kk] * w[p, kk, :] (v 1-D), the
     panel GEMV of ``dense_matmul`` at batch 1: one contiguous stream of panel p, prefetched ahead
     as the target's schedule says (``schedule.stream_prefetch_macro``)."""
-    prefetch_stream = stream_prefetch_macro(element_bytes=4)
+    prefetch_stream = stream_prefetch_macro(element_bytes=4, ahead_bytes=schedule.stream_prefetch_bytes)
 
     @T.macro
     def panel_dot(v, w, p, k, acc):
@@ -87,7 +87,8 @@ def pack_ffn_dense(wg: np.ndarray, wu: np.ndarray, wd: np.ndarray, lanes: int = 
     return wgu, pack_dense(np.asarray(wd, np.float32), 2 * lanes)
 
 
-def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, residual: bool = False):
+def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, residual: bool = False,
+              schedule: RowSchedule = X86_ROWS):
     """Signature: ``(x: f32[1, d], wgu: f32[ceil(f/L), d, 2L], wd: f32[ceil(d/2L), f, 2L], y: f32[1, d])``,
     weights from ``pack_ffn_dense``; ``residual``: y = x + FFN(x) (the block's residual Add, one
     elementwise op and VM call less per layer).
@@ -101,7 +102,7 @@ def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, res
     block = 2 * lanes
     panels = panel_count(f, lanes)
     out_panels = panel_count(d, block)
-    panel_dot = panel_dot_macro(block)
+    panel_dot = panel_dot_macro(block, schedule)
 
     def plus_residual(value, xv):  # decided here, in Python: no "+ 0" in the non-residual kernel
         return value + xv if residual else value
@@ -135,18 +136,19 @@ def ffn_dense(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, res
     return ffn_dense_kernel
 
 
-def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None):
+def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
+                     schedule: RowSchedule = X86_ROWS):
     """(a) Signature: ``(x: f32[1, d], t_in: f32[1], t_down: f32[1], wgu: f32[d, 2f], wd: f32[f, d], y: f32[1, d])``.
 
     Gate/up only over input channels with |x| > t_in; down only over neurons with |h| > t_down.
     Weights from ``pack_ffn_input_sparse``.
     """
     _check_act(act)
-    R = current_row_schedule().rows_per_step  # every kernel here is batch 1
+    R = schedule.rows_per_step  # every kernel here is batch 1
     P = chunks or ROW_CHUNKS
     # on x86 each parallel task lists its own range of input channels (then of neurons)
-    up_gate = batch1_rows_macro("threshold", d, 2 * f, R, lanes, P)
-    down = batch1_rows_macro("threshold", f, d, R, lanes, P)
+    up_gate = batch1_rows_macro("threshold", d, 2 * f, R, lanes, P, schedule=schedule)
+    down = batch1_rows_macro("threshold", f, d, R, lanes, P, schedule=schedule)
 
     @T.prim_func
     def ffn_input_sparse_kernel(
@@ -172,7 +174,7 @@ def ffn_input_sparse(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LAN
 
 
 def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
-                    shifted: bool = False, prefetch: bool | None = None):
+                    shifted: bool = False, prefetch: bool | None = None, schedule: RowSchedule = X86_ROWS):
     """(b) Signature: ``(x: f32[1, d], threshold: f32[1], wg_packed: f32[ceil(f/2L), d, 2L],
     wu_t: f32[f, d], wd: f32[f, d], y: f32[1, d])`` with L = ``lanes``.
 
@@ -182,16 +184,16 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
     act(gate_f - shift) (ProSparse-style shifted ReLU: relu(g - b) is nonzero only for g > b).
     """
     _check_act(act)
-    R = current_row_schedule().rows_per_step  # every kernel here is batch 1
-    prefetch = current_row_schedule().prefetch_steps > 0 if prefetch is None else prefetch
+    R = schedule.rows_per_step  # every kernel here is batch 1
+    prefetch = schedule.prefetch_steps > 0 if prefetch is None else prefetch
     block = 2 * lanes
     nb = panel_count(f, block)
     P = chunks or 2 * 8
     G = NEURONS_PER_STEP
     vec = lanes
     pad = pad_macro(1, R)
-    down = accumulate_macro(1, d, R, lanes, chunks)
-    panel_dot = panel_dot_macro(block)
+    down = accumulate_macro(1, d, R, lanes, chunks, schedule)
+    panel_dot = panel_dot_macro(block, schedule)
 
     @T.macro
     def gate_sparse(x, threshold, shift, wg, wu_t, wd, y):
@@ -258,7 +260,7 @@ def ffn_gate_sparse(d: int, f: int, act: str = "relu", lanes: int = DEFAULT_LANE
 
 
 def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, chunks: int | None = None,
-                shifted: bool = False, prefetch: bool | None = None):
+                shifted: bool = False, prefetch: bool | None = None, schedule: RowSchedule = X86_ROWS):
     """(c) Signature: ``(x: f32[1, d], idx: i32[f], nnz: i32[1], wgu_t: f32[f, 2, d], wd: f32[f, d], y: f32[1, d])``.
 
     idx[0:nnz] are the active neurons (any order, no repeats; entries past nnz ignored).
@@ -266,13 +268,13 @@ def ffn_indexed(d: int, f: int, act: str = "silu", lanes: int = DEFAULT_LANES, c
     ``nnz`` and the activation is act(gate_f - shift) (shifted ReLU).
     """
     _check_act(act)
-    R = current_row_schedule().rows_per_step  # every kernel here is batch 1
-    prefetch = current_row_schedule().prefetch_steps > 0 if prefetch is None else prefetch
+    R = schedule.rows_per_step  # every kernel here is batch 1
+    prefetch = schedule.prefetch_steps > 0 if prefetch is None else prefetch
     P = chunks or 2 * 8
     G = NEURONS_PER_STEP
     vec = lanes
     pad = pad_macro(1, R)
-    down = accumulate_macro(1, d, R, lanes, chunks)
+    down = accumulate_macro(1, d, R, lanes, chunks, schedule)
 
     @T.macro
     def indexed(x, idx, nnz, shift, wgu_t, wd, y):
@@ -347,7 +349,8 @@ def pack_predictor(a: np.ndarray, b: np.ndarray, lanes: int = DEFAULT_LANES):
     return pack_dense(np.asarray(a, np.float32), 2 * lanes), pack_dense(np.asarray(b, np.float32), 2 * lanes)
 
 
-def predict_active(d: int, r: int, f: int, mode: str = "threshold", lanes: int = DEFAULT_LANES):
+def predict_active(d: int, r: int, f: int, mode: str = "threshold", lanes: int = DEFAULT_LANES,
+                   schedule: RowSchedule = X86_ROWS):
     """The predictor pass's PredictActive* ops at batch 1, compacted for ``ffn_indexed``.
 
     Signature: ``(x: f32[1, d], a: f32[ceil(r/B), d, B], b: f32[ceil(f/B), r, B], bias: f32[f],
@@ -366,7 +369,7 @@ def predict_active(d: int, r: int, f: int, mode: str = "threshold", lanes: int =
     padded = nf * block
     param_dtype = "int32" if mode == "topk" else "float32"
 
-    panel_dot = panel_dot_macro(block)
+    panel_dot = panel_dot_macro(block, schedule)
 
     @T.macro
     def panel_gemv(v, w, out, panels, k):

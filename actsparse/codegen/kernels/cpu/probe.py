@@ -12,18 +12,18 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from actsparse.codegen.kernels.cpu.schedule import stream_prefetch_macro
+from actsparse.codegen.kernels.cpu.schedule import X86_ROWS, RowSchedule, stream_prefetch_macro
 
 STEP = 64  # floats per step: four 16-lane accumulators
 
 
-def read_sum(size: int, tasks: int = 2):
+def read_sum(size: int, tasks: int = 2, schedule: RowSchedule = X86_ROWS):
     """Signature: ``(a: f32[size], partial: f32[tasks, 16])``; partial[t, j] sums a[i] over task
     t's part for i = j mod 16 (size a multiple of tasks x 64)."""
     if size % (tasks * STEP):
         raise ValueError(f"size must be a multiple of {tasks * STEP}, got {size}")
     part = size // tasks
-    prefetch_stream = stream_prefetch_macro(element_bytes=4)
+    prefetch_stream = stream_prefetch_macro(element_bytes=4, ahead_bytes=schedule.stream_prefetch_bytes)
 
     @T.prim_func
     def read_sum_kernel(a: T.Buffer((size,), "float32"), partial: T.Buffer((tasks, 16), "float32")):

@@ -28,7 +28,7 @@ from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES, panel_count
 from actsparse.codegen.kernels.params import without_params
 # (int8 rows of 1 KB at batch 1 also took 8 rows per step over 16: 0.09 vs 0.13 ms, K=2816 N=1024)
 from actsparse.codegen.kernels.activity import active_expr, check_mode
-from actsparse.codegen.kernels.cpu.schedule import X86_ROWS, prefetch_l2
+from actsparse.codegen.kernels.cpu.schedule import X86_ROWS, RowSchedule, prefetch_l2
 from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, ROWS_PER_STEP, batch1_rows_macro, compact_macro,
                                                   default_chunks, default_rows_per_step)
 
@@ -261,7 +261,7 @@ def _mode_unused(mode: str) -> set[str]:
 
 
 def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per_step: int | None = None,
-                       lanes: int = DEFAULT_LANES, chunks: int | None = None):
+                       lanes: int = DEFAULT_LANES, chunks: int | None = None, schedule: RowSchedule = X86_ROWS):
     """Sparse-input y = x @ (q * scale): only rows q[k, :] of active channels are read.
 
     Signature (W from ``pack_int8_sparse``; threshold / act_scale as in ``sparse_matmul``):
@@ -269,14 +269,14 @@ def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per
     Two partial accumulators per column block (even / odd active rows) halve the FMA chain.
     """
     unused = _mode_unused(mode)
-    R = rows_per_step or default_rows_per_step(m)
+    R = rows_per_step or default_rows_per_step(m, schedule)
     cb = 2 * lanes if m <= 4 else lanes
     width = panel_count(n, 2 * lanes) * 2 * lanes
     blocks = width // cb
     P = chunks or default_chunks(m, width, cb)
     capacity = k + R
     compact = compact_macro(mode, m, k, R)
-    int8_rows = _int8_sparse_rows_macro(mode, k, n, width, R, lanes, chunks or ROW_CHUNKS)
+    int8_rows = _int8_sparse_rows_macro(mode, k, n, width, R, lanes, chunks or ROW_CHUNKS, schedule)
     int8_columns = _int8_sparse_columns_macro(m, n, width, R, lanes, cb, P)
 
     @T.prim_func
@@ -301,11 +301,12 @@ def int8_sparse_matmul(m: int, k: int, n: int, mode: str = "threshold", rows_per
     return without_params(int8_sparse_kernel, unused)
 
 
-def _int8_sparse_rows_macro(mode: str, k: int, n: int, width: int, R: int, lanes: int, P: int):
+def _int8_sparse_rows_macro(mode: str, k: int, n: int, width: int, R: int, lanes: int, P: int,
+                            schedule: RowSchedule):
     """Batch 1: whole int8 rows (1-3 KB) summed into a partial y per parallel task
     (``sparse.batch1_rows_macro``), then scaled per column (the row split ran 1.3-1.7x the column
     split)."""
-    accumulate = batch1_rows_macro(mode, k, width, R, lanes, P, element_bytes=1)
+    accumulate = batch1_rows_macro(mode, k, width, R, lanes, P, element_bytes=1, schedule=schedule)
 
     @T.macro
     def rows(x, threshold, act_scale, wq, scale, y):

@@ -23,7 +23,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES
-from actsparse.codegen.kernels.cpu.schedule import current_row_schedule
+from actsparse.codegen.kernels.cpu.schedule import X86_ROWS, RowSchedule
 from actsparse.codegen.kernels.cpu.sparse import ROW_CHUNKS, _row_steps_macro, _sum_partials_macro, default_rows_per_step
 
 
@@ -44,7 +44,7 @@ def pack_rank_sparse(w: np.ndarray, a: np.ndarray, b: np.ndarray, lanes: int = D
 
 
 def rank_sparse_matmul(k: int, n: int, rank: int, lanes: int = DEFAULT_LANES, rows_per_step: int | None = None,
-                       chunks: int = ROW_CHUNKS):
+                       chunks: int = ROW_CHUNKS, schedule: RowSchedule = X86_ROWS):
     """Batch-1 R-Sparse product.
 
     Signature: ``(x: f32[1, k], threshold: f32[1], scale: f32[k], a: f32[chunks, k, slice],
@@ -53,12 +53,12 @@ def rank_sparse_matmul(k: int, n: int, rank: int, lanes: int = DEFAULT_LANES, ro
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1 (a rank-0 split is a plain sparse-input GEMV), got {rank}")
-    R = rows_per_step or default_rows_per_step(1)
+    R = rows_per_step or default_rows_per_step(1, schedule)
     P = chunks
     width = rank_slice(rank, lanes, P)
     vectors = width // lanes
     capacity = (k + P - 1) // P + width + R
-    row_steps = _row_steps_macro(n, R, lanes, current_row_schedule().prefetch_steps, 4)
+    row_steps = _row_steps_macro(n, R, lanes, schedule.prefetch_steps, 4)
     sum_partials = _sum_partials_macro(n, lanes, P)
 
     @T.prim_func

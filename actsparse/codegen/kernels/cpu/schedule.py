@@ -1,15 +1,13 @@
-"""Per-target choices the CPU kernel factories read while the lowering builds a model's kernels.
+"""Per-target choices the CPU kernel factories take as their ``schedule`` argument.
 
-``RowSchedule`` says how the batch-1 row kernels (sparse.py, quant.py, ffn.py) walk active rows
-and how far ahead the dense panel streams (dense.py, ffn.py) prefetch. The lowering sets the
-target's schedule while importing (``batch1_row_schedule(TargetInfo.row_schedule)``, lowering/relax_import.py;
-the TargetInfo takes it from ``row_schedule_for``); kernels built outside it
-get ``X86_ROWS``.
+``RowSchedule`` says how the batch-1 row kernels (sparse.py, quant.py, ffn.py, rsparse.py) walk
+active rows and how far ahead the dense panel streams (dense.py, ffn.py, probe.py) prefetch.
+``row_schedule_for`` picks one per target; the lowering passes ``TargetInfo.row_schedule`` to
+every kernel it builds. A factory called without one builds for ``X86_ROWS``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import platform
 from dataclasses import dataclass
 
@@ -50,7 +48,6 @@ X86_ROWS = RowSchedule(rows_per_step=8, prefetch_steps=1, task_lists=True, strea
 # kernel's instructions, and per-task lists (each padded to whole steps) to 0.64x, so it keeps
 # 16 rows per step, one list and no prefetch.
 PLAIN_ROWS = RowSchedule(rows_per_step=16, prefetch_steps=0, task_lists=False)
-_row_schedule = X86_ROWS
 
 
 def row_schedule_for(target) -> RowSchedule:
@@ -61,28 +58,12 @@ def row_schedule_for(target) -> RowSchedule:
     return X86_ROWS if triple.startswith(("x86_64", "i686", "AMD64", "amd64")) else PLAIN_ROWS
 
 
-@contextlib.contextmanager
-def batch1_row_schedule(schedule: RowSchedule):
-    """Within the block, the kernel factories build their kernels with ``schedule``."""
-    global _row_schedule
-    previous, _row_schedule = _row_schedule, schedule
-    try:
-        yield
-    finally:
-        _row_schedule = previous
-
-
-def current_row_schedule() -> RowSchedule:
-    return _row_schedule
-
-
-def stream_prefetch_macro(element_bytes: int, ahead_bytes: int | None = None):
-    """T.macro(flat, offset): prefetch the element ``ahead_bytes`` (default: the current schedule's
+def stream_prefetch_macro(element_bytes: int, ahead_bytes: int):
+    """T.macro(flat, offset): prefetch the element ``ahead_bytes`` (usually the target schedule's
     ``stream_prefetch_bytes``) past ``flat[offset]`` into L2, clamped to the buffer's end; nothing
     at all when that distance is 0. ``flat`` is a 1-D view of the stream's buffer; callers issue
     one per step of their stream (128 bytes in the panel GEMVs, 256 in the read probe)."""
-    ahead = current_row_schedule().stream_prefetch_bytes if ahead_bytes is None else ahead_bytes
-    ahead_elements = ahead // element_bytes
+    ahead_elements = ahead_bytes // element_bytes
 
     @T.macro
     def prefetch_stream(flat, offset):

@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 
 from actsparse.codegen.kernels.activity import active_expr, check_mode
 from actsparse.codegen.kernels.cpu.dense import DEFAULT_LANES
-from actsparse.codegen.kernels.cpu.schedule import current_row_schedule, prefetch_l2
+from actsparse.codegen.kernels.cpu.schedule import X86_ROWS, RowSchedule, prefetch_l2
 from actsparse.codegen.kernels.params import without_params
 
 def column_block(m: int, lanes: int) -> int:
@@ -93,18 +93,19 @@ def pad_macro(m: int, rows_per_step: int):
 ROWS_PER_STEP = 16
 
 
-def default_rows_per_step(m: int) -> int:
-    return current_row_schedule().rows_per_step if m == 1 else ROWS_PER_STEP
+def default_rows_per_step(m: int, schedule: RowSchedule = X86_ROWS) -> int:
+    return schedule.rows_per_step if m == 1 else ROWS_PER_STEP
 
 
 ROW_CHUNKS = 4  # parallel tasks of the batch-1 (row-split) schedule: a multiple of 1, 2 or 4 cores
 
 
-def accumulate_macro(m: int, n: int, rows_per_step: int, lanes: int, chunks: int | None):
+def accumulate_macro(m: int, n: int, rows_per_step: int, lanes: int, chunks: int | None,
+                     schedule: RowSchedule = X86_ROWS):
     """T.macro(w, y, idx, xa, count): y[m, n] = sum_j xa[:, j] * w[idx[j], :] over the
     padded active list (see module docstring for the schedule; batch 1 splits the list instead)."""
     if m == 1:
-        return accumulate_rows_macro(n, rows_per_step, lanes, chunks or ROW_CHUNKS)
+        return accumulate_rows_macro(n, rows_per_step, lanes, chunks or ROW_CHUNKS, schedule=schedule)
     R = rows_per_step
     cb = column_block(m, lanes)
     full_blocks = n // cb
@@ -212,14 +213,14 @@ def _sum_partials_macro(n: int, lanes: int, chunks: int):
 
 
 def accumulate_rows_macro(n: int, rows_per_step: int, lanes: int, chunks: int, prefetch_steps: int | None = None,
-                          element_bytes: int = 4):
+                          element_bytes: int = 4, schedule: RowSchedule = X86_ROWS):
     """Batch 1: T.macro(w, y, idx, xa, count) splitting the active list (whole steps of rows)
     over ``chunks`` tasks, each summing whole rows into its own partial y; the partials are added
     at the end. Whole rows read by one thread beat half rows read by two when rows are short
     (int8 rows of 1 KB: 1.6x; fp32 rows of 4-11 KB: 5-9 %). For a list the kernel builds itself
     from x, ``compact_accumulate_rows_macro`` lists in parallel too."""
     R, P = rows_per_step, chunks
-    prefetch_steps = current_row_schedule().prefetch_steps if prefetch_steps is None else prefetch_steps
+    prefetch_steps = schedule.prefetch_steps if prefetch_steps is None else prefetch_steps
     row_steps = _row_steps_macro(n, R, lanes, prefetch_steps, element_bytes)
     sum_partials = _sum_partials_macro(n, lanes, P)
 
@@ -238,7 +239,8 @@ def accumulate_rows_macro(n: int, rows_per_step: int, lanes: int, chunks: int, p
 
 
 def compact_accumulate_rows_macro(mode: str, k: int, n: int, rows_per_step: int, lanes: int, chunks: int,
-                                  prefetch_steps: int | None = None, element_bytes: int = 4):
+                                  prefetch_steps: int | None = None, element_bytes: int = 4,
+                                  schedule: RowSchedule = X86_ROWS):
     """Batch 1: T.macro(x, threshold, scale, w, y): y = sum over active k of x[0, k] * w[k, :], with
     the input channels split into ``chunks`` ranges, one per parallel task: each task lists its own
     range's active channels (no serial compaction of all k first) and sums their whole rows into
@@ -246,7 +248,7 @@ def compact_accumulate_rows_macro(mode: str, k: int, n: int, rows_per_step: int,
     the input; with activity spread over the channels (sparsified activations) the ranges stay
     close to even."""
     R, P = rows_per_step, chunks
-    prefetch_steps = current_row_schedule().prefetch_steps if prefetch_steps is None else prefetch_steps
+    prefetch_steps = schedule.prefetch_steps if prefetch_steps is None else prefetch_steps
     capacity = (k + P - 1) // P + R
     row_steps = _row_steps_macro(n, R, lanes, prefetch_steps, element_bytes)
     sum_partials = _sum_partials_macro(n, lanes, P)
@@ -277,13 +279,14 @@ def compact_accumulate_rows_macro(mode: str, k: int, n: int, rows_per_step: int,
 
 
 def batch1_rows_macro(mode: str, k: int, n: int, rows_per_step: int, lanes: int, chunks: int,
-                      element_bytes: int = 4):
+                      element_bytes: int = 4, schedule: RowSchedule = X86_ROWS):
     """Batch 1: T.macro(x, threshold, scale, w, y) = sum over active k of x[0, k] * w[k, :], in the
-    current ``RowSchedule``: per-task lists (``compact_accumulate_rows_macro``) or one serial list
+    target's ``RowSchedule``: per-task lists (``compact_accumulate_rows_macro``) or one serial list
     split over the tasks (``compact_macro`` + ``accumulate_rows_macro``)."""
-    if current_row_schedule().task_lists:
-        return compact_accumulate_rows_macro(mode, k, n, rows_per_step, lanes, chunks, element_bytes=element_bytes)
-    accumulate = accumulate_rows_macro(n, rows_per_step, lanes, chunks, element_bytes=element_bytes)
+    if schedule.task_lists:
+        return compact_accumulate_rows_macro(mode, k, n, rows_per_step, lanes, chunks, element_bytes=element_bytes,
+                                             schedule=schedule)
+    accumulate = accumulate_rows_macro(n, rows_per_step, lanes, chunks, element_bytes=element_bytes, schedule=schedule)
     return _listed_macro(mode, 1, k, rows_per_step, accumulate)
 
 
@@ -304,9 +307,10 @@ def _listed_macro(mode: str, m: int, k: int, rows_per_step: int, accumulate):
     return listed
 
 
-def _sparse_matmul(mode: str, m: int, k: int, n: int, rows_per_step: int, lanes: int, chunks: int | None):
+def _sparse_matmul(mode: str, m: int, k: int, n: int, rows_per_step: int, lanes: int, chunks: int | None,
+                   schedule: RowSchedule):
     if m == 1:
-        body = batch1_rows_macro(mode, k, n, rows_per_step, lanes, chunks or ROW_CHUNKS)
+        body = batch1_rows_macro(mode, k, n, rows_per_step, lanes, chunks or ROW_CHUNKS, schedule=schedule)
     else:
         body = _listed_macro(mode, m, k, rows_per_step, accumulate_macro(m, n, rows_per_step, lanes, chunks))
 
@@ -333,6 +337,7 @@ def sparse_matmul(
     rows_per_step: int | None = None,
     lanes: int = DEFAULT_LANES,
     chunks: int | None = None,
+    schedule: RowSchedule = X86_ROWS,
 ):
     """Sparse-input y[m, n] = sum over active k of x[m, k] * W[k, :].
 
@@ -342,4 +347,4 @@ def sparse_matmul(
       mode="nonzero":   ``(x: f32[m, k], w: f32[k, n], y: f32[m, n])``
     """
     check_mode(mode)
-    return _sparse_matmul(mode, m, k, n, rows_per_step or default_rows_per_step(m), lanes, chunks)
+    return _sparse_matmul(mode, m, k, n, rows_per_step or default_rows_per_step(m, schedule), lanes, chunks, schedule)
