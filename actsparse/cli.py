@@ -869,7 +869,7 @@ def cmd_bench(args) -> int:
     onnx_path = args.onnx or model.manifest.get("report", {}).get("source")
     if baselines and (not onnx_path or not Path(onnx_path).exists()):
         raise ActsparseError("no ONNX model for the onnxruntime baseline: give --onnx model.onnx")
-    from actsparse.benchmark_artifact import bench_artifact, print_bench
+    from actsparse.benchmark.artifact import bench_artifact, print_bench
 
     results = bench_artifact(model, onnx_path if baselines else None, iters=args.iters)
     print_bench(results)
@@ -904,7 +904,7 @@ def cmd_example(args) -> int:
     import onnx_ir as ir
 
     from actsparse.frontend.onnx_file import save_model
-    from actsparse.zoo import EXAMPLES
+    from actsparse.frontend.zoo import EXAMPLES
 
     if args.name == "lm":
         from actsparse.lm.train import example_lm
@@ -922,7 +922,7 @@ def cmd_example(args) -> int:
 
 
 def cmd_measure(args) -> int:
-    from actsparse.measure_ppl import main as measure_main
+    from actsparse.lm.perplexity import main as measure_main
 
     return measure_main([args.model, "--ppl-tolerance", args.ppl_tolerance, "--methods", args.methods,
                          "--out", args.out])

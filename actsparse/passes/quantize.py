@@ -734,7 +734,7 @@ def _speed_vs_float(float_model: ir.Model, quantized_model: ir.Model, sample: di
                     budget_seconds: float = 0.3) -> dict:
     """onnxruntime time of the float and the quantized model on ``sample``, interleaved; a
     ``warning`` when the quantized one is slower."""
-    from actsparse.bench import interleaved_best
+    from actsparse.benchmark.timing import interleaved_best
     from actsparse.passes.verify import ort_session
 
     sessions = {name: ort_session(model) for name, model in (("float", float_model), ("quantized", quantized_model))}

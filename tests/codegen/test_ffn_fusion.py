@@ -19,7 +19,7 @@ import actsparse  # noqa: E402
 from actsparse.codegen.compile import compile_model  # noqa: E402
 from actsparse.codegen.ffn_fusion import FORMS, FUSED_FFN, enabled_forms, fuse_ffn_blocks  # noqa: E402
 from actsparse.codegen.lower import specialize_shapes  # noqa: E402
-from actsparse.zoo import swiglu_stack  # noqa: E402
+from actsparse.frontend.zoo import swiglu_stack  # noqa: E402
 
 D, F = 64, 176
 ATOL = 1e-4

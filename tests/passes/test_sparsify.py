@@ -472,7 +472,7 @@ def test_overrides_accept_the_block_names_inspect_prints(tmp_path):
     import onnx
 
     import actsparse
-    from actsparse import zoo
+    from actsparse.frontend import zoo
     from actsparse.cli import model_summary
     from actsparse.frontend.onnx_file import load_model
 

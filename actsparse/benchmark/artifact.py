@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actsparse.bench import copy_bandwidth_gbs, interleaved_blocks, l3_cache_bytes, paired_speedup
+from actsparse.benchmark.timing import copy_bandwidth_gbs, interleaved_blocks, l3_cache_bytes, paired_speedup
 
 ROTATING_INPUTS = 8
 BLOCKS = 7
