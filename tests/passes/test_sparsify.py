@@ -473,7 +473,7 @@ def test_overrides_accept_the_block_names_inspect_prints(tmp_path):
 
     import actsparse
     from actsparse.frontend import zoo
-    from actsparse.cli import model_summary
+    from actsparse.summary import model_summary
     from actsparse.frontend.onnx_file import load_model
 
     onnx.save(zoo.swiglu_stack(layers=2, d=32, f=64), tmp_path / "m.onnx")
