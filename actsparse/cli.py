@@ -418,7 +418,7 @@ def _token(args) -> bytes | None:
 def _deploy_lm(args, manifest: dict, host: str, port: int) -> int:
     """An LM artifact: greedy tokens generated on the board, compared with a reference artifact
     for this machine (--reference HOST_LM.actsparse) when one is given."""
-    from actsparse.deploy.rpc import LM_CHECK_NEW_TOKENS, generate_on_board, lm_check_prompt
+    from actsparse.deploy.rpc import LM_CHECK_NEW_TOKENS, check_greedy_tokens, generate_on_board
 
     result = generate_on_board(args.artifact, manifest, host, port, LM_CHECK_NEW_TOKENS, key=args.key,
                                timeout=args.timeout, token=_token(args))
@@ -427,15 +427,7 @@ def _deploy_lm(args, manifest: dict, host: str, port: int) -> int:
           f"{result['prompt_tokens_per_second']:.1f} tok/s prompt", file=sys.stderr)
     print(" ".join(map(str, result["tokens"])))
     if args.reference:
-        from actsparse.runtime import load
-
-        reference = load(args.reference)
-        if not hasattr(reference, "generate"):
-            raise ActsparseError(f"--reference {args.reference}: give an LM artifact compiled for this machine")
-        expected = list(reference.generate(lm_check_prompt(manifest), LM_CHECK_NEW_TOKENS, stop_tokens=[]))
-        if expected != result["tokens"]:
-            first = next(i for i, (a, b) in enumerate(zip(expected, result["tokens"])) if a != b)
-            raise ActsparseError(f"the board's greedy tokens differ from {args.reference}'s from token {first}")
+        check_greedy_tokens(args.reference, manifest, result["tokens"])
         print(f"greedy tokens equal {args.reference}'s", file=sys.stderr)
     return 0
 
@@ -478,14 +470,10 @@ def _bench_remote(args) -> dict:
         print(f"{host}:{port}: decode {result['decode_tokens_per_second']:.2f} tok/s, prompt "
               f"{result['prompt_tokens_per_second']:.2f} tok/s (device side, {len(result['tokens'])} greedy tokens)")
         return {k: v for k, v in result.items() if k != "tokens"}
-    results = time_on_board(args.artifact, manifest, host, port, args.iters, key=args.key, token=_token(args))
-    from rich.console import Console
-    from rich.table import Table
+    from actsparse.benchmark.artifact import print_remote_bench
 
-    table = Table("device", "runs", "ms/run (median)", "ms (best)", "weight GB/s", title="remote timings (device side)")
-    table.add_row(results["device"], str(results["runs"]), f"{results['ms_median']:.3f}", f"{results['ms_best']:.3f}",
-                  str(results.get("weight_gbs", "-")))
-    Console().print(table)
+    results = time_on_board(args.artifact, manifest, host, port, args.iters, key=args.key, token=_token(args))
+    print_remote_bench(results)
     return results
 
 

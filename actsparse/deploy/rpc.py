@@ -351,6 +351,20 @@ def generate_on_board(path: str | os.PathLike, manifest: dict, host: str, port: 
         board.close()
 
 
+def check_greedy_tokens(reference: str | os.PathLike, manifest: dict, tokens: list[int]) -> None:
+    """ActsparseError unless the LM artifact `reference` (compiled for this machine) generates
+    the same greedy `tokens` after `lm_check_prompt` as the board did."""
+    from actsparse.runtime import load
+
+    model = load(reference)
+    if not hasattr(model, "generate"):
+        raise ActsparseError(f"--reference {reference}: give an LM artifact compiled for this machine")
+    expected = list(model.generate(lm_check_prompt(manifest), LM_CHECK_NEW_TOKENS, stop_tokens=[]))
+    if expected != tokens:
+        first = next(i for i, (a, b) in enumerate(zip(expected, tokens)) if a != b)
+        raise ActsparseError(f"the board's greedy tokens differ from {reference}'s from token {first}")
+
+
 class _InputSpecs:
     """Just the input specs of a manifest, for generating inputs."""
 
