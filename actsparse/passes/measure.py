@@ -34,7 +34,6 @@ class MeasurePass(ActsparsePass):
 
     name = "measure"
     exact = True
-    needs_calibration = True
     Options = MeasureOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -66,7 +66,6 @@ class PredictorPass(ActsparsePass):
 
     name = "predictor"
     exact = False
-    needs_calibration = True
     Options = PredictorOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -215,10 +214,6 @@ def ensure_predictor_function(model: ir.Model, op: str) -> None:
     key = (DOMAIN, op, "")
     if key not in model.functions:
         model.functions[key] = ir.serde.deserialize_function(_function_proto(op, model.opset_imports.get("", 18)))
-
-
-def is_predictor(node: ir.Node) -> bool:
-    return node.domain == DOMAIN and node.op_type in OPS.values()
 
 
 def _insert(model: ir.Model, block: FFNBlock, a, b, bias, mode: str, param: float) -> None:

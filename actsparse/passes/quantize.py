@@ -126,7 +126,6 @@ class QuantizePass(ActsparsePass):
 
     name = "quantize"
     exact = False
-    needs_calibration = True
     Options = QuantizeOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

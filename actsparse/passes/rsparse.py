@@ -84,7 +84,6 @@ class RSparsePass(ActsparsePass):
 
     name = "rsparse"
     exact = False
-    needs_calibration = True
     Options = RSparseOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -30,6 +30,7 @@ from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import Linear, find_blocks
 from actsparse.ir.custom_ops import add_initializer, insert_sparsify, unique_name
 from actsparse.passes.base import ActsparsePass, option, register
+from actsparse.passes.overrides import apply_overrides, overrides_option
 
 LEVELS = np.round(np.arange(0.0, 1.0, 0.05), 2)  # sparsity levels greedy allocation moves through
 GREEDY_SAMPLES = 4  # calibration samples used to measure output error per level
@@ -42,7 +43,7 @@ class SparsifyOptions:
     scope: Literal["down", "ffn", "attention", "all", "linears"] = option(
         "all", "down: FFN down inputs; ffn: FFN inputs; attention: q/k/v/o; all: ffn+attention; linears: every linear")
     allocate: Literal["uniform", "greedy"] = option("uniform", "same sparsity everywhere, or TEAL's greedy allocation")
-    overrides: dict[str, float] = option({}, "per-layer sparsity, by group or linear name")
+    overrides: dict[str, float] = overrides_option("sparsity")
 
     def validate(self) -> None:
         for name, value in [("sparsity", self.sparsity), *self.overrides.items()]:
@@ -71,7 +72,6 @@ class SparsifyPass(ActsparsePass):
 
     name = "sparsify"
     exact = False
-    needs_calibration = True
     Options = SparsifyOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -144,19 +144,8 @@ class SparsifyPass(ActsparsePass):
             allocation = greedy_allocation(groups, curves, target)
         else:
             allocation = {g.name: target for g in groups}
-        blocks = find_blocks(model) if self.options.overrides else None
-        block_linears = {b.name: {l.name for l in b.linears} for b in blocks.ffn} if blocks else {}
-        block_linears |= {b.name: {l.name for l in (b.q, b.k, b.v, b.o) if l} for b in blocks.attention} if blocks else {}
-        for key, value in self.options.overrides.items():
-            # A group's name, one of its linears, or a block name as `actsparse inspect` prints it.
-            matches = [g for g in groups if key == g.name or key in [l.name for l in g.linears]
-                       or key in block_linears and block_linears[key] & {l.name for l in g.linears}]
-            if not matches:
-                raise ActsparseError(f"pass 'sparsify': override {key!r} names no sparsified layer; blocks: "
-                                     f"{', '.join(block_linears) or 'none'}; layers: {', '.join(g.name for g in groups)}")
-            for group in matches:
-                allocation[group.name] = value
-        return allocation
+        return apply_overrides(self.name, self.options.overrides, allocation,
+                               {g.name: {l.name for l in g.linears} for g in groups}, model, noun="sparsified layer")
 
     # --- rewrite ---------------------------------------------------------------------
 

@@ -368,7 +368,7 @@ def test_bad_options(options, message):
         make_pass("quantize", options)
 
 
-def test_static_needs_calibration_and_a_linear():
+def test_static_requires_calibration_data_and_a_linear():
     with pytest.raises(ActsparseError, match="needs calibration data"):
         run_pass(linear_model(), {"bits": 8})
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",

@@ -314,7 +314,7 @@ def test_unknown_override_is_a_clear_error():
 
 # ------------------------------------------------------------------ errors
 
-def test_needs_calibration():
+def test_calibration_data_is_required():
     with pytest.raises(ActsparseError, match="needs calibration data"):
         make_pass("sparsify")(_swiglu())
 
