@@ -56,6 +56,7 @@ from actsparse.ir.blocks import Linear, find_linears
 from actsparse.ir.custom_ops import add_initializer, unique_name, unique_node_name
 from actsparse.ir.large import copy_model
 from actsparse.passes.base import ActsparsePass, option, register
+from actsparse.passes.overrides import apply_overrides, overrides_option
 
 GROUPS = (32, 64, 128)
 MS_DOMAIN = "com.microsoft"
@@ -85,6 +86,7 @@ class QuantizeOptions:
                                                                "(uint8, ORT's fused form) or per token (int8)")
     speed_check: bool = option(True, "time the model before and after in onnxruntime and report the speed "
                                      "against float32")
+    overrides: dict[str, float] = overrides_option("bits: 0 keeps a layer float, `bits` quantizes it as the rest")
 
     def validate(self) -> None:
         where = "pass 'quantize'"
@@ -104,6 +106,9 @@ class QuantizeOptions:
             raise ActsparseError(f"{where}: format=qdq weight-only needs bits=4")
         if self.granularity == "token" and self.resolved_mode != "dynamic":
             raise ActsparseError(f"{where}: granularity=token is for mode=dynamic, not mode={self.resolved_mode}")
+        for name, value in self.overrides.items():
+            if value not in (0, self.bits):
+                raise ActsparseError(f"{where}: bits for {name!r} must be 0 (keep it float) or {self.bits}, got {value:g}")
 
     @property
     def resolved_mode(self) -> str:
@@ -139,6 +144,8 @@ class QuantizePass(ActsparsePass):
         linears, skipped = select_linears(model)
         if not linears:
             raise ActsparseError("pass 'quantize': no linear layer with a constant float32 weight to quantize")
+        linears, kept_float = self._apply_overrides(model, linears)
+        skipped += kept_float
         inputs = _group_by_input(linears)
         speed_sample = self._speed_sample()
         # A copy sharing the float tensors (the pass replaces them in `model`): never serialized whole.
@@ -174,6 +181,16 @@ class QuantizePass(ActsparsePass):
         if float_model is not None:
             self.report.update(_speed_vs_float(float_model, model, speed_sample))
         return ir.passes.PassResult(model, modified=True)
+
+    def _apply_overrides(self, model: ir.Model, linears: list[Linear]) -> tuple[list[Linear], list[dict]]:
+        """The linears still to quantize, and those an override of 0 bits keeps float (as report entries)."""
+        bits_of = apply_overrides(self.name, self.options.overrides, {l.name: self.options.bits for l in linears},
+                                  {l.name: {l.name} for l in linears}, model, noun="quantizable linear")
+        kept = [l for l in linears if bits_of[l.name] != 0]
+        if not kept:
+            raise ActsparseError("pass 'quantize': the overrides keep every linear layer float")
+        return kept, [{"name": l.name, "op": l.node.op_type, "reason": "overrides: kept float"}
+                      for l in linears if bits_of[l.name] == 0]
 
     def _speed_sample(self) -> dict[str, np.ndarray] | None:
         samples = self.context.calibration if self.options.speed_check else None
