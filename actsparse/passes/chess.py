@@ -33,6 +33,12 @@ MIN_THRESHOLD = 1e-12  # a channel that is (almost) always zero: 1/t stays finit
 
 @dataclass
 class ChessOptions:
+    """Options of `chess` (approximate).
+
+    Attributes:
+        sparsity: fraction of each FFN channel's calibration activations dropped (default 0.5; [0, 1)).
+        overrides: per-FFN-block sparsity ([0, 1)) by block or linear name (passes/overrides.py).
+    """
     sparsity: float = option(0.5, "fraction of each channel's activations dropped on the calibration set")
     overrides: dict[str, float] = overrides_option("sparsity")
 

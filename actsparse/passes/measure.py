@@ -21,6 +21,11 @@ from actsparse.passes.base import ActsparsePass, option, register
 
 @dataclass
 class MeasureOptions:
+    """Options of `measure` (exact: only measures).
+
+    Attributes:
+        eps: an entry with |x| <= eps counts as zero (default 0.0; >= 0).
+    """
     eps: float = option(0.0, "entries with |x| <= eps count as zero")
 
     def validate(self) -> None:

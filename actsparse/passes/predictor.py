@@ -42,6 +42,18 @@ OPS = {"threshold": PREDICT_THRESHOLD, "topk": PREDICT_TOPK, "statistical": PRED
 
 @dataclass
 class PredictorOptions:
+    """Options of `predictor` (approximate).
+
+    Attributes:
+        mode: how predicted neurons are chosen: "threshold" (default), "topk" or "statistical".
+        rank: rank r of the predictor x -> r -> F (default 32; >= 1).
+        recall: threshold mode: fraction of active neurons kept on calibration rows (default 0.97; (0, 1]).
+        active: topk/statistical: fraction of the F neurons kept per token (default 0.3; (0, 1]).
+        steps: full-batch Adam steps of training per layer (default 400; >= 1).
+        lr: the learning rate (default 0.01).
+        train_fraction: calibration samples trained on; the rest measure recall and precision
+            (default 0.75; (0, 1]).
+    """
     mode: Literal["threshold", "topk", "statistical"] = option("threshold", "how predicted neurons are chosen")
     rank: int = option(32, "rank r of the predictor x -> r -> F")
     recall: float = option(0.97, "threshold mode: fraction of active neurons kept on the calibration rows")

@@ -29,6 +29,17 @@ from actsparse.passes.overrides import apply_overrides, overrides_option
 
 @dataclass
 class PruneOptions:
+    """Options of `prune` (approximate).
+
+    Attributes:
+        method: "magnitude" (default: the smallest |w| go) or "nm" (n of every m along K).
+        sparsity: method=magnitude: fraction of weights set to zero (default 0.5; 0..1).
+        scope: method=magnitude: "layer" (default: one threshold per layer) or "global" (one overall).
+        n: method=nm: weights kept in every group of m (default 2; 0..m).
+        m: method=nm: group length along the input dimension (default 4; >= 1).
+        overrides: method=magnitude, scope=layer: per-layer sparsity (0..1) by block or linear
+            name (passes/overrides.py).
+    """
     method: Literal["magnitude", "nm"] = option("magnitude", "magnitude: smallest |w| go; nm: n of every m along K")
     sparsity: float = option(0.5, "method=magnitude: fraction of weights set to zero (0..1)")
     scope: Literal["layer", "global"] = option("layer", "method=magnitude: one threshold per layer, or one overall")

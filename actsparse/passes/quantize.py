@@ -67,6 +67,28 @@ _CHANGED_BEFORE_21 = frozenset({"GridSample", "DFT", "GroupNormalization"})
 
 @dataclass
 class QuantizeOptions:
+    """Options of `quantize` (approximate).
+
+    Attributes:
+        bits: weight bits: 8 (default; static/dynamic int8, or weight-only) or 4 (weight-only).
+        mode: "auto" (default: static for bits=8, weight_only for bits=4), "static", "dynamic"
+            or "weight_only".
+        act: static activations: "uint8" (default, asymmetric) or "int8" (symmetric).
+        calib: static activation range: "minmax" (default), "percentile" or "entropy".
+        percentile: calib=percentile: the percentile of |x| kept in range (default 99.99; (50, 100]).
+        group: weight-only: weights per scale along K: 32, 64 or 128 (default).
+        symmetric: weight-only: no zero points (default True).
+        rounding: weight-only: "rtn" (default, round to nearest) or "gptq" (on calibration inputs).
+        damp: rounding=gptq: dampening as a fraction of the mean Hessian diagonal (default 0.1; (0, 10]).
+        act_order: rounding=gptq: largest Hessian diagonal first (default True).
+        accuracy_level: format=matmulnbits: ORT's compute type, 0..4 (default 4: int8 activations).
+        format: weight-only: "matmulnbits" (default, com.microsoft.MatMulNBits) or "qdq"
+            (blocked DequantizeLinear, opset 21; bits=4).
+        granularity: mode=dynamic: "tensor" (default, one uint8 scale per tensor) or "token" (int8).
+        speed_check: time the model before and after in onnxruntime (default True).
+        overrides: per-layer bits by block or linear name: 0 keeps a layer float, `bits`
+            quantizes it as the rest (passes/overrides.py).
+    """
     bits: int = option(8, "weight bits: 8 (static/dynamic int8, or weight-only) or 4 (weight-only)")
     mode: Literal["auto", "static", "dynamic", "weight_only"] = option(
         "auto", "auto: static for bits=8, weight_only for bits=4")

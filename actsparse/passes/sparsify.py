@@ -38,6 +38,18 @@ GREEDY_SAMPLES = 4  # calibration samples used to measure output error per level
 
 @dataclass
 class SparsifyOptions:
+    """Options of `sparsify` (approximate).
+
+    Attributes:
+        method: how an entry's importance is scored: "teal" (|x|, default), "wina" (|x| times the
+            row norm of W) or "cats" (the gate activation, FFN blocks only).
+        sparsity: target fraction of dropped entries per layer (default 0.5; 0..1).
+        scope: which linear inputs: "down", "ffn", "attention", "all" (default: ffn + attention)
+            or "linears" (every linear).
+        allocate: "uniform" (default: the same sparsity everywhere) or "greedy" (TEAL's
+            allocation of the same average by measured output error).
+        overrides: per-layer sparsity (0..1) by block, linear or group name (passes/overrides.py).
+    """
     method: Literal["teal", "wina", "cats"] = option("teal", "teal: |x|, wina: |x|*row norm of W, cats: gate activation")
     sparsity: float = option(0.5, "target fraction of dropped entries (0..1)")
     scope: Literal["down", "ffn", "attention", "all", "linears"] = option(
