@@ -24,8 +24,8 @@ from actsparse.passes.base import option
 
 def overrides_option(what: str) -> Any:
     """The `overrides` option field of a pass whose per-layer value is `what`."""
-    return option({}, f"per-layer {what}, by block, linear or layer name as `actsparse inspect` and the "
-                      f"report print them (name:value;name:value)")
+    return option({}, f"per-layer {what}, by the block or linear names `actsparse inspect` prints "
+                      f"(name:value;name:value)")
 
 
 def block_linears(model: ir.Model) -> dict[str, set[str]]:
