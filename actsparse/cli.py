@@ -1,7 +1,8 @@
-"""`actsparse inspect|optimize|passes|compile|run|bench`.
+"""The `actsparse` command: parse the arguments, call the API (`actsparse.optimize`, `compile`,
+`load`, and the deploy and benchmark helpers), print.
 
-Every user error ends as one line on stderr and exit status 2; outputs are written
-to a temp file and renamed, and the input is never overwritten.
+Every user error ends as one line on stderr and exit status 2 (actsparse.command_guard);
+outputs are written to a temp file and renamed, and the input is never overwritten.
 """
 
 from __future__ import annotations
