@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 __all__ = ["optimize", "compile", "load", "ActsparseError"]
 
 from actsparse.errors import ActsparseError
-from actsparse.threads import configure_tvm_threads
+from actsparse.runtime.threads import configure_tvm_threads
 
-# Before any TVM thread pool exists (see actsparse/threads.py: TVM's default uses half the cores on x86).
+# Before any TVM thread pool exists (see actsparse/runtime/threads.py: TVM's default uses half the cores on x86).
 configure_tvm_threads()
 
 # Installed by the `compile` extra; the base install (the device side) has none of them.

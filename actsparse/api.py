@@ -1,4 +1,8 @@
-"""The few functions users call. Thin: they glue frontends, passes and codegen together."""
+"""The few functions users call: `optimize`, `compile` (and `actsparse.load`, from the runtime).
+
+Thin: they glue frontends, passes and codegen together. The `actsparse` command calls these
+same functions; the calibration defaults both use are written here once.
+"""
 
 from __future__ import annotations
 
@@ -20,22 +24,43 @@ from actsparse.passes.pipeline import PassRecord, PassSpec, load_recipe, parse_p
 
 PassesArg = str | Iterable[str | PassSpec | tuple[str, dict]] | None
 
+# Generated calibration (when no data is given): samples, their sequence length, the seed.
+CALIBRATION_SAMPLES = 8
+CALIBRATION_SEQUENCE_LENGTH = 16
+CALIBRATION_SEED = 0
+
 
 @dataclass
 class OptimizeResult:
+    """What `optimize` returns: the optimized model and one record per pass run."""
+
     model: ir.Model
     records: list[PassRecord]
 
     def save(self, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
+        """Write the model to `path` (a temp file and a rename; large tensors to `path`.data).
+
+        Args:
+            path: the ONNX file to write.
+            source: the input model's file: writing over it is refused.
+
+        Returns:
+            `path`, as a Path.
+
+        Raises:
+            ActsparseError: `path` is `source`, a directory, or in a folder that does not exist.
+        """
         from actsparse.frontend.onnx_file import save_model
 
         save_model(self.model, path, source=source)
         return Path(path)
 
     def to_onnx(self) -> onnx.ModelProto:
+        """The model as an onnx.ModelProto (serialized whole: for models under 2 GB)."""
         return ir.serde.serialize_model(self.model)
 
     def report(self) -> dict[str, Any]:
+        """The passes, their options and results as JSON data; `recipe=` replays it."""
         from actsparse import __version__
 
         return {"actsparse_version": __version__, "passes": [r.to_json() for r in self.records]}
@@ -63,6 +88,8 @@ def to_ir_model(model: Any, example_inputs: Any = None) -> ir.Model:
 
 
 def resolve_passes(passes: PassesArg = None, recipe: str | os.PathLike | None = None) -> list[PassSpec]:
+    """The pass pipeline from `passes` (a pipeline string, or names, specs and (name, options)
+    pairs) or from a `recipe` file; `cleanup` alone when neither is given."""
     if recipe is not None and passes:
         raise ActsparseError("give either passes or a recipe, not both")
     if recipe is not None:
@@ -83,11 +110,20 @@ def resolve_passes(passes: PassesArg = None, recipe: str | os.PathLike | None = 
     return specs
 
 
-def calibration_for(model: ir.Model, calib: Any = None, *, samples: int = 8, seed: int = 0,
-                    sequence_length: int = 16) -> list[dict[str, np.ndarray]]:
-    """Calibration feeds from an .npz path, a dict of arrays, a list of feeds, or generated."""
+def calibration_for(model: ir.Model, calib: Any = None, *, samples: int = CALIBRATION_SAMPLES,
+                    seed: int = CALIBRATION_SEED, sequence_length: int = CALIBRATION_SEQUENCE_LENGTH,
+                    calib_text: str | os.PathLike | None = None,
+                    tokenizer: str | os.PathLike | None = None) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds from an .npz path, a dict of arrays, a list of feeds, text (`calib_text`,
+    one sample per line, tokenized by the Hugging Face `tokenizer` folder), or generated."""
     from actsparse.calibrate.data import feeds_from_arrays, generate_calibration, load_calibration
 
+    if calib_text is not None or tokenizer is not None:
+        if calib_text is None or tokenizer is None or calib is not None:
+            raise ActsparseError("calib_text needs tokenizer, and neither goes with calib")
+        from actsparse.calibrate.text import text_calibration
+
+        return text_calibration(model, calib_text, tokenizer, num_samples=samples, sequence_length=sequence_length)
     if calib is None:
         return generate_calibration(model, samples, sequence_length=sequence_length, seed=seed)
     if isinstance(calib, (str, os.PathLike)):
@@ -101,18 +137,78 @@ def calibration_for(model: ir.Model, calib: Any = None, *, samples: int = 8, see
     return samples
 
 
+def calibration_settings(recipe: str | os.PathLike | None = None, **given: Any) -> dict[str, Any]:
+    """A run's calibration settings, under the names a report records them: samples, seq_len,
+    seed, calib, calib_text, tokenizer. Each one given (not None) wins, then the one the replayed
+    report `recipe` recorded, then the default (None for calib, calib_text and tokenizer)."""
+    recorded = _recorded_calibration(recipe) if recipe else {}
+    defaults = {"samples": CALIBRATION_SAMPLES, "seq_len": CALIBRATION_SEQUENCE_LENGTH, "seed": CALIBRATION_SEED}
+    settings = {}
+    for key, default in defaults.items():
+        value = given.get(key)
+        if value is None:
+            value = recorded.get(key, default)
+            value = value if isinstance(value, int) and not isinstance(value, bool) else default
+        settings[key] = value
+    for key in ("calib", "calib_text", "tokenizer"):
+        value = given.get(key)
+        settings[key] = value if value is not None else (recorded[key] if isinstance(recorded.get(key), str) else None)
+    return settings
+
+
+def _recorded_calibration(recipe: str | os.PathLike) -> dict[str, Any]:
+    """The calibration block of a report file; empty for any other recipe (or an unreadable one:
+    `resolve_passes` says what is wrong with it)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(recipe).read_text())
+    except Exception:
+        return {}
+    recorded = data.get("calibration") if isinstance(data, dict) else None
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def optimize(model: Any, example_inputs: Any = None, passes: PassesArg = None, *, recipe=None, calib=None,
-             verify: bool = True, seed: int = 0, on_pass=None, on_sample=None) -> OptimizeResult:
+             calib_text: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+             samples: int = CALIBRATION_SAMPLES, sequence_length: int = CALIBRATION_SEQUENCE_LENGTH,
+             verify: bool = True, seed: int = CALIBRATION_SEED, on_pass=None, on_sample=None) -> OptimizeResult:
     """Run a pass pipeline on a model; every pass is verified (onnx.checker + onnxruntime).
-    Progress: `on_pass(index, total, name)` before each pass, `on_sample(done, total)` after each
-    calibration sample a pass runs.
 
     >>> result = actsparse.optimize("model.onnx", passes="relufy,sparsify{method=teal,sparsity=0.5}")
     >>> result.save("out.onnx")
+
+    Args:
+        model: an ONNX path, onnx.ModelProto, onnx_ir Model (not changed: the passes work on a
+            copy) or torch.nn.Module (exported with `example_inputs`).
+        example_inputs: a torch model's inputs (tuple in input order, or dict by name).
+        passes: a pipeline string ("relufy,sparsify{method=teal,sparsity=0.5}"), or a list of
+            pass names, PassSpecs and (name, options) pairs. Default: `cleanup` alone.
+        recipe: instead of `passes`, a YAML/JSON recipe or an earlier `report()` saved as JSON.
+        calib: calibration data: an .npz path, a dict of arrays by input name, or a list of such
+            dicts. Default: `samples` random inputs of `sequence_length` from the input signature.
+        calib_text: a text file, one calibration sample per line (needs `tokenizer`, not `calib`).
+        tokenizer: the Hugging Face tokenizer folder for `calib_text`.
+        samples: generated (or text) calibration samples (default 8).
+        sequence_length: the length of generated (or text) inputs' dynamic dimensions (default 16).
+        verify: check each pass's model with onnx.checker and onnxruntime (default True).
+        seed: seeds the generated calibration data and the passes' own sampling (default 0).
+        on_pass: `on_pass(index, total, name)`, called before each pass.
+        on_sample: `on_sample(done, total)`, called after each calibration sample a pass runs.
+
+    Returns:
+        An OptimizeResult: the model, one PassRecord per pass (options, report, measured error),
+        `save(path)` and `report()`.
+
+    Raises:
+        ActsparseError: an unreadable model, an unknown pass or option, bad calibration data, or
+            (VerificationError) a pass whose model fails verification.
     """
     specs = resolve_passes(passes, recipe)
     ir_model = to_ir_model(model, example_inputs)
-    context = PassContext(calibration=calibration_for(ir_model, calib, seed=seed), seed=seed, on_sample=on_sample)
+    feeds = calibration_for(ir_model, calib, samples=samples, seed=seed, sequence_length=sequence_length,
+                            calib_text=calib_text, tokenizer=tokenizer)
+    context = PassContext(calibration=feeds, seed=seed, on_sample=on_sample)
     ir_model, records = run_pipeline(ir_model, specs, context, verify=verify, on_pass=on_pass)
     record_accuracy(ir_model, records)
     return OptimizeResult(ir_model, records)
@@ -129,19 +225,24 @@ class CompiledArtifact:
     seconds: dict[str, float]
 
     def load(self, device: str | None = None):
+        """The artifact loaded with the thin runtime: a CompiledModel (a LanguageModel for a
+        causal LM). `device`: as for `actsparse.load` (default: the artifact's target)."""
         from actsparse.runtime import load
 
         return load(self.path, device)
 
     def run(self, *args, **named) -> dict[str, np.ndarray]:
+        """Run the artifact (loaded on the first call): see CompiledModel.run."""
         if getattr(self, "_loaded", None) is None:
             self._loaded = self.load()
         return self._loaded.run(*args, **named)
 
 
 def compile(model: Any, target: str = "host", passes: PassesArg = None, *, example_inputs: Any = None,
-            output: str | os.PathLike | None = None, recipe=None, calib=None, verify: bool = True, seed: int = 0,
-            bundle_runtime: bool | str = False, on_pass=None, on_step=None, on_sample=None,
+            output: str | os.PathLike | None = None, recipe=None, calib=None, verify: bool = True,
+            seed: int = CALIBRATION_SEED, bundle_runtime: bool | str = False, on_pass=None, on_step=None,
+            on_sample=None, on_optimized=None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+            samples: int | None = None, sequence_length: int = CALIBRATION_SEQUENCE_LENGTH,
             max_context: int | None = None,
             calib_text: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
             kv_cache: str | None = None) -> CompiledArtifact:
@@ -153,14 +254,40 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
 
     A causal LM (a transformers module, or a Hugging Face / actsparse.lm folder) given without
     example inputs compiles for generation instead (docs/generation.md): its one-token decode step
-    over a KV cache of `max_context` tokens (default 2048, capped by the model's positions), thresholds calibrated on decode steps
-    of `calib_text`, the cache in `kv_cache` ("float32", default, or "float16"); `actsparse.load`
-    then returns a LanguageModel with `generate()`.
-
-    Progress: `on_pass(index, total, name)` before each pass, `on_sample(done, total)` after each
-    calibration sample, `on_step(message)` at each compile step. With
-    passes, the artifact packs the optimized model's onnxruntime outputs on fixed inputs, which
+    over a KV cache of `max_context` tokens, thresholds calibrated on decode steps of `calib_text`;
+    `actsparse.load` then returns a LanguageModel with `generate()`. With passes, an ONNX model's
+    artifact packs the optimized model's onnxruntime outputs on fixed inputs, which
     `actsparse deploy` checks a board against (actsparse.deploy.reference).
+
+    Args:
+        model: as for `optimize`, or a causal LM (transformers module, or model folder).
+        target: "host" (default), "x86", "rpi4", "aarch64", "cuda[:sm_XX]", or a JSON target.
+        passes: as for `optimize`; default: none (the model compiles as it is).
+        example_inputs: inputs (tuple in input order, or dict by name; numpy or torch): a torch
+            model's export inputs, the static input shapes, and the calibration when `calib` is None.
+        output: the artifact path (a directory, or a .tar file); default: a new temp folder.
+        recipe, calib, calib_text, tokenizer, verify, seed, on_pass, on_sample: as for `optimize`;
+            for a causal LM, `calib_text` is text whose decode steps calibrate, and `tokenizer` the
+            tokenizer.json to pack (default: the model folder's) or "bytes".
+        bundle_runtime: True puts this machine's libtvm_runtime.so in the artifact; a path, that file.
+        on_step: `on_step(message)`, called at each compile step.
+        on_optimized: ONNX models: `on_optimized(records)`, called once the passes have run and
+            before compiling starts (not called without passes).
+        input_shapes: static shapes by input name (e.g. {"input_ids": (1, 128)}), used as given;
+            default: the shapes of `example_inputs`, else of the first calibration sample.
+        samples: generated (or text) calibration samples (default 8); for a causal LM, decode
+            steps calibrated on (default 64).
+        sequence_length: ONNX models: the dynamic dimensions of generated inputs (default 16).
+        max_context: causal LMs: tokens the KV cache holds (default 2048, capped by the model's positions).
+        kv_cache: causal LMs: the cache's element type, "float32" (default) or "float16".
+
+    Returns:
+        A CompiledArtifact: its path, target, the kernel chosen per linear layer, the pass records
+        and the seconds each step took; `run()` runs it.
+
+    Raises:
+        ActsparseError: as for `optimize`; an unknown target; an op the target cannot compile;
+            causal-LM options for another model.
     """
     import tempfile
 
@@ -172,24 +299,32 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
 
         if calib is not None:
             raise ActsparseError("a causal LM is calibrated on decode steps: give calib_text, not calib")
+        if input_shapes is not None:
+            raise ActsparseError("a causal LM's decode step has fixed input shapes: no input_shapes")
+        steps = {} if samples is None else {"calibration_steps": samples}
         return compile_causal_lm(model, target, passes, output=output, max_context=max_context,
                                  calib_text=calib_text, tokenizer=tokenizer, recipe=recipe, verify=verify, seed=seed,
                                  bundle_runtime=bundle_runtime, on_pass=on_pass, on_step=on_step,
-                                 kv_cache=kv_cache or "float32", on_sample=on_sample)
-    if max_context is not None or calib_text is not None or tokenizer is not None or kv_cache is not None:
-        raise ActsparseError("max_context, calib_text, tokenizer and kv_cache are for causal LMs (a transformers "
-                             "causal-LM module or folder, without example_inputs)")
+                                 kv_cache=kv_cache or "float32", on_sample=on_sample, **steps)
+    if max_context is not None or kv_cache is not None:
+        raise ActsparseError("max_context and kv_cache are for causal LMs (a transformers causal-LM module or "
+                             "folder, without example_inputs)")
 
     ir_model = to_ir_model(model, example_inputs)
-    shapes = input_shapes_of(ir_model, example_inputs)
+    shapes = dict(input_shapes) if input_shapes is not None else input_shapes_of(ir_model, example_inputs)
     records: list[PassRecord] = []
     specs = resolve_passes(passes, recipe) if (passes or recipe) else []
     if specs:
-        examples = [feeds_of(ir_model, example_inputs)] if example_inputs is not None and calib is None else None
-        feeds = calibration_for(ir_model, calib if calib is not None else examples, seed=seed)
+        given = calib is not None or calib_text is not None or tokenizer is not None
+        examples = [feeds_of(ir_model, example_inputs)] if example_inputs is not None and not given else None
+        feeds = calibration_for(ir_model, calib if calib is not None else examples, seed=seed,
+                                samples=CALIBRATION_SAMPLES if samples is None else samples,
+                                sequence_length=sequence_length, calib_text=calib_text, tokenizer=tokenizer)
         ir_model, records = run_pipeline(ir_model, specs, PassContext(calibration=feeds, seed=seed, on_sample=on_sample),
                                          verify=verify, on_pass=on_pass)
-        if not shapes:
+        if on_optimized is not None:
+            on_optimized(records)
+        if not shapes and input_shapes is None:
             shapes = {name: array.shape for name, array in feeds[0].items()}
     if output is None:
         output = Path(tempfile.mkdtemp(prefix="actsparse-")) / "model.actsparse"

@@ -7,3 +7,10 @@ class ActsparseError(Exception):
 
 class VerificationError(ActsparseError):
     """A pass produced a model that fails onnx.checker or does not match the model before it."""
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped: names from a hostile file
+    (a tar member called "\\r", a path with a newline) must not break the one-line error or
+    drive the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)

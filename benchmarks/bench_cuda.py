@@ -1,7 +1,7 @@
 """Batch-1 decode on an NVIDIA GPU: actsparse cuda artifacts vs torch eager (cuBLAS) and onnxruntime-gpu.
 
 Models (fp32, one token):
-  ffn      SwiGLU FFN stack, h += down(silu(gate(h)) * up(h))      (actsparse.zoo.swiglu_stack)
+  ffn      SwiGLU FFN stack, h += down(silu(gate(h)) * up(h))      (actsparse.frontend.zoo.swiglu_stack)
   decoder  per layer h += o(v(h)) then the SwiGLU FFN: a decoder layer at one position
            (attention over a single key is the identity on v; q, k do not change the output)
 Variants: dense, relufy (fused gate-sparse FFN kernels), TEAL 50 % (sparse-input kernels).
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     gpu, arch = gpu_or_exit()
 
-    from actsparse.zoo import swiglu_stack
+    from actsparse.frontend.zoo import swiglu_stack
 
     iters = 20 if args.quick else 200
     report = {"gpu": gpu, "arch": arch, "hbm_gbs": hbm_bandwidth_gbs(), "d": args.d, "f": args.f,

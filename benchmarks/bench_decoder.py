@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth_gbs, l3_cache_bytes, read_bound_call  # noqa: E402
 
-from actsparse.bench import interleaved_blocks, paired_speedup  # noqa: E402
+from actsparse.benchmark.timing import interleaved_blocks, paired_speedup  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 READ_BOUND = "read bound (plain read of the same bytes)"

@@ -50,7 +50,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth_gbs, l3_cache_bytes, read_bound_call, time_per_call  # noqa: E402
 
-from actsparse.bench import interleaved_blocks, paired_speedup  # noqa: E402
+from actsparse.benchmark.timing import interleaved_blocks, paired_speedup  # noqa: E402
 
 D, F = 1024, 2816
 SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.9)
@@ -302,7 +302,7 @@ def time_indexed(weights, inputs, active: float, iters: int, timer=time_per_call
 class Bench:
     def __init__(self, layers: int, iters: int, workdir: Path, blocks: int = 12):
         import actsparse
-        from actsparse.zoo import swiglu_stack
+        from actsparse.frontend.zoo import swiglu_stack
 
         self.layers, self.iters, self.workdir, self.blocks = layers, iters, workdir, blocks
         self.proto = swiglu_stack(layers=layers, d=D, f=F)

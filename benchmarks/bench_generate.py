@@ -415,7 +415,7 @@ def _round(value):
 def _machine() -> dict:
     import platform
 
-    from actsparse.bench import l3_cache_bytes
+    from actsparse.benchmark.timing import l3_cache_bytes
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actsparse.bench import interleaved_blocks, paired_speedup
+from actsparse.benchmark.timing import interleaved_blocks, paired_speedup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEAL = "sparsify{method=teal,sparsity=0.5}"

@@ -132,7 +132,7 @@ def run(d: int, f: int, layers: int, active: float, rank: int, iters: int) -> di
     import onnxruntime as ort
     import tvm
 
-    from actsparse.bench import copy_bandwidth_gbs, l3_cache_bytes, time_per_call
+    from actsparse.benchmark.timing import copy_bandwidth_gbs, l3_cache_bytes, time_per_call
     from actsparse.codegen.kernels.cpu.build import aligned_array, build_kernel
     from actsparse.codegen.kernels.cpu.ffn import ffn_indexed, pack_ffn_indexed
 
@@ -267,7 +267,7 @@ def run_compiled(d: int, f: int, layers: int, actives: list[float], rank: int, i
     import onnxruntime as ort
 
     import actsparse
-    from actsparse.bench import l3_cache_bytes, time_per_call
+    from actsparse.benchmark.timing import l3_cache_bytes, time_per_call
     from actsparse.codegen.compile import compile_model
 
     rng, weights, predictors, inputs = random_stack(d, f, layers, rank)

@@ -10,7 +10,7 @@ ones as ``*_float`` rows). Each ORT
 engine is one session holding one node per weight copy (see ``common.ort_matmul_session``).
 
 All engines of a shape are loaded at once and timed in ``--blocks`` rounds of one block each,
-round-robin (``actsparse.bench.interleaved_blocks``): the machine is shared and its bandwidth
+round-robin (``actsparse.benchmark.timing.interleaved_blocks``): the machine is shared and its bandwidth
 drifts. A time is an engine's best block; a ratio is the median over rounds of the two engines'
 block times in that round. Prints a markdown table (ms, ratios, GB/s of the weight bytes
 actually needed) and the issue's targets; writes benchmarks/results/quant.json.
@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copies_to_exceed_cache, copy_bandwidth_gbs, l3_cache_bytes, ort_matmul_session  # noqa: E402
 
-from actsparse.bench import interleaved_blocks  # noqa: E402
+from actsparse.benchmark.timing import interleaved_blocks  # noqa: E402
 from actsparse.codegen.kernels.cpu import quant  # noqa: E402
 from actsparse.codegen.kernels.cpu.build import build_kernel  # noqa: E402
 from actsparse.codegen.kernels.cpu.dense import dense_matmul, pack_dense, vector_lanes  # noqa: E402

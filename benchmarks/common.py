@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from actsparse.bench import copies_to_exceed_cache, copy_bandwidth_gbs, l3_cache_bytes, time_per_call  # noqa: F401
+from actsparse.benchmark.timing import copies_to_exceed_cache, copy_bandwidth_gbs, l3_cache_bytes, time_per_call  # noqa: F401
 
 
 def ort_matmul_session(weights: list[np.ndarray], threads: int | None = None):

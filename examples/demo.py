@@ -34,9 +34,9 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     import actsparse
-    from actsparse.benchmark_artifact import bench_artifact
+    from actsparse.benchmark.artifact import bench_artifact
     from actsparse.frontend.onnx_file import save_model
-    from actsparse.zoo import swiglu_stack
+    from actsparse.frontend.zoo import swiglu_stack
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="actsparse-demo-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def onnxruntime_perplexity(model, windows: np.ndarray) -> float:
     """Full-sequence perplexity: the LM exported to ONNX (input_ids [1, L] -> logits), run by
     onnxruntime on each window, as examples/lm_sparsity.py measures it."""
     from actsparse.frontend.torch_export import export_hf
-    from actsparse.measure_ppl import onnx_perplexity
+    from actsparse.lm.perplexity import onnx_perplexity
 
     return onnx_perplexity(export_hf(model, seq_len=windows.shape[1] - 1), windows)
 

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from actsparse.lm.data import corpus_tokens, eval_windows
     from actsparse.lm.model import load_lm, save_lm
     from actsparse.lm.train import TrainOptions, perplexity, train_lm
-    from actsparse.measure_ppl import onnx_perplexity, plot_curves, ppl_tolerance, sparsified, windows_as_samples
+    from actsparse.lm.perplexity import onnx_perplexity, plot_curves, ppl_tolerance, sparsified, windows_as_samples
 
     out_path = Path(args.out or RESULTS / f"lm_{args.size}.json")
     results = json.loads(out_path.read_text()) if out_path.exists() else {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from actsparse import zoo
+from actsparse.frontend import zoo
 from tests import models
 
 

@@ -135,7 +135,7 @@ def export_bert_torchscript(model, path: Path, *, seq_len: int = SEQ_LEN, opset:
 
 
 # Hand-built FFN stacks live in the package (they are the demo's built-in models).
-from actsparse.zoo import gelu_mlp_stack, swiglu_stack  # noqa: E402,F401
+from actsparse.frontend.zoo import gelu_mlp_stack, swiglu_stack  # noqa: E402,F401
 
 
 def save_proto(model: onnx.ModelProto, path: Path) -> Path:

@@ -1,10 +1,10 @@
-"""Timing helpers of actsparse.bench: block interleaving and the paired speed-up estimate."""
+"""Timing helpers of actsparse.benchmark.timing: block interleaving and the paired speed-up estimate."""
 
 from __future__ import annotations
 
 import pytest
 
-from actsparse import bench
+from actsparse.benchmark import timing as bench
 
 
 def test_interleaved_blocks_alternate_engines_and_time_every_block(monkeypatch):
@@ -33,7 +33,7 @@ def test_paired_speedup_is_the_median_of_block_ratios():
 
 def test_weight_copies_are_capped_by_available_memory(monkeypatch, capsys):
     """A CPU reporting a 480 MB L3 made bench_quant ask for 24 GB of copies (OOM-killed)."""
-    import actsparse.bench as bench
+    import actsparse.benchmark.timing as bench
 
     monkeypatch.setattr(bench, "l3_cache_bytes", lambda: 480 << 20)
     monkeypatch.setattr(bench, "available_memory_bytes", lambda: 8 << 30)

@@ -21,7 +21,7 @@ import onnx
 import pytest
 
 from actsparse.cli import main
-from actsparse.zoo import swiglu_stack
+from actsparse.frontend.zoo import swiglu_stack
 from tests.onnx_models import run_ort
 
 SCRIPT = Path(sys.executable).parent / "actsparse"

@@ -8,7 +8,7 @@ import sys
 
 import onnx
 
-from actsparse import zoo
+from actsparse.frontend import zoo
 
 
 def test_inspect_escapes_control_characters_and_markup(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from actsparse import zoo
+from actsparse.frontend import zoo
 from actsparse.deploy.reference import INPUTS_FILE, OUTPUTS_FILE, choose_reference
 from actsparse.errors import ActsparseError
 from actsparse.runtime.artifact import sha256_file

@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import actsparse
-from actsparse import zoo
+from actsparse.frontend import zoo
 from actsparse.cli import main
 from actsparse.frontend import onnx_file
 from actsparse.frontend.onnx_file import load_model

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from actsparse import zoo
+from actsparse.frontend import zoo
 from actsparse.api import write_json_atomic
 from actsparse.cli import main
 from actsparse.runtime.run_command import save_npz_atomic

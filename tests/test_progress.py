@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import actsparse
-from actsparse.zoo import gelu_mlp_stack, swiglu_stack
+from actsparse.frontend.zoo import gelu_mlp_stack, swiglu_stack
 
 
 @pytest.mark.parametrize("passes", ["sparsify{method=teal,sparsity=0.5}", "sparsify{method=wina,sparsity=0.5}",

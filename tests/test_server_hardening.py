@@ -111,7 +111,7 @@ def test_cli_deploy_with_a_token_file(token_server, tmp_path):
     import onnx
 
     import actsparse
-    from actsparse import zoo
+    from actsparse.frontend import zoo
     from actsparse.cli import main
 
     server, _ = token_server
@@ -218,7 +218,7 @@ def test_a_server_with_trust_runs_only_signed_artifacts(tmp_path):
     import onnx
 
     import actsparse
-    from actsparse import zoo
+    from actsparse.frontend import zoo
     from actsparse.deploy.process import start_local_rpc_server
     from actsparse.deploy.rpc import deploy_and_run
     from actsparse.errors import ActsparseError

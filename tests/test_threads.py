@@ -1,10 +1,10 @@
-"""TVM thread-pool defaults (actsparse/threads.py)."""
+"""TVM thread-pool defaults (actsparse/runtime/threads.py)."""
 
 import os
 import subprocess
 import sys
 
-from actsparse.threads import DEFAULT_SPIN_COUNT, configure_tvm_threads, cpu_quota, default_thread_count, physical_cores
+from actsparse.runtime.threads import DEFAULT_SPIN_COUNT, configure_tvm_threads, cpu_quota, default_thread_count, physical_cores
 
 
 def _fake_sysfs(tmp_path, topology: dict[int, tuple[int, int]]):
@@ -45,7 +45,7 @@ def test_importing_actsparse_gives_tvm_every_core():
     """TVM alone would take half the cores on x86; after `import actsparse` it takes them all."""
     code = (
         "import os, actsparse, tvm;"
-        "from actsparse.threads import physical_cores;"
+        "from actsparse.runtime.threads import physical_cores;"
         "print(tvm.get_global_func('runtime.NumThreads')(), physical_cores())"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TVM_")}
@@ -72,7 +72,7 @@ def test_cpu_quota_from_cgroup_v2_and_v1(tmp_path):
 
 
 def test_default_thread_count_is_capped_by_the_quota(monkeypatch):
-    import actsparse.threads as threads
+    import actsparse.runtime.threads as threads
 
     monkeypatch.setattr(threads, "physical_cores", lambda: 64)
     monkeypatch.setattr(threads, "cpu_quota", lambda: 2)

@@ -16,7 +16,7 @@ from actsparse.errors import ActsparseError
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # Paths relative to the actsparse package; folders are copied with their .py files only.
 # `python -m actsparse.runtime run ...` is the device's command line (runtime/__main__.py).
-DEVICE_FILES = ("__init__.py", "errors.py", "threads.py", "atomic.py", "runtime", "deploy/__init__.py", "deploy/server.py", "deploy/rpc.py")
+DEVICE_FILES = ("__init__.py", "errors.py", "atomic.py", "runtime", "deploy/__init__.py", "deploy/server.py", "deploy/rpc.py")
 
 
 def stage_device_package(dest: str | os.PathLike) -> Path:

@@ -324,6 +324,79 @@ def compare_outputs(
     return errors
 
 
+# Causal LMs on a board (`actsparse deploy`), and remote timings (`actsparse bench --rpc`).
+
+LM_CHECK_PROMPT_TOKENS = 16  # prompt tokens of the greedy check run on the board
+LM_CHECK_NEW_TOKENS = 32
+
+
+def lm_check_prompt(manifest: dict) -> list[int]:
+    """A fixed prompt for an LM artifact: the BOS id (if any), then ids spread over the vocabulary."""
+    lm = manifest["lm"]
+    vocab = int(lm["vocab_size"])
+    start = [int(lm["bos_token_id"])] if lm.get("bos_token_id") is not None else []
+    return start + [(7919 * i + 1) % vocab for i in range(LM_CHECK_PROMPT_TOKENS - len(start))]
+
+
+def generate_on_board(path: str | os.PathLike, manifest: dict, host: str, port: int, new_tokens: int, *,
+                      key: str = "", timeout: float = DEFAULT_CONNECT_TIMEOUT_S, token: bytes | None = None) -> dict:
+    """Upload the LM artifact at `path` and generate `new_tokens` greedy tokens after
+    `lm_check_prompt` on the board: the board's `generate` result (tokens, decode and prompt
+    tok/s) and `device`, the board's info."""
+    board = connect(host, port, key=key, timeout=timeout, token=token)
+    try:
+        name = board.upload_artifact(path)
+        return board.generate(name, lm_check_prompt(manifest), new_tokens) | {"device": board.info()}
+    finally:
+        board.close()
+
+
+def check_greedy_tokens(reference: str | os.PathLike, manifest: dict, tokens: list[int]) -> None:
+    """ActsparseError unless the LM artifact `reference` (compiled for this machine) generates
+    the same greedy `tokens` after `lm_check_prompt` as the board did."""
+    from actsparse.runtime import load
+
+    model = load(reference)
+    if not hasattr(model, "generate"):
+        raise ActsparseError(f"--reference {reference}: give an LM artifact compiled for this machine")
+    expected = list(model.generate(lm_check_prompt(manifest), LM_CHECK_NEW_TOKENS, stop_tokens=[]))
+    if expected != tokens:
+        first = next(i for i, (a, b) in enumerate(zip(expected, tokens)) if a != b)
+        raise ActsparseError(f"the board's greedy tokens differ from {reference}'s from token {first}")
+
+
+class _InputSpecs:
+    """Just the input specs of a manifest, for generating inputs."""
+
+    def __init__(self, manifest: dict):
+        self.inputs = manifest["inputs"]
+
+
+def time_on_board(path: str | os.PathLike, manifest: dict, host: str, port: int, iters: int, *,
+                  key: str = "", token: bytes | None = None) -> dict:
+    """Device-side timings of the (non-LM) artifact at `path` on seeded random inputs, after a
+    warm-up: device, runs, ms_median, ms_best and, when the manifest knows its weight bytes,
+    weight_gbs."""
+    from actsparse.runtime.run_command import artifact_inputs
+
+    feeds = artifact_inputs(_InputSpecs(manifest), None, 0)
+    board = connect(host, port, key=key, token=token)
+    try:
+        name = board.upload_artifact(path)
+        board.run(name, feeds, repeat=3)  # warm-up: load once, first-touch the weights
+        board.run(name, feeds, repeat=iters)
+        seconds = sorted(board.last_seconds)
+    finally:
+        board.close()
+    median = float(np.median(seconds))
+    weight_bytes = manifest.get("report", {}).get("weight_bytes")
+    results = {"device": f"{host}:{port}", "runs": len(seconds), "ms_median": round(median * 1e3, 4),
+               "ms_best": round(seconds[0] * 1e3, 4)}
+    if weight_bytes:
+        results["weight_gbs"] = round(weight_bytes / median / 1e9, 3)
+    return results
+
+
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """The arrays as an .npz file; object arrays are refused (numpy would pickle them)."""
     checked = {}

@@ -62,7 +62,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, source: str | os.Pat
     `source` is the input file: writing over it is refused, so the input is never lost.
     """
     path = Path(path)
-    if source is not None and _same_file(path, Path(source)):
+    if source is not None and same_file(path, Path(source)):
         raise ActsparseError(f"{path}: refusing to overwrite the input model; choose another -o")
     if path.is_dir():
         raise ActsparseError(f"{path}: is a directory")
@@ -96,7 +96,7 @@ def _save_with_external_data(model: ir.Model, path: Path, folder: Path, source) 
     atomically; a reader between the two renames sees the new data with the old model."""
     data_name = path.name + ".data"
     inputs = [Path(source), *_external_files(Path(source))] if source is not None else []
-    if any(_same_file(folder / data_name, f) for f in inputs):
+    if any(same_file(folder / data_name, f) for f in inputs):
         raise ActsparseError(f"{folder / data_name}: the input model's data; refusing to overwrite it, choose another -o")
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=folder))
     try:
@@ -215,7 +215,8 @@ def _fits_protobuf(proto: onnx.ModelProto) -> bool:
         return False
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file (the same resolved path, or links to one file)."""
     try:
         return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
     except OSError:

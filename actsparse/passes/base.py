@@ -46,7 +46,6 @@ class NoOptions:
 class ActsparsePass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
-    needs_calibration: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any = None, context: PassContext | None = None):

@@ -26,14 +26,21 @@ from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import find_blocks
 from actsparse.ir.custom_ops import add_initializer, insert_sparsify
 from actsparse.passes.base import ActsparsePass, option, register
+from actsparse.passes.overrides import apply_overrides, overrides_option
 
 MIN_THRESHOLD = 1e-12  # a channel that is (almost) always zero: 1/t stays finite
 
 
 @dataclass
 class ChessOptions:
+    """Options of `chess` (approximate).
+
+    Attributes:
+        sparsity: fraction of each FFN channel's calibration activations dropped (default 0.5; [0, 1)).
+        overrides: per-FFN-block sparsity ([0, 1)) by block or linear name (passes/overrides.py).
+    """
     sparsity: float = option(0.5, "fraction of each channel's activations dropped on the calibration set")
-    overrides: dict[str, float] = option({}, "per-FFN-block sparsity, by block name")
+    overrides: dict[str, float] = overrides_option("sparsity")
 
     def validate(self) -> None:
         for name, value in [("sparsity", self.sparsity), *self.overrides.items()]:
@@ -47,24 +54,21 @@ class ChessPass(ActsparsePass):
 
     name = "chess"
     exact = False
-    needs_calibration = True
     Options = ChessOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         blocks = find_blocks(model).ffn
         if not blocks:
             raise ActsparseError("pass 'chess': no FFN blocks found")
-        unknown = set(self.options.overrides) - {b.name for b in blocks}
-        if unknown:
-            raise ActsparseError(f"pass 'chess': override {sorted(unknown)[0]!r} names no FFN block; "
-                                 f"blocks: {', '.join(b.name for b in blocks)}")
+        sparsity_of = apply_overrides(self.name, self.options.overrides, {b.name: self.options.sparsity for b in blocks},
+                                      {b.name: {l.name for l in b.linears} for b in blocks}, model, noun="FFN block")
         samples = self.context.require_calibration(self.name)
         outputs = [b.activation.output for b in blocks]
         values = collect_values(model, [v.name for v in outputs], samples, on_sample=self.context.on_sample)
         masks = token_masks(samples)
         layers = []
         for block, act in zip(blocks, outputs):
-            sparsity = self.options.overrides.get(block.name, self.options.sparsity)
+            sparsity = sparsity_of[block.name]
             channels = block.down.in_features
             rows = np.abs(as_rows(values[act.name], channels, masks))
             thresholds = channel_thresholds(rows, sparsity)

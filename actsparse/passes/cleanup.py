@@ -27,6 +27,12 @@ _INLINE_TENSOR_LIMIT = 1 << 30
 
 @dataclass
 class CleanupOptions:
+    """Options of `cleanup` (exact).
+
+    Attributes:
+        fold_constants: fold subgraphs whose inputs are all constant (default True).
+        shape_inference: infer value shapes and types (default True).
+    """
     fold_constants: bool = option(True, "fold subgraphs whose inputs are all constant")
     shape_inference: bool = option(True, "infer value shapes and types")
 

@@ -21,6 +21,11 @@ from actsparse.passes.base import ActsparsePass, option, register
 
 @dataclass
 class MeasureOptions:
+    """Options of `measure` (exact: only measures).
+
+    Attributes:
+        eps: an entry with |x| <= eps counts as zero (default 0.0; >= 0).
+    """
     eps: float = option(0.0, "entries with |x| <= eps count as zero")
 
     def validate(self) -> None:
@@ -34,7 +39,6 @@ class MeasurePass(ActsparsePass):
 
     name = "measure"
     exact = True
-    needs_calibration = True
     Options = MeasureOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

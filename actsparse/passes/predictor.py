@@ -42,6 +42,18 @@ OPS = PREDICTOR_OPS
 
 @dataclass
 class PredictorOptions:
+    """Options of `predictor` (approximate).
+
+    Attributes:
+        mode: how predicted neurons are chosen: "threshold" (default), "topk" or "statistical".
+        rank: rank r of the predictor x -> r -> F (default 32; >= 1).
+        recall: threshold mode: fraction of active neurons kept on calibration rows (default 0.97; (0, 1]).
+        active: topk/statistical: fraction of the F neurons kept per token (default 0.3; (0, 1]).
+        steps: full-batch Adam steps of training per layer (default 400; >= 1).
+        lr: the learning rate (default 0.01).
+        train_fraction: calibration samples trained on; the rest measure recall and precision
+            (default 0.75; (0, 1]).
+    """
     mode: Literal["threshold", "topk", "statistical"] = option("threshold", "how predicted neurons are chosen")
     rank: int = option(32, "rank r of the predictor x -> r -> F")
     recall: float = option(0.97, "threshold mode: fraction of active neurons kept on the calibration rows")
@@ -66,7 +78,6 @@ class PredictorPass(ActsparsePass):
 
     name = "predictor"
     exact = False
-    needs_calibration = True
     Options = PredictorOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -215,10 +226,6 @@ def ensure_predictor_function(model: ir.Model, op: str) -> None:
     key = (DOMAIN, op, "")
     if key not in model.functions:
         model.functions[key] = ir.serde.deserialize_function(_function_proto(op, model.opset_imports.get("", 18)))
-
-
-def is_predictor(node: ir.Node) -> bool:
-    return node.domain == DOMAIN and node.op_type in OPS.values()
 
 
 def _insert(model: ir.Model, block: FFNBlock, a, b, bias, mode: str, param: float) -> None:

@@ -24,20 +24,38 @@ from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import Linear, find_linears
 from actsparse.ir.custom_ops import add_initializer
 from actsparse.passes.base import ActsparsePass, option, register
+from actsparse.passes.overrides import apply_overrides, overrides_option
 
 
 @dataclass
 class PruneOptions:
+    """Options of `prune` (approximate).
+
+    Attributes:
+        method: "magnitude" (default: the smallest |w| go) or "nm" (n of every m along K).
+        sparsity: method=magnitude: fraction of weights set to zero (default 0.5; 0..1).
+        scope: method=magnitude: "layer" (default: one threshold per layer) or "global" (one overall).
+        n: method=nm: weights kept in every group of m (default 2; 0..m).
+        m: method=nm: group length along the input dimension (default 4; >= 1).
+        overrides: method=magnitude, scope=layer: per-layer sparsity (0..1) by block or linear
+            name (passes/overrides.py).
+    """
     method: Literal["magnitude", "nm"] = option("magnitude", "magnitude: smallest |w| go; nm: n of every m along K")
     sparsity: float = option(0.5, "method=magnitude: fraction of weights set to zero (0..1)")
     scope: Literal["layer", "global"] = option("layer", "method=magnitude: one threshold per layer, or one overall")
     n: int = option(2, "method=nm: weights kept in every group of m")
     m: int = option(4, "method=nm: group length along the input dimension")
+    overrides: dict[str, float] = overrides_option("sparsity (method=magnitude, scope=layer)")
 
     def validate(self) -> None:
         where = "pass 'prune'"
         if not 0.0 <= self.sparsity <= 1.0:
             raise ActsparseError(f"{where}: sparsity must be in [0, 1], got {self.sparsity}")
+        for name, value in self.overrides.items():
+            if not 0.0 <= value <= 1.0:
+                raise ActsparseError(f"{where}: sparsity for {name!r} must be in [0, 1], got {value}")
+        if self.overrides and (self.method != "magnitude" or self.scope != "layer"):
+            raise ActsparseError(f"{where}: overrides set a sparsity per layer: they need method=magnitude, scope=layer")
         if self.m < 1 or not 0 <= self.n <= self.m:
             raise ActsparseError(f"{where}: N:M needs 0 <= n <= m and m >= 1, got n={self.n}, m={self.m}")
 
@@ -69,7 +87,9 @@ class PrunePass(ActsparsePass):
         elif opts.scope == "global":
             masks = global_magnitude_masks([l.weight_array("KN") for l in linears], opts.sparsity)
         else:
-            masks = [magnitude_mask(l.weight_array("KN"), opts.sparsity) for l in linears]
+            sparsity_of = apply_overrides(self.name, opts.overrides, {l.name: opts.sparsity for l in linears},
+                                          {l.name: {l.name} for l in linears}, model, noun="prunable linear")
+            masks = [magnitude_mask(l.weight_array("KN"), sparsity_of[l.name]) for l in linears]
         layers, copied = [], 0
         for linear, mask in zip(linears, masks):
             copied += _write_pruned(model, linear, mask)

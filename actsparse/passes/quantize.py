@@ -58,6 +58,7 @@ from actsparse.ir.large import copy_model
 from actsparse.passes.base import ActsparsePass, option, register
 from actsparse.passes.quant_numerics import (activation_qparams, gptq_quantize, layer_hessian, pack_matmulnbits,
                                               pack_zero_points, quantize_blockwise, quantize_per_channel)
+from actsparse.passes.overrides import apply_overrides, overrides_option
 
 GROUPS = (32, 64, 128)
 QDQ_BLOCKED_OPSET = 21
@@ -67,6 +68,28 @@ _CHANGED_BEFORE_21 = frozenset({"GridSample", "DFT", "GroupNormalization"})
 
 @dataclass
 class QuantizeOptions:
+    """Options of `quantize` (approximate).
+
+    Attributes:
+        bits: weight bits: 8 (default; static/dynamic int8, or weight-only) or 4 (weight-only).
+        mode: "auto" (default: static for bits=8, weight_only for bits=4), "static", "dynamic"
+            or "weight_only".
+        act: static activations: "uint8" (default, asymmetric) or "int8" (symmetric).
+        calib: static activation range: "minmax" (default), "percentile" or "entropy".
+        percentile: calib=percentile: the percentile of |x| kept in range (default 99.99; (50, 100]).
+        group: weight-only: weights per scale along K: 32, 64 or 128 (default).
+        symmetric: weight-only: no zero points (default True).
+        rounding: weight-only: "rtn" (default, round to nearest) or "gptq" (on calibration inputs).
+        damp: rounding=gptq: dampening as a fraction of the mean Hessian diagonal (default 0.1; (0, 10]).
+        act_order: rounding=gptq: largest Hessian diagonal first (default True).
+        accuracy_level: format=matmulnbits: ORT's compute type, 0..4 (default 4: int8 activations).
+        format: weight-only: "matmulnbits" (default, com.microsoft.MatMulNBits) or "qdq"
+            (blocked DequantizeLinear, opset 21; bits=4).
+        granularity: mode=dynamic: "tensor" (default, one uint8 scale per tensor) or "token" (int8).
+        speed_check: time the model before and after in onnxruntime (default True).
+        overrides: per-layer bits by block or linear name: 0 keeps a layer float, `bits`
+            quantizes it as the rest (passes/overrides.py).
+    """
     bits: int = option(8, "weight bits: 8 (static/dynamic int8, or weight-only) or 4 (weight-only)")
     mode: Literal["auto", "static", "dynamic", "weight_only"] = option(
         "auto", "auto: static for bits=8, weight_only for bits=4")
@@ -86,6 +109,7 @@ class QuantizeOptions:
                                                                "(uint8, ORT's fused form) or per token (int8)")
     speed_check: bool = option(True, "time the model before and after in onnxruntime and report the speed "
                                      "against float32")
+    overrides: dict[str, float] = overrides_option("bits: 0 keeps a layer float, `bits` quantizes it as the rest")
 
     def validate(self) -> None:
         where = "pass 'quantize'"
@@ -105,6 +129,9 @@ class QuantizeOptions:
             raise ActsparseError(f"{where}: format=qdq weight-only needs bits=4")
         if self.granularity == "token" and self.resolved_mode != "dynamic":
             raise ActsparseError(f"{where}: granularity=token is for mode=dynamic, not mode={self.resolved_mode}")
+        for name, value in self.overrides.items():
+            if value not in (0, self.bits):
+                raise ActsparseError(f"{where}: bits for {name!r} must be 0 (keep it float) or {self.bits}, got {value:g}")
 
     @property
     def resolved_mode(self) -> str:
@@ -127,7 +154,6 @@ class QuantizePass(ActsparsePass):
 
     name = "quantize"
     exact = False
-    needs_calibration = True
     Options = QuantizeOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -141,6 +167,8 @@ class QuantizePass(ActsparsePass):
         linears, skipped = select_linears(model)
         if not linears:
             raise ActsparseError("pass 'quantize': no linear layer with a constant float32 weight to quantize")
+        linears, kept_float = self._apply_overrides(model, linears)
+        skipped += kept_float
         inputs = _group_by_input(linears)
         speed_sample = self._speed_sample()
         # A copy sharing the float tensors (the pass replaces them in `model`): never serialized whole.
@@ -176,6 +204,16 @@ class QuantizePass(ActsparsePass):
         if float_model is not None:
             self.report.update(_speed_vs_float(float_model, model, speed_sample))
         return ir.passes.PassResult(model, modified=True)
+
+    def _apply_overrides(self, model: ir.Model, linears: list[Linear]) -> tuple[list[Linear], list[dict]]:
+        """The linears still to quantize, and those an override of 0 bits keeps float (as report entries)."""
+        bits_of = apply_overrides(self.name, self.options.overrides, {l.name: self.options.bits for l in linears},
+                                  {l.name: {l.name} for l in linears}, model, noun="quantizable linear")
+        kept = [l for l in linears if bits_of[l.name] != 0]
+        if not kept:
+            raise ActsparseError("pass 'quantize': the overrides keep every linear layer float")
+        return kept, [{"name": l.name, "op": l.node.op_type, "reason": "overrides: kept float"}
+                      for l in linears if bits_of[l.name] == 0]
 
     def _speed_sample(self) -> dict[str, np.ndarray] | None:
         samples = self.context.calibration if self.options.speed_check else None
@@ -540,7 +578,7 @@ def _speed_vs_float(float_model: ir.Model, quantized_model: ir.Model, sample: di
                     budget_seconds: float = 0.3) -> dict:
     """onnxruntime time of the float and the quantized model on ``sample``, interleaved; a
     ``warning`` when the quantized one is slower."""
-    from actsparse.bench import interleaved_best
+    from actsparse.benchmark.timing import interleaved_best
     from actsparse.ir.ort_session import ort_session
 
     sessions = {name: ort_session(model) for name, model in (("float", float_model), ("quantized", quantized_model))}

@@ -30,6 +30,14 @@ SMOOTH_KINDS = ("gelu", "gelu_tanh", "silu")
 
 @dataclass
 class RelufyOptions:
+    """Options of `relufy` (approximate).
+
+    Attributes:
+        act: the replacement activation: "relu" (default), "relu2" (ReLU squared) or
+            "shifted_relu" (Relu(x - shift)).
+        shift: act=shifted_relu only: the threshold b (default 0.0).
+        scope: "ffn" (default): FFN-block activations only; "all": every GELU/SiLU.
+    """
     act: Literal["relu", "relu2", "shifted_relu"] = option("relu", "replacement activation")
     shift: float = option(0.0, "threshold b of shifted_relu: Relu(x - b)")
     scope: Literal["ffn", "all"] = option("ffn", "FFN-block activations only, or every GELU/SiLU")

@@ -50,6 +50,16 @@ RIDGE = 0.05  # basis=activation: λ as a fraction of the mean input power (few 
 
 @dataclass
 class RSparseOptions:
+    """Options of `rsparse` (approximate).
+
+    Attributes:
+        sparsity: fraction of each linear's weight bytes not read per token (default 0.5; [0, 1)).
+        sparse_ratio: share of the read budget spent on whole rows of kept channels, the rest on
+            the low rank (0..1; default None: searched per linear).
+        scope: which linear inputs: "down", "ffn" (default), "attention", "all" or "linears".
+        basis: the low-rank factors: "weight" (default: SVD of W) or "activation" (fitted to
+            the dropped inputs).
+    """
     sparsity: float = option(0.5, "fraction of each linear's weight bytes not read per token (0..1)")
     sparse_ratio: float | None = option(None, "share of the read budget spent on whole rows of kept channels "
                                               "(the rest: rank); none: searched per linear")
@@ -84,7 +94,6 @@ class RSparsePass(ActsparsePass):
 
     name = "rsparse"
     exact = False
-    needs_calibration = True
     Options = RSparseOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

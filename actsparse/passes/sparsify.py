@@ -30,6 +30,7 @@ from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import Linear, find_blocks
 from actsparse.ir.custom_ops import add_initializer, insert_sparsify, unique_name
 from actsparse.passes.base import ActsparsePass, option, register
+from actsparse.passes.overrides import apply_overrides, overrides_option
 
 LEVELS = np.round(np.arange(0.0, 1.0, 0.05), 2)  # sparsity levels greedy allocation moves through
 GREEDY_SAMPLES = 4  # calibration samples used to measure output error per level
@@ -37,12 +38,24 @@ GREEDY_SAMPLES = 4  # calibration samples used to measure output error per level
 
 @dataclass
 class SparsifyOptions:
+    """Options of `sparsify` (approximate).
+
+    Attributes:
+        method: how an entry's importance is scored: "teal" (|x|, default), "wina" (|x| times the
+            row norm of W) or "cats" (the gate activation, FFN blocks only).
+        sparsity: target fraction of dropped entries per layer (default 0.5; 0..1).
+        scope: which linear inputs: "down", "ffn", "attention", "all" (default: ffn + attention)
+            or "linears" (every linear).
+        allocate: "uniform" (default: the same sparsity everywhere) or "greedy" (TEAL's
+            allocation of the same average by measured output error).
+        overrides: per-layer sparsity (0..1) by block, linear or group name (passes/overrides.py).
+    """
     method: Literal["teal", "wina", "cats"] = option("teal", "teal: |x|, wina: |x|*row norm of W, cats: gate activation")
     sparsity: float = option(0.5, "target fraction of dropped entries (0..1)")
     scope: Literal["down", "ffn", "attention", "all", "linears"] = option(
         "all", "down: FFN down inputs; ffn: FFN inputs; attention: q/k/v/o; all: ffn+attention; linears: every linear")
     allocate: Literal["uniform", "greedy"] = option("uniform", "same sparsity everywhere, or TEAL's greedy allocation")
-    overrides: dict[str, float] = option({}, "per-layer sparsity, by group or linear name")
+    overrides: dict[str, float] = overrides_option("sparsity")
 
     def validate(self) -> None:
         for name, value in [("sparsity", self.sparsity), *self.overrides.items()]:
@@ -71,7 +84,6 @@ class SparsifyPass(ActsparsePass):
 
     name = "sparsify"
     exact = False
-    needs_calibration = True
     Options = SparsifyOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -144,19 +156,8 @@ class SparsifyPass(ActsparsePass):
             allocation = greedy_allocation(groups, curves, target)
         else:
             allocation = {g.name: target for g in groups}
-        blocks = find_blocks(model) if self.options.overrides else None
-        block_linears = {b.name: {l.name for l in b.linears} for b in blocks.ffn} if blocks else {}
-        block_linears |= {b.name: {l.name for l in (b.q, b.k, b.v, b.o) if l} for b in blocks.attention} if blocks else {}
-        for key, value in self.options.overrides.items():
-            # A group's name, one of its linears, or a block name as `actsparse inspect` prints it.
-            matches = [g for g in groups if key == g.name or key in [l.name for l in g.linears]
-                       or key in block_linears and block_linears[key] & {l.name for l in g.linears}]
-            if not matches:
-                raise ActsparseError(f"pass 'sparsify': override {key!r} names no sparsified layer; blocks: "
-                                     f"{', '.join(block_linears) or 'none'}; layers: {', '.join(g.name for g in groups)}")
-            for group in matches:
-                allocation[group.name] = value
-        return allocation
+        return apply_overrides(self.name, self.options.overrides, allocation,
+                               {g.name: {l.name for l in g.linears} for g in groups}, model, noun="sparsified layer")
 
     # --- rewrite ---------------------------------------------------------------------
 

@@ -11,7 +11,18 @@ safetensors and a `libtvm_runtime.so` (bundled in the artifact or from apache-tv
 from __future__ import annotations
 
 from actsparse.errors import ActsparseError
-from actsparse.runtime.artifact import FORMAT_VERSION
-from actsparse.runtime.model import CompiledModel, load
 
 __all__ = ["load", "CompiledModel", "ActsparseError", "FORMAT_VERSION"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import actsparse` imports runtime.threads, which must not pull in numpy and the loader.
+    if name in ("load", "CompiledModel"):
+        from actsparse.runtime import model
+
+        return getattr(model, name)
+    if name == "FORMAT_VERSION":
+        from actsparse.runtime.artifact import FORMAT_VERSION
+
+        return FORMAT_VERSION
+    raise AttributeError(f"module 'actsparse.runtime' has no attribute {name!r}")

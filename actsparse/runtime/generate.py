@@ -116,7 +116,18 @@ class LanguageModel(CompiledModel):
         self.length = 0
 
     def step(self, token: int) -> np.ndarray:
-        """Append one token at the current length; returns the next-token logits [vocab] (a copy)."""
+        """Append one token at the current length.
+
+        Args:
+            token: a token id, in 0..vocab_size - 1.
+
+        Returns:
+            The next-token logits [vocab] (a copy).
+
+        Raises:
+            ActsparseError: the context is full, the id is outside the vocabulary, or the model
+                failed.
+        """
         with self._lock:
             if self.length >= self.max_context:
                 raise ActsparseError(f"context overflow: the artifact holds {self.max_context} tokens "
@@ -135,7 +146,18 @@ class LanguageModel(CompiledModel):
 
     def prefill(self, tokens: Iterable[int]) -> np.ndarray:
         """Append `tokens` (a prompt) at the current length, in chunks where the artifact has a
-        prefill function; returns the logits after the last one [vocab] (a copy)."""
+        prefill function.
+
+        Args:
+            tokens: token ids, at least one.
+
+        Returns:
+            The logits after the last token [vocab] (a copy).
+
+        Raises:
+            ActsparseError: no tokens, more than the context holds, an id outside the vocabulary,
+                or a failure in the model.
+        """
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ActsparseError("no tokens to append")
@@ -189,6 +211,24 @@ class LanguageModel(CompiledModel):
         the sequence less likely (the CTRL rule transformers uses). Stops after a stop token
         (default: the model's EOS ids; pass [] to never stop early), which is yielded.
         `on_token(id)` is called for each new token as it is produced. Timings land in `stats`.
+
+        Args:
+            prompt: token ids, at least one (e.g. the BOS id).
+            max_new_tokens: the most tokens to generate.
+            temperature: 0 for greedy decoding, else the sampling temperature.
+            top_k: keep the k most likely tokens (0: all).
+            top_p: keep the smallest set of tokens whose probability reaches p (1: all).
+            repetition_penalty: > 1 penalizes tokens already in the sequence.
+            seed: seeds the sampling.
+            stop_tokens: ids that end generation (default: the model's EOS ids).
+            on_token: called with each new id.
+
+        Returns:
+            An iterator over the new token ids (generation runs as it is consumed).
+
+        Raises:
+            ActsparseError: bad sampling options, an empty prompt, prompt + max_new_tokens over the
+                maximum context, or an id outside the vocabulary.
         """
         prompt = [int(t) for t in prompt]
         _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
@@ -228,7 +268,20 @@ class LanguageModel(CompiledModel):
     def generate_text(self, prompt: str, max_new_tokens: int = 64, *, on_text: Callable[[str], None] | None = None,
                       **sampling) -> str:
         """The text generated after `prompt` (encoded with the packed tokenizer, BOS first when the
-        model has one). `on_text(piece)` streams the text as it grows."""
+        model has one). `on_text(piece)` streams the text as it grows.
+
+        Args:
+            prompt: the text to continue.
+            max_new_tokens: the most tokens to generate.
+            on_text: called with each new piece of text.
+            **sampling: the sampling options of `generate`.
+
+        Returns:
+            The generated text (without the prompt).
+
+        Raises:
+            ActsparseError: as for `generate`, or an artifact without a tokenizer.
+        """
         tok = self.tokenizer
         ids = list(tok.encode(prompt))
         bos = self.info.get("bos_token_id")
@@ -249,7 +302,18 @@ class LanguageModel(CompiledModel):
 
     def perplexity(self, tokens: Iterable[int]) -> float:
         """exp(mean negative log-likelihood) of tokens[1:] given the tokens before, through the
-        compiled decode step (one sequence, at most the maximum context)."""
+        compiled decode step (one sequence, at most the maximum context).
+
+        Args:
+            tokens: token ids, at least 2 and at most the maximum context.
+
+        Returns:
+            The perplexity.
+
+        Raises:
+            ActsparseError: fewer than 2 tokens, more than the context holds, or an id outside the
+                vocabulary.
+        """
         tokens = [int(t) for t in tokens]
         if len(tokens) < 2:
             raise ActsparseError("perplexity needs at least 2 tokens")

@@ -76,6 +76,20 @@ def load(path: str | os.PathLike, device: str | None = None, *, trusted_keys=Non
     A cuda artifact also needs an NVIDIA GPU of at least the compiled arch and TVM's CUDA runtime
     plugin (libtvm_runtime_cuda.so, in the apache-tvm wheel); its weights are copied to the GPU
     once here.
+
+    Args:
+        path: the artifact: a directory, or a `.tar` of one.
+        device: "cpu", "cuda", or None for the artifact's own.
+        trusted_keys: public keys a signature must come from (paths or key objects); None reads
+            $ACTSPARSE_TRUSTED_KEYS; with none configured, unsigned artifacts load.
+
+    Returns:
+        A CompiledModel, or a LanguageModel (`generate()`) for a causal-LM artifact.
+
+    Raises:
+        ActsparseError: a missing or tampered artifact (a file's sha256, an extra or missing file),
+            an unknown format version, another CPU architecture, a missing or untrusted signature,
+            a device this artifact cannot run on, or no TVM runtime library.
     """
     from actsparse.runtime.signing import trusted_keys_from
 
@@ -182,6 +196,17 @@ class CompiledModel:
         the manifest's dtype exactly (no silent casts) and its shape. Returns fresh numpy
         arrays keyed by output name. On a GPU, numpy inputs are copied to the device, and
         CUDA tensors (anything with `__dlpack__` on a CUDA device, e.g. torch) are used in place.
+
+        Args:
+            *args: the inputs in `inputs` order, or one dict {input name: array}.
+            **named: the inputs by name.
+
+        Returns:
+            {output name: numpy array}, in `outputs` order; the arrays are the caller's.
+
+        Raises:
+            ActsparseError: a missing, extra or misnamed input, a wrong dtype or shape (dynamic
+                dimensions must agree across inputs), or a failure inside the model's execution.
         """
         values = self._bind_inputs(args, named)
         if self._gpu is not None:

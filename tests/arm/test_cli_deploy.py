@@ -8,7 +8,7 @@ import pytest
 
 from actsparse.cli import main
 from actsparse.deploy.process import start_local_rpc_server
-from actsparse.zoo import swiglu_stack
+from actsparse.frontend.zoo import swiglu_stack
 
 KEY = "actsparse-cli-test"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import actsparse
-from actsparse.zoo import swiglu_stack
+from actsparse.frontend.zoo import swiglu_stack
 from tests.arm.conftest import BOARD_SCRIPTS
 
 pytestmark = pytest.mark.slow

@@ -216,7 +216,7 @@ def test_documented_casts_and_refusals(tmp_path):
     """float64 / big-endian float32 are cast (documented); integers only when they fit; kinds never mix."""
     import onnx_ir as ir
 
-    from actsparse import zoo
+    from actsparse.frontend import zoo
     from actsparse.calibrate.data import feeds_from_arrays
     from actsparse.errors import ActsparseError
 
@@ -236,7 +236,7 @@ def test_a_compressed_npz_of_the_wrong_shape_is_refused_before_it_is_decompresse
     """18 MB on disk can be gigabytes decompressed: the headers are checked first."""
     script = f"""
 import resource, sys, numpy as np, onnx_ir as ir
-from actsparse import zoo
+from actsparse.frontend import zoo
 from actsparse.calibrate.data import load_calibration
 from actsparse.errors import ActsparseError
 np.savez_compressed({str(tmp_path / 'big.npz')!r}, x=np.zeros((60000, 1, 4096), np.float32))  # ~1 GB of zeros

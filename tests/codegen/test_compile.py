@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("tvm")
 
 import actsparse  # noqa: E402
-from actsparse.zoo import gelu_mlp_stack, swiglu_stack  # noqa: E402
+from actsparse.frontend.zoo import gelu_mlp_stack, swiglu_stack  # noqa: E402
 
 ATOL = 1e-4
 ACTSPARSE = [sys.executable, "-m", "actsparse.cli"]

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("tvm")
 
 import actsparse  # noqa: E402
-from actsparse import zoo  # noqa: E402
+from actsparse.frontend import zoo  # noqa: E402
 from actsparse.errors import ActsparseError  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")

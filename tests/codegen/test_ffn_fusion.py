@@ -18,7 +18,7 @@ from actsparse.codegen.compile import compile_model  # noqa: E402
 from actsparse.codegen.lowering.ffn_fusion import FORMS, fuse_ffn_blocks, fused_forms  # noqa: E402
 from actsparse.codegen.lowering.ops import FUSED_FFN  # noqa: E402
 from actsparse.codegen.lower import specialize_shapes  # noqa: E402
-from actsparse.zoo import swiglu_stack  # noqa: E402
+from actsparse.frontend.zoo import swiglu_stack  # noqa: E402
 
 D, F = 64, 176
 ATOL = 1e-4

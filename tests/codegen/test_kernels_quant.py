@@ -343,7 +343,7 @@ def lowered(request):
     import actsparse
     from actsparse.codegen.lower import specialize_shapes, to_relax
     from actsparse.codegen.lowering.quant import select_quant_kernels
-    from actsparse.zoo import swiglu_stack
+    from actsparse.frontend.zoo import swiglu_stack
 
     passes, *_, reference_passes = (*LOWERING_CASES[request.param], None)[:4]
     rng = np.random.default_rng(2)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import actsparse
 from actsparse.codegen.targets import kernel_lanes
 from actsparse.codegen.targets import resolve_target
-from actsparse.zoo import swiglu_stack
+from actsparse.frontend.zoo import swiglu_stack
 
 
 def _chain(widths=(32, 48, 40, 24)) -> onnx.ModelProto:

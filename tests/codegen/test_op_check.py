@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import actsparse
-from actsparse import zoo
+from actsparse.frontend import zoo
 
 
 def _model(node, extra_inits=(), opsets=(("", 17),)):

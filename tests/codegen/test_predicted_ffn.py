@@ -23,7 +23,7 @@ from actsparse.codegen.lower import specialize_shapes  # noqa: E402
 from actsparse.ir.blocks import FFNBlock, find_blocks, find_linears  # noqa: E402
 from actsparse.passes.predictor import _insert as insert_predictor  # noqa: E402
 from actsparse.passes.predictor import select  # noqa: E402
-from actsparse.zoo import swiglu_stack  # noqa: E402
+from actsparse.frontend.zoo import swiglu_stack  # noqa: E402
 
 D, F, RANK = 64, 176, 8
 ATOL = 1e-4

@@ -15,7 +15,7 @@ from actsparse.codegen.lower import specialize_shapes  # noqa: E402
 from actsparse.codegen.lowering.ops import RANK_SPARSE_LINEAR  # noqa: E402
 from actsparse.codegen.lowering.rsparse import select_rank_sparse_kernels  # noqa: E402
 from actsparse.ir.custom_ops import RANK_SPARSE_MATMUL, SPARSIFY_WEIGHTED  # noqa: E402
-from actsparse.zoo import swiglu_stack  # noqa: E402
+from actsparse.frontend.zoo import swiglu_stack  # noqa: E402
 
 D, F = 64, 176
 RSPARSE = "rsparse{sparsity=0.5,sparse_ratio=0.5,scope=ffn}"

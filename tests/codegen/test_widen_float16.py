@@ -9,7 +9,7 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 import actsparse
-from actsparse import zoo
+from actsparse.frontend import zoo
 
 
 def _float16(model: onnx.ModelProto) -> onnx.ModelProto:

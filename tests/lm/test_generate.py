@@ -348,7 +348,7 @@ def test_cli_compiles_a_hf_folder_and_generates_text(hf_folder, tmp_path):
 
 
 def test_cli_generate_refuses_a_model_that_is_not_an_lm(tmp_path):
-    from actsparse import zoo
+    from actsparse.frontend import zoo
     import onnx
 
     onnx.save(zoo.swiglu_stack(layers=1, d=32, f=64), tmp_path / "ffn.onnx")

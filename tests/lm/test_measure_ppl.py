@@ -1,4 +1,4 @@
-"""actsparse.measure_ppl: ONNX perplexity, PPL-p% search (grid + bisection), plot, CLI errors."""
+"""actsparse.lm.perplexity: ONNX perplexity, PPL-p% search (grid + bisection), plot, CLI errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from actsparse.errors import ActsparseError
-from actsparse.measure_ppl import (main, method_pass, onnx_perplexity, parse_tolerance, plot_curves, ppl_tolerance,
+from actsparse.lm.perplexity import (main, method_pass, onnx_perplexity, parse_tolerance, plot_curves, ppl_tolerance,
                                    windows_as_samples)
 
 

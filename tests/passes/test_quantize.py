@@ -235,8 +235,8 @@ def test_slower_than_float_warns_on_the_command_line(tmp_path, monkeypatch, caps
     from actsparse.cli import main
     from onnx import save
 
-    import actsparse.bench
-    monkeypatch.setattr(actsparse.bench, "interleaved_best", lambda calls, iters, blocks, settle_seconds: {
+    import actsparse.benchmark.timing
+    monkeypatch.setattr(actsparse.benchmark.timing, "interleaved_best", lambda calls, iters, blocks, settle_seconds: {
         "float": 1e-3, "quantized": 2e-3})
     save(ir.serde.serialize_model(linear_model()), tmp_path / "m.onnx")
     assert main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
@@ -368,7 +368,7 @@ def test_bad_options(options, message):
         make_pass("quantize", options)
 
 
-def test_static_needs_calibration_and_a_linear():
+def test_static_requires_calibration_data_and_a_linear():
     with pytest.raises(ActsparseError, match="needs calibration data"):
         run_pass(linear_model(), {"bits": 8})
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",

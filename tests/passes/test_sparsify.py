@@ -314,7 +314,7 @@ def test_unknown_override_is_a_clear_error():
 
 # ------------------------------------------------------------------ errors
 
-def test_needs_calibration():
+def test_calibration_data_is_required():
     with pytest.raises(ActsparseError, match="needs calibration data"):
         make_pass("sparsify")(_swiglu())
 
@@ -472,8 +472,8 @@ def test_overrides_accept_the_block_names_inspect_prints(tmp_path):
     import onnx
 
     import actsparse
-    from actsparse import zoo
-    from actsparse.cli import model_summary
+    from actsparse.frontend import zoo
+    from actsparse.summary import model_summary
     from actsparse.frontend.onnx_file import load_model
 
     onnx.save(zoo.swiglu_stack(layers=2, d=32, f=64), tmp_path / "m.onnx")

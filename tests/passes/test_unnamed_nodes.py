@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 import actsparse
-from actsparse import zoo
+from actsparse.frontend import zoo
 
 PIPELINES = [
     "cleanup", "relufy", "sparsify{method=teal,sparsity=0.5}", "sparsify{method=wina,sparsity=0.5}",

@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from actsparse import zoo
+from actsparse.frontend import zoo
 from tests import onnx_models
 from tests.reliability.harness import COUNTS, FUZZ_ENV, CaseFolders
 # The small compiled Relax model of the runtime tests (no dependence on the ONNX lowering).

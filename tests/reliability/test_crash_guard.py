@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import actsparse
-from actsparse.cli import run_crash_guarded
+from actsparse.command_guard import run_crash_guarded
 from actsparse.errors import ActsparseError
 
 

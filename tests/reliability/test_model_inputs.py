@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from actsparse import zoo
+from actsparse.frontend import zoo
 from actsparse.errors import ActsparseError
 from actsparse.frontend.onnx_file import load_model
 

@@ -22,7 +22,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from actsparse import cli, zoo
+from actsparse import cli
+from actsparse.frontend import zoo
 from actsparse.errors import ActsparseError
 from actsparse.frontend import onnx_file
 from actsparse.frontend.onnx_file import load_model, save_model

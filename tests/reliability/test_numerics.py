@@ -18,7 +18,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from actsparse import cli, zoo
+from actsparse import cli
+from actsparse.frontend import zoo
 from actsparse.api import optimize
 from actsparse.errors import ActsparseError
 from actsparse.passes.measure import measure_sparsity

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from actsparse import zoo
+from actsparse.frontend import zoo
 from tests.reliability.harness import COUNTS, listing
 
 REPO = Path(__file__).resolve().parents[2]

@@ -110,7 +110,7 @@ def cuda_artifact(tmp_path_factory):
     pytest.importorskip("tvm")
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc (CUDA toolkit) not on PATH")
-    from actsparse.zoo import swiglu_stack
+    from actsparse.frontend.zoo import swiglu_stack
 
     output = tmp_path_factory.mktemp("cuda") / "model.actsparse"
     return actsparse.compile(swiglu_stack(), target="cuda:sm_80", passes="relufy", example_inputs={"x": _x(0)},
@@ -153,7 +153,7 @@ def test_cuda_manifest_without_arch_is_refused(cuda_artifact, tmp_path, monkeypa
 @pytest.mark.slow
 @needs_nvcc
 def test_cli_compiles_for_cuda_without_gpu(tmp_path):
-    from actsparse.zoo import gelu_mlp_stack
+    from actsparse.frontend.zoo import gelu_mlp_stack
 
     model, output = tmp_path / "m.onnx", tmp_path / "m.actsparse"
     onnx.save_model(gelu_mlp_stack(), str(model))
@@ -175,7 +175,7 @@ def test_cli_compiles_for_cuda_without_gpu(tmp_path):
 @pytest.fixture(scope="module")
 def gpu_and_cpu_artifacts(tmp_path_factory):
     pytest.importorskip("tvm")
-    from actsparse.zoo import swiglu_stack
+    from actsparse.frontend.zoo import swiglu_stack
 
     root = tmp_path_factory.mktemp("gpu")
     build = {}

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 import actsparse
-from actsparse import zoo
+from actsparse.frontend import zoo
 
 
 def _threads() -> int:

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("cryptography")
 
 import actsparse  # noqa: E402
-from actsparse import zoo  # noqa: E402
+from actsparse.frontend import zoo  # noqa: E402
 from actsparse.errors import ActsparseError  # noqa: E402
 from actsparse.runtime import artifact  # noqa: E402
 from actsparse.runtime import model as runtime_model  # noqa: E402

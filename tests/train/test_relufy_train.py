@@ -80,7 +80,7 @@ def test_sparsity_of_smooth_and_relu_activations(tiny_lm):
 def test_relufy_fine_tunes_raises_sparsity_and_exports(tiny_lm):
     from actsparse.ir.blocks import find_blocks
     from actsparse.lm.train import perplexity
-    from actsparse.measure_ppl import onnx_perplexity
+    from actsparse.lm.perplexity import onnx_perplexity
 
     tokens = _tokens()
     windows = _windows(tokens)

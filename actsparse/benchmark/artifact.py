@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actsparse.bench import copy_bandwidth_gbs, interleaved_blocks, l3_cache_bytes, paired_speedup
+from actsparse.benchmark.timing import copy_bandwidth_gbs, interleaved_blocks, l3_cache_bytes, paired_speedup
 
 ROTATING_INPUTS = 8
 BLOCKS = 7
@@ -49,6 +49,7 @@ def bench_artifact(model, onnx_path: str | None, *, iters: int = 50, seed: int =
 
 
 def print_bench(results: dict) -> None:
+    """`bench_artifact`'s results as a table on stdout, with what weight GB/s means."""
     from rich.console import Console
     from rich.table import Table
 
@@ -68,6 +69,17 @@ def print_bench(results: dict) -> None:
     if results["weights_fit_in_cache"]:
         console.print("[yellow]note:[/] the weights fit in the last-level cache; figures are cache-inflated "
                       "(benchmarks/ rotate weight copies for memory-bound numbers)")
+
+
+def print_remote_bench(results: dict) -> None:
+    """`actsparse bench --rpc`'s device-side timings (actsparse.deploy.rpc.time_on_board) as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("device", "runs", "ms/run (median)", "ms (best)", "weight GB/s", title="remote timings (device side)")
+    table.add_row(results["device"], str(results["runs"]), f"{results['ms_median']:.3f}", f"{results['ms_best']:.3f}",
+                  str(results.get("weight_gbs", "-")))
+    Console().print(table)
 
 
 def _random_feeds(specs: list[dict], rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ level within the tolerance is refined by bisection between the last grid level t
 and the first that failed. The result holds every curve point; `plot_curves` draws sparsity
 against perplexity.
 
-    python -m actsparse.measure_ppl model.onnx --ppl-tolerance 1% [--methods teal,wina,chess]
+    python -m actsparse.lm.perplexity model.onnx --ppl-tolerance 1% [--methods teal,wina,chess]
         [--levels 0.1,0.2,...] [--out DIR]   (held-out stdlib text, byte tokens, by default)
 
 Methods, all on the FFN blocks (the part a sparse FFN kernel skips):
@@ -163,7 +163,7 @@ def parse_tolerance(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m actsparse.measure_ppl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m actsparse.lm.perplexity", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="ONNX causal LM: input_ids [1, L] -> logits (byte tokens, e.g. actsparse.lm)")
     parser.add_argument("--ppl-tolerance", default="1%", help="allowed perplexity rise (1%% or 0.01)")
     parser.add_argument("--methods", default="teal,wina,chess")
