@@ -19,7 +19,7 @@ from actsparse.runtime.threads import configure_tvm_threads
 configure_tvm_threads()
 
 # Installed by the `compile` extra; the base install (the device side) has none of them.
-COMPILER_MODULES = frozenset({"onnx", "onnx_ir", "onnxscript", "onnxruntime", "tvm", "networkx", "yaml", "rich"})
+COMPILER_MODULES = frozenset({"onnx", "onnx_ir", "onnxscript", "onnxruntime", "tvm", "networkx", "yaml"})
 
 
 def __getattr__(name: str):

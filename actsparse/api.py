@@ -6,8 +6,6 @@ same functions; the calibration defaults both use are written here once.
 
 from __future__ import annotations
 
-from actsparse.atomic import replace_into  # noqa: E402
-
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from actsparse.atomic import write_json_atomic  # noqa: F401 (part of the API, used by the CLI)
 from actsparse.errors import ActsparseError
 from actsparse.passes.base import PassContext
 from actsparse.passes.pipeline import PassRecord, PassSpec, load_recipe, parse_pipeline, run_pipeline
@@ -419,32 +418,6 @@ def source_report(model: Any) -> dict[str, Any]:
     from actsparse.runtime.artifact import sha256_file
 
     return {"source": str(Path(model).resolve()), "source_sha256": sha256_file(model)}
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    import tempfile
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
-        replace_into(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_default(value: Any):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _is_torch_module(obj: Any) -> bool:

@@ -212,7 +212,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_optimize(args) -> int:
     import actsparse
-    from actsparse.api import write_json_atomic
+    from actsparse.atomic import write_json_atomic
     from actsparse.summary import print_records
 
     _refuse_overwriting_input(args)
@@ -276,7 +276,7 @@ def _compile_lm(args) -> int:
 def _finish_compile(args, what: str, art) -> int:
     """The end of `compile`, for ONNX models and causal LMs alike: kernel counts, the --report
     JSON, --sign, and the path written."""
-    from actsparse.api import write_json_atomic
+    from actsparse.atomic import write_json_atomic
 
     kernels = Counter(layer["kernel"] for layer in art.kernels)
     print(f"compiled {what}for {args.target} in {art.seconds['total']:.1f}s; linear kernels: "
@@ -434,7 +434,7 @@ def _deploy_lm(args, manifest: dict, host: str, port: int) -> int:
 
 
 def cmd_bench(args) -> int:
-    from actsparse.api import write_json_atomic
+    from actsparse.atomic import write_json_atomic
     from actsparse.runtime import load
 
     if args.rpc:

@@ -65,15 +65,32 @@ def handled(work) -> int:
     except Terminated:
         print("actsparse: terminated; no partial output was left", file=sys.stderr)
         return 143
+    except ModuleNotFoundError as exc:
+        if not _is_missing_compiler(exc):
+            return _internal_error(exc)
+        print(f"actsparse: error: this command needs the compiler, which this install lacks (no module "
+              f"{exc.name!r}): pip install \"actsparse[compile]\"", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # a bug, not the user's input: still one line unless asked
         if _received:  # raised by the interruption, inside a library that re-wrapped it
             print(_interrupted_message(_received[0]), file=sys.stderr)
             return _received[0]
-        if os.environ.get("ACTSPARSE_DEBUG"):
-            raise
-        print(f"actsparse: internal error: {type(exc).__name__}: {one_line(str(exc).splitlines()[0]) if str(exc) else ''} "
-              f"(set ACTSPARSE_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
+        return _internal_error(exc)
+
+
+def _is_missing_compiler(exc: ModuleNotFoundError) -> bool:
+    """A device-only install (no `compile` extra) running a compiler command."""
+    from actsparse import COMPILER_MODULES
+
+    return (exc.name or "").split(".")[0] in COMPILER_MODULES
+
+
+def _internal_error(exc: Exception) -> int:
+    if os.environ.get("ACTSPARSE_DEBUG"):
+        raise exc
+    print(f"actsparse: internal error: {type(exc).__name__}: {one_line(str(exc).splitlines()[0]) if str(exc) else ''} "
+          f"(set ACTSPARSE_DEBUG=1 for a traceback)", file=sys.stderr)
+    return 1
 
 
 def run_crash_guarded(work, output: str | None = None) -> int:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from actsparse.frontend import zoo
-from actsparse.api import write_json_atomic
+from actsparse.atomic import write_json_atomic
 from actsparse.cli import main
 from actsparse.runtime.run_command import save_npz_atomic
 

@@ -155,6 +155,24 @@ def test_the_commands_run_an_artifact(device, bundled, feeds, expected):
         _assert_same_outputs(out, expected)
 
 
+def test_bench_times_an_artifact_on_the_device(device, bundled):
+    done = _run(device, str(device["bin"] / "actsparse"), "bench", str(bundled), "--against", "none")
+    assert done.returncode == 0, done.stderr
+    assert "actsparse" in done.stdout
+
+
+def test_compiler_commands_name_the_extra_to_install(device, tmp_path):
+    """One line and exit status 2, not an internal error, for each command that needs the compiler."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not read: the compiler is missing first")
+    cli = str(device["bin"] / "actsparse")
+    for command in (["optimize", str(model), "-o", str(tmp_path / "out.onnx")],
+                    ["compile", str(model), "-o", str(tmp_path / "out.actsparse")], ["inspect", str(model)]):
+        done = _run(device, cli, *command)
+        assert done.returncode == 2, f"{command[0]}: {done.stderr}"
+        assert 'pip install "actsparse[compile]"' in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 def test_a_signed_artifact_runs_under_trust(device, bundled, feeds, expected, tmp_path):
     """cryptography is a base dependency: keygen, sign and --trust work on the device side."""
     signed = Path(shutil.copytree(bundled, tmp_path / "signed"))
