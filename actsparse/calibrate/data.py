@@ -110,7 +110,7 @@ def _cast(array: np.ndarray, value: ir.Value, source: str) -> np.ndarray:
         raise ActsparseError(f"{source}: input {value.name!r} contains NaN or Inf")
     if array.dtype == dtype:
         return array
-    # Documented casts (README, Safety): another float precision or byte order to the model's
+    # Documented casts (docs/safety.md): another float precision or byte order to the model's
     # float type; integers to the model's integer type when every value fits. Anything else is refused.
     both_float = np.issubdtype(array.dtype, np.floating) and np.issubdtype(dtype, np.floating)
     both_int = np.issubdtype(array.dtype, np.integer) and np.issubdtype(dtype, np.integer)
