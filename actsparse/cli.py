@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from actsparse.command_guard import EXIT_USAGE, handled, run_command, run_crash_guarded
-from actsparse.errors import ActsparseError, one_line
+from actsparse.errors import ActsparseError
 from actsparse.summary import CompileProgress, PassProgress, Spinner
 
 
@@ -379,58 +379,10 @@ def cmd_run(args) -> int:
     return run_artifact_command(args.artifact, args.inputs, args.output, args.seed)
 
 
-def _rpc_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ActsparseError(f"--rpc {text!r}: expected HOST:PORT, e.g. 192.168.1.20:9090")
-    return host, int(port)
-
-
 def cmd_deploy(args) -> int:
-    from actsparse.deploy.reference import INPUTS_FILE, OUTPUTS_FILE, choose_reference
-    from actsparse.deploy.rpc import deploy_and_run
-    from actsparse.runtime.artifact import read_verified_files
+    from actsparse.deploy.commands import deploy_command
 
-    host, port = _rpc_address(args.rpc)
-    manifest, packed = read_verified_files(args.artifact, (INPUTS_FILE, OUTPUTS_FILE))
-    if "lm" in manifest:
-        return _deploy_lm(args, manifest, host, port)
-    reference = choose_reference(manifest, packed, reference=args.reference, inputs=args.inputs, seed=args.seed,
-                                 atol=args.atol)
-    result = deploy_and_run(args.artifact, reference.inputs, host, port, key=args.key, timeout=args.timeout,
-                            reference=reference.outputs, atol=reference.atol, token=_token(args))
-    print(f"deployed to {host}:{port} ({result.device.get('machine', '?')}): checksums verified, "
-          f"ran in {min(result.seconds) * 1e3:.2f} ms", file=sys.stderr)
-    if result.max_abs_error is not None:
-        worst = max(result.max_abs_error.values()) if result.max_abs_error else 0.0
-        print(one_line(f"matches {reference.described} to {worst:.2e} (atol {reference.atol:g}{reference.why_atol})"),
-              file=sys.stderr)
-    else:
-        print(one_line(f"outputs not compared with {reference.described}"), file=sys.stderr)
-    return 0
-
-
-def _token(args) -> bytes | None:
-    from actsparse.deploy.server import read_token
-
-    return read_token(Path(args.token_file)) if getattr(args, "token_file", None) else None
-
-
-def _deploy_lm(args, manifest: dict, host: str, port: int) -> int:
-    """An LM artifact: greedy tokens generated on the board, compared with a reference artifact
-    for this machine (--reference HOST_LM.actsparse) when one is given."""
-    from actsparse.deploy.rpc import LM_CHECK_NEW_TOKENS, check_greedy_tokens, generate_on_board
-
-    result = generate_on_board(args.artifact, manifest, host, port, LM_CHECK_NEW_TOKENS, key=args.key,
-                               timeout=args.timeout, token=_token(args))
-    print(f"deployed to {host}:{port} ({result['device'].get('machine', '?')}): checksums verified; generated "
-          f"{len(result['tokens'])} tokens at {result['decode_tokens_per_second']:.1f} tok/s decode, "
-          f"{result['prompt_tokens_per_second']:.1f} tok/s prompt", file=sys.stderr)
-    print(" ".join(map(str, result["tokens"])))
-    if args.reference:
-        check_greedy_tokens(args.reference, manifest, result["tokens"])
-        print(f"greedy tokens equal {args.reference}'s", file=sys.stderr)
-    return 0
+    return deploy_command(args)
 
 
 def cmd_bench(args) -> int:
@@ -438,7 +390,9 @@ def cmd_bench(args) -> int:
     from actsparse.runtime import load
 
     if args.rpc:
-        results = _bench_remote(args)
+        from actsparse.deploy.commands import bench_remote_command
+
+        results = bench_remote_command(args)
     else:
         model = load(args.artifact)
         baselines = [b.strip() for b in args.against.split(",") if b.strip() and b.strip() != "none"]
@@ -456,26 +410,6 @@ def cmd_bench(args) -> int:
     if args.json_out:
         write_json_atomic(args.json_out, results)
     return 0
-
-
-def _bench_remote(args) -> dict:
-    """`bench --rpc`: device-side timings, printed; the results for --json."""
-    from actsparse.deploy.rpc import generate_on_board, time_on_board
-    from actsparse.runtime.artifact import read_verified_manifest
-
-    host, port = _rpc_address(args.rpc)
-    manifest = read_verified_manifest(args.artifact)  # for another machine: checked, not loaded
-    if "lm" in manifest:
-        result = generate_on_board(args.artifact, manifest, host, port, max(2, args.iters), key=args.key,
-                                   token=_token(args))
-        print(f"{host}:{port}: decode {result['decode_tokens_per_second']:.2f} tok/s, prompt "
-              f"{result['prompt_tokens_per_second']:.2f} tok/s (device side, {len(result['tokens'])} greedy tokens)")
-        return {k: v for k, v in result.items() if k != "tokens"}
-    from actsparse.benchmark.artifact import print_remote_bench
-
-    results = time_on_board(args.artifact, manifest, host, port, args.iters, key=args.key, token=_token(args))
-    print_remote_bench(results)
-    return results
 
 
 def cmd_example(args) -> int:
