@@ -109,16 +109,57 @@ def _function_proto(name: str, onnx_opset: int) -> onnx.FunctionProto:
     )
 
 
+def _predict_active_proto(op: str, onnx_opset: int) -> onnx.FunctionProto:
+    """PredictActive*(x, a, b, bias, param) -> mask: logits = x @ a @ b + bias, kept by the mode's rule."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "a"], ["low"]),
+        helper.make_node("MatMul", ["low", "b"], ["projected"]),
+        helper.make_node("Add", ["projected", "bias"], ["logits"]),
+    ]
+    if op == PREDICT_THRESHOLD:
+        nodes.append(helper.make_node("Greater", ["logits", "param"], ["keep"]))
+    elif op == PREDICT_TOPK:
+        # the k-th largest logit of each token is its cut-off (ties keep more, never fewer)
+        nodes += [
+            helper.make_node("TopK", ["logits", "param"], ["top", "top_index"], axis=-1),
+            helper.make_node("Constant", [], ["minus_one"], value=helper.make_tensor("m", 7, [1], [-1])),
+            helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("a", 7, [1], [-1])),
+            helper.make_node("Gather", ["top", "minus_one"], ["kth"], axis=-1),
+            helper.make_node("GreaterOrEqual", ["logits", "kth"], ["keep"]),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("a", 7, [1], [-1])),
+            helper.make_node("ReduceMean", ["logits", "axis"], ["mean"], keepdims=1)
+            if onnx_opset >= 18 else helper.make_node("ReduceMean", ["logits"], ["mean"], axes=[-1], keepdims=1),
+            helper.make_node("Sub", ["logits", "mean"], ["centered"]),
+            helper.make_node("Mul", ["centered", "centered"], ["squared"]),
+            helper.make_node("ReduceMean", ["squared", "axis"], ["variance"], keepdims=1)
+            if onnx_opset >= 18 else helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1], keepdims=1),
+            helper.make_node("Sqrt", ["variance"], ["std"]),
+            helper.make_node("Mul", ["std", "param"], ["spread"]),
+            helper.make_node("Add", ["mean", "spread"], ["cut"]),
+            helper.make_node("Greater", ["logits", "cut"], ["keep"]),
+        ]
+    nodes.append(helper.make_node("CastLike", ["keep", "x"], ["mask"]) if onnx_opset >= 15
+                 else helper.make_node("Cast", ["keep"], ["mask"], to=1))
+    return helper.make_function(DOMAIN, op, ["x", "a", "b", "bias", "param"], ["mask"], nodes,
+                                opset_imports=[helper.make_opsetid("", onnx_opset)])
+
+
 def ensure_function(model: ir.Model, name: str) -> None:
     """Add the op's function definition and the `actsparse` opset import, once."""
-    if name not in (*CUSTOM_OPS, CACHED_ATTENTION, RANK_SPARSE_MATMUL):
+    if name not in (*CUSTOM_OPS, CACHED_ATTENTION, RANK_SPARSE_MATMUL, *PREDICTOR_MODES):
         raise ValueError(f"unknown actsparse op {name!r}")
     model.opset_imports.setdefault(DOMAIN, VERSION)
     key = (DOMAIN, name, "")
     if key not in model.functions:
         onnx_opset = model.opset_imports.get("", 18)
         builders = {CACHED_ATTENTION: _cached_attention_proto, RANK_SPARSE_MATMUL: _rank_sparse_matmul_proto}
-        proto = builders[name](onnx_opset) if name in builders else _function_proto(name, onnx_opset)
+        if name in PREDICTOR_MODES:
+            proto = _predict_active_proto(name, onnx_opset)
+        else:
+            proto = builders[name](onnx_opset) if name in builders else _function_proto(name, onnx_opset)
         model.functions[key] = ir.serde.deserialize_function(proto)
 
 

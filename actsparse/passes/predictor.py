@@ -28,13 +28,12 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnx import helper
 
 from actsparse.calibrate.stats import as_rows, collect_values
 from actsparse.errors import ActsparseError
 from actsparse.ir.blocks import FFNBlock, find_blocks
-from actsparse.ir.custom_ops import (DOMAIN, PREDICT_THRESHOLD, PREDICT_TOPK, PREDICTOR_OPS, VERSION, add_initializer,
-                                     unique_name, unique_node_name)
+from actsparse.ir.custom_ops import (DOMAIN, PREDICTOR_OPS, add_initializer, ensure_function, unique_name,
+                                     unique_node_name)
 from actsparse.passes.base import ActsparsePass, option, register
 
 OPS = PREDICTOR_OPS
@@ -184,53 +183,9 @@ def _quality(predicted: np.ndarray, active: np.ndarray) -> dict:
 
 # ---------------------------------------------------------------------------------- ONNX
 
-def _function_proto(op: str, onnx_opset: int):
-    nodes = [
-        helper.make_node("MatMul", ["x", "a"], ["low"]),
-        helper.make_node("MatMul", ["low", "b"], ["projected"]),
-        helper.make_node("Add", ["projected", "bias"], ["logits"]),
-    ]
-    if op == PREDICT_THRESHOLD:
-        nodes.append(helper.make_node("Greater", ["logits", "param"], ["keep"]))
-    elif op == PREDICT_TOPK:
-        # the k-th largest logit of each token is its cut-off (ties keep more, never fewer)
-        nodes += [
-            helper.make_node("TopK", ["logits", "param"], ["top", "top_index"], axis=-1),
-            helper.make_node("Constant", [], ["minus_one"], value=helper.make_tensor("m", 7, [1], [-1])),
-            helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("a", 7, [1], [-1])),
-            helper.make_node("Gather", ["top", "minus_one"], ["kth"], axis=-1),
-            helper.make_node("GreaterOrEqual", ["logits", "kth"], ["keep"]),
-        ]
-    else:
-        nodes += [
-            helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("a", 7, [1], [-1])),
-            helper.make_node("ReduceMean", ["logits", "axis"], ["mean"], keepdims=1)
-            if onnx_opset >= 18 else helper.make_node("ReduceMean", ["logits"], ["mean"], axes=[-1], keepdims=1),
-            helper.make_node("Sub", ["logits", "mean"], ["centered"]),
-            helper.make_node("Mul", ["centered", "centered"], ["squared"]),
-            helper.make_node("ReduceMean", ["squared", "axis"], ["variance"], keepdims=1)
-            if onnx_opset >= 18 else helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1], keepdims=1),
-            helper.make_node("Sqrt", ["variance"], ["std"]),
-            helper.make_node("Mul", ["std", "param"], ["spread"]),
-            helper.make_node("Add", ["mean", "spread"], ["cut"]),
-            helper.make_node("Greater", ["logits", "cut"], ["keep"]),
-        ]
-    nodes.append(helper.make_node("CastLike", ["keep", "x"], ["mask"]) if onnx_opset >= 15
-                 else helper.make_node("Cast", ["keep"], ["mask"], to=1))
-    return helper.make_function(DOMAIN, op, ["x", "a", "b", "bias", "param"], ["mask"], nodes,
-                                opset_imports=[helper.make_opsetid("", onnx_opset)])
-
-
-def ensure_predictor_function(model: ir.Model, op: str) -> None:
-    model.opset_imports.setdefault(DOMAIN, VERSION)
-    key = (DOMAIN, op, "")
-    if key not in model.functions:
-        model.functions[key] = ir.serde.deserialize_function(_function_proto(op, model.opset_imports.get("", 18)))
-
-
 def _insert(model: ir.Model, block: FFNBlock, a, b, bias, mode: str, param: float) -> None:
     op = OPS[mode]
-    ensure_predictor_function(model, op)
+    ensure_function(model, op)
     x, hidden = _block_input(block), block.hidden
     dtype = hidden.dtype.numpy() if hidden.dtype is not None else np.float32
     base = block.name

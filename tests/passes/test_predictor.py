@@ -13,7 +13,8 @@ from actsparse.errors import ActsparseError
 from actsparse.frontend.onnx_file import load_model
 from actsparse.ir.blocks import find_blocks
 from actsparse.passes import PassContext, make_pass
-from actsparse.passes.predictor import OPS, _function_proto, select, threshold_for_recall
+from actsparse.ir.custom_ops import _predict_active_proto as _function_proto
+from actsparse.passes.predictor import OPS, select, threshold_for_recall
 from actsparse.ir.ort_session import ort_session
 from tests.models import SEQ_LEN, VOCAB
 
