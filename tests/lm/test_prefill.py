@@ -105,6 +105,19 @@ def test_teal_prompt_runs_dense_over_the_sparse_kernels_weights(llama, dense, tm
 
 
 @pytest.mark.slow
+def test_rsparse_prompt_reads_w_from_the_rank_sparse_kernels_weights(llama, dense, tmp_path):
+    """R-Sparse's decode kernel holds [W; B] row-major: the chunk reads W, its first K rows, and
+    computes the dense model, as for TEAL."""
+    art = compile_causal_lm(llama, "host", "rsparse{sparsity=0.5,sparse_ratio=0.5,scope=ffn}", output=tmp_path / "rsparse.actsparse",
+                            max_context=96)
+    assert "rsparse" in {layer["kernel"] for layer in art.kernels}
+    rsparse = actsparse.load(art.path)
+    assert rsparse.prefill_tokens == 32, rsparse.info["prefill"]
+    reference = stepped_logits(dense, TOKENS[:40])
+    rsparse.reset()
+    np.testing.assert_allclose(rsparse.prefill(TOKENS[:40]), reference[-1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma", "phi3", "phi3_partial_rotary", "gpt_neox",
                                     "gpt_neox_sequential", "opt", "opt_post_norm", "falcon", "falcon_new_arch",
                                     "falcon_sequential"])

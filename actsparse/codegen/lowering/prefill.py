@@ -9,6 +9,7 @@ that kernel packed them:
     decode step (lowered)                                prefill (this module)
     ActsparseDenseLinear(x, Wp panels)             =>  PrefillLinear(x, Wp)   layout packed
     ActsparseSparseLinear(x, [t, s,] W [K, N])     =>  PrefillLinear(x, W)    layout kn (rows)
+    ActsparseRankSparseLinear(x, t, s, A, [W; B])  =>  PrefillLinear(x, [W; B]) layout kn, its first K rows
     MatMul(x, W) left to TVM                       =>  PrefillLinear(x, W)    layout generic
     ActsparseQuantLinear(x, [t, s,] Wq, scales..)  =>  PrefillLinear(x, Wq, scales..) layout quant:
         the same int8/int4 kernel at M rows (the sparse-layout ones in mode nonzero, 8 rows a call)
@@ -32,7 +33,8 @@ import numpy as np
 import onnx_ir as ir
 
 from actsparse.codegen.lowering.ops import (DENSE_LINEAR, FUSED_FFN, LOWERING_DOMAIN, PREFILL_ATTENTION, PREFILL_LINEAR,
-                                            QUANT_LINEAR, SPARSE_LINEAR, as_converter, attr_text, is_lowering_op)
+                                            QUANT_LINEAR, RANK_SPARSE_LINEAR, SPARSE_LINEAR, as_converter, attr_text,
+                                            is_lowering_op)
 from actsparse.codegen.targets import TargetInfo
 
 PACKED, ROWS, COLUMNS, GENERIC, QUANT = "packed", "kn", "nk", "generic", "quant"
@@ -44,7 +46,7 @@ def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) ->
     place. Returns None, or why the chunk cannot share the decode step's weights."""
     kernels: dict[str, ir.Node] = {}
     for node in decode.graph:
-        if is_lowering_op(node, DENSE_LINEAR, SPARSE_LINEAR):
+        if is_lowering_op(node, DENSE_LINEAR, SPARSE_LINEAR, RANK_SPARSE_LINEAR):
             kernels[node.attributes.get_string("layer")] = node
         elif is_lowering_op(node, FUSED_FFN):
             for name in node.attributes.get_strings("linears"):
@@ -156,6 +158,8 @@ def _bind_linear(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node) -> st
     n = placeholder.attributes.get_int("n")
     if is_lowering_op(kernel, DENSE_LINEAR):
         layout, k = PACKED, int(weight.shape[1])
+    elif is_lowering_op(kernel, RANK_SPARSE_LINEAR):  # [W; B]: the chunk reads W, the first k rows
+        layout, k = ROWS, kernel.attributes.get_int("k")
     elif is_lowering_op(kernel):
         layout, k = ROWS, int(weight.shape[0])
     elif kernel.op_type == "MatMul" and len(weight.shape) == 2 and int(weight.shape[1]) == n:
@@ -300,15 +304,19 @@ def prefill_converters(target: TargetInfo) -> dict:
         stride, offset = int(attrs.get("row_stride", 0)), int(attrs.get("offset", 0))
         x2 = bb.emit(relax.op.reshape(x, (rows, k)))
         block = 2 * lanes if layout != PACKED else int(w.ty.shape[2])
+        weight_rows = int(w.ty.shape[0]) if layout == ROWS else k  # R-Sparse's [W; B]: W is the first k rows
         if layout == GENERIC or (layout != PACKED and n % block):
             if layout == COLUMNS:
                 w = bb.emit(relax.op.permute_dims(_columns_view(bb, w, n, k, stride, offset)))
+            if weight_rows != k:
+                w = bb.emit(relax.op.strided_slice(w, axes=[0], begin=[0], end=[k]))
             return relax.op.matmul(x2, w)  # TVM's own GEMM (schedule_tvm_ops)
-        key = ("prefill_dense", layout, rows, k, n, block, stride, offset)
-        symbol = f"actsparse_prefill_{layout}_m{rows}_k{k}_n{n}" + (f"_s{stride}_o{offset}" if stride else "")
+        key = ("prefill_dense", layout, rows, k, n, block, stride, offset, weight_rows)
+        symbol = (f"actsparse_prefill_{layout}_m{rows}_k{k}_n{n}" + (f"_s{stride}_o{offset}" if stride else "")
+                  + (f"_of{weight_rows}" if weight_rows != k else ""))
         func = add(bb, key, symbol, lambda: dense_matmul(rows, k, n, lanes=block // 2, layout=layout,
                                                          row_stride=stride or None, offset=offset,
-                                                         schedule=target.row_schedule))
+                                                         schedule=target.row_schedule, weight_rows=weight_rows))
         if layout == COLUMNS and stride:
             w = bb.emit(relax.op.reshape(w, (int(np.prod([int(s) for s in w.ty.shape])),)))
         return relax.call_tir(func, [x2, w], relax.TensorType((rows, n), "float32"))

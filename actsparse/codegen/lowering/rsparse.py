@@ -73,7 +73,9 @@ def _fuse(model: ir.Model, node: ir.Node, operands: list[np.ndarray], lanes: int
               add_initializer(model, f"{name}.lowrank_in_panels", a_panels),
               add_initializer(model, f"{name}.weight_lowrank_out", wb)]
     attributes = {"k": ir.AttrInt64("k", k), "n": ir.AttrInt64("n", n), "rank": ir.AttrInt64("rank", rank),
-                  "lanes": ir.AttrInt64("lanes", lanes)}
+                  "lanes": ir.AttrInt64("lanes", lanes),
+                  # the linear the pass rewrote ("<linear>.rsparse"): a causal LM's prompt chunk binds to it
+                  "layer": ir.AttrString("layer", name.removesuffix(".rsparse"))}
     fused = ir.Node(LOWERING_DOMAIN, RANK_SPARSE_LINEAR, inputs, attributes=attributes,
                     name=unique_node_name(model, f"{name}.kernel"))
     _take_over(model, node, fused)

@@ -57,12 +57,13 @@ ROWS_AHEAD = 8  # rows of a row-major W prefetched ahead of the panel's current 
 
 def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: int | None = None,
                  layout: str = PACKED, row_stride: int | None = None, offset: int = 0,
-                 schedule: RowSchedule = X86_ROWS):
+                 schedule: RowSchedule = X86_ROWS, weight_rows: int | None = None):
     """y[m, n] = x[m, k] @ W[k, n] with W packed by ``pack_dense(w, block=2*lanes)``.
 
     Signature: ``(x: f32[m, k], wp: f32[ceil(n/block), k, block], y: f32[m, n])``. The prompt's
     multi-row kernels also read the weights other kernels were given, through strides:
-    ``layout=ROWS``: wp is W itself, f32[k, n] (the sparse kernels' row-major layout);
+    ``layout=ROWS``: wp is W itself, f32[k, n] (the sparse kernels' row-major layout), or the first
+    k of its ``weight_rows`` rows (R-Sparse's [W; B]);
     ``layout=COLUMNS``: wp is W^T, f32[n, k] (rows `row_stride` apart, from element `offset`:
     the gate rows of an interleaved [F, 2, D] buffer, then passed flat, f32[n * row_stride]).
     Both need n to be a multiple of the block.
@@ -80,7 +81,7 @@ def dense_matmul(m: int, k: int, n: int, lanes: int = DEFAULT_LANES, row_tile: i
         raise ValueError(f"rows of {k} from element {offset} do not fit a row stride of {stride}")
     w_shape, panel_strides = {
         PACKED: ((nb, k, block), (k * block, block, 1)),
-        ROWS: ((k, n), (block, n, 1)),
+        ROWS: ((weight_rows or k, n), (block, n, 1)),
         COLUMNS: (((n, k) if row_stride is None else (n * stride,)), (block * stride, 1, stride)),
     }[layout]
     mt = (m + rows - 1) // rows
