@@ -84,10 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", help="time a compiled artifact against onnxruntime on the same inputs")
+    p = sub.add_parser("bench", help="time a compiled artifact against onnxruntime on the same inputs "
+                                      "(a causal LM: tokens/s against torch, onnxruntime-genai, llama.cpp)")
     p.add_argument("artifact", help="artifact directory or .tar")
     _add_trust_arg(p)
-    p.add_argument("--against", default="onnxruntime", help="baselines: onnxruntime (default), none")
+    p.add_argument("--against", help="baselines: onnxruntime (default), none; with --generate: any of torch, "
+                                     "onnxruntime-genai[:fp32|int4], llama.cpp[:f32|f16|q8_0|q4_0] (default none)")
+    p.add_argument("--generate", action="store_true", help="time token generation (implied for a causal-LM artifact)")
+    p.add_argument("--model", help="with --generate: the Hugging Face folder the baselines read (default: the one "
+                                   "the artifact was compiled from)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="with --generate: prompt length (default 32)")
+    p.add_argument("--new-tokens", type=int, help="with --generate: tokens generated (default 64, or what the "
+                                                  "artifact's context leaves)")
+    p.add_argument("--rounds", type=int, default=3, help="with --generate: interleaved rounds (default 3)")
     p.add_argument("--onnx", help="ONNX model onnxruntime runs (default: the model the artifact was compiled from)")
     p.add_argument("--iters", type=int, default=50, help="runs per timing block (default 50)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON")
@@ -393,9 +402,15 @@ def cmd_bench(args) -> int:
         from actsparse.deploy.commands import bench_remote_command
 
         results = bench_remote_command(args)
+    elif args.generate or hasattr(model := load(args.artifact), "generate"):
+        from actsparse.benchmark.generate import bench_language_model, print_generation_bench
+
+        results = bench_language_model(load(args.artifact) if args.generate else model, args.against, args.model,
+                                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                       rounds=args.rounds, log=lambda line: print(line, file=sys.stderr, flush=True))
+        print_generation_bench(results, results["threads"])
     else:
-        model = load(args.artifact)
-        baselines = [b.strip() for b in args.against.split(",") if b.strip() and b.strip() != "none"]
+        baselines = [b.strip() for b in (args.against or "onnxruntime").split(",") if b.strip() and b.strip() != "none"]
         unknown = [b for b in baselines if b != "onnxruntime"]
         if unknown:
             raise ActsparseError(f"--against {','.join(unknown)}: only onnxruntime can run an ONNX file; "

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from actsparse.benchmark import generate as generation
+
 HERE = Path(__file__).resolve().parent
 SHAPE = dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_attention_heads=15,
              num_key_value_heads=5, tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5)
@@ -92,7 +94,7 @@ def _write_tokenizer(folder: Path) -> None:
 # long(context, new_tokens) -> decode seconds per token at that context (or None).
 
 
-class ActsparseEngine:
+class ActsparseEngine(generation.ArtifactEngine):
     def __init__(self, folder: Path, passes: str | None, work: Path, max_context: int, kv_cache: str = "float32"):
         from actsparse.lm.compile import compile_causal_lm
 
@@ -103,14 +105,9 @@ class ActsparseEngine:
                                           max_context=max_context, kv_cache=kv_cache)
         self.compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        self.lm = self.artifact.load()
+        super().__init__(self.artifact.load())
         self.load_seconds = time.perf_counter() - start
         self.bytes_per_token = _bytes_per_token(self.artifact, self.lm)
-
-    def run(self, prompt, new_tokens):
-        list(self.lm.generate(prompt, new_tokens, stop_tokens=[]))
-        stats = self.lm.stats
-        return stats.prompt_seconds, stats.decode_seconds, stats.decode_steps
 
     def long(self, context, new_tokens):
         self.lm.reset()
@@ -140,36 +137,16 @@ def _bytes_per_weight(artifact) -> float:
     return 1.0 if passes["quantize"].get("bits", 8) == 8 else 0.5
 
 
-class TorchEngine:
-    def __init__(self, model):
-        import torch
+class TorchEngine(generation.TorchEngine):
+    """transformers with its KV cache; its long-context decode runs a real prefill of that length."""
 
-        torch.set_num_threads(2)
-        self.model = model
+    def __init__(self, model):
+        super().__init__(model, threads=2)
         self.bytes_per_token = sum(p.numel() * 4 for n, p in model.named_parameters() if "embed" not in n) \
             + SHAPE["vocab_size"] * SHAPE["hidden_size"] * 4  # the tied lm_head reads the table once more
 
-    def _decode(self, prompt, new_tokens):
-        import torch
-
-        with torch.no_grad():
-            start = time.perf_counter()
-            out = self.model(torch.tensor([prompt]), use_cache=True)
-            token = int(out.logits[0, -1].argmax())
-            prompt_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            cache = out.past_key_values
-            for _ in range(new_tokens - 1):
-                out = self.model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                token = int(out.logits[0, -1].argmax())
-            return prompt_seconds, time.perf_counter() - start, new_tokens - 1
-
-    def run(self, prompt, new_tokens):
-        return self._decode(prompt, new_tokens)
-
     def long(self, context, new_tokens):
-        _, seconds, steps = self._decode(list(np.arange(context) % 1000 + 1), new_tokens)
+        _, seconds, steps = self.run(list(np.arange(context) % 1000 + 1), new_tokens)
         return seconds / steps
 
 
@@ -202,109 +179,23 @@ class OnnxruntimeEngine:
         return None  # the past grows through the graph: not this engine's comparison
 
 
-class OnnxruntimeGenaiEngine:
-    def __init__(self, folder: Path, work: Path, precision: str):
-        import onnxruntime_genai as og
-        import subprocess
-
-        out = work / f"ortgenai-{precision}"
-        if not (out / "genai_config.json").is_file():
-            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
-                            "-p", precision, "-e", "cpu"], check=True, capture_output=True)
-        self.og = og
-        self.model = og.Model(str(out))
-        self.bytes_per_token = None
-
-    def _generate(self, prompt, new_tokens):
-        og = self.og
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens,
-                                  do_sample=False)
-        generator = og.Generator(self.model, params)
-        start = time.perf_counter()
-        generator.append_tokens(np.array(prompt, np.int32))
-        generator.generate_next_token()
-        prompt_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        steps = 0
-        while not generator.is_done() and steps < new_tokens - 1:
-            generator.generate_next_token()
-            steps += 1
-        return prompt_seconds, time.perf_counter() - start, steps
-
-    def run(self, prompt, new_tokens):
-        return self._generate(prompt, new_tokens)
-
-    def long(self, context, new_tokens):
-        return None
-
-
-class LlamaCppEngine:
-    def __init__(self, gguf: Path):
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=2, n_batch=512, verbose=False,
-                         use_extra_bufts=False)
-        self.bytes_per_token = None
-
-    def run(self, prompt, new_tokens):
-        self.llm.reset()
-        start = time.perf_counter()
-        self.llm.eval(prompt)
-        prompt_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            token = self.llm.sample(temp=0.0)
-            self.llm.eval([token])
-        return prompt_seconds, time.perf_counter() - start, new_tokens - 1
-
-    def long(self, context, new_tokens):
-        return None
-
-
 def optional_engines(folder: Path, work: Path, wanted: set[str]) -> dict:
     engines, skipped = {}, {}
     for precision in ("fp32", "int4"):
         name = f"onnxruntime-genai {precision}"
         if name in wanted:
             try:
-                engines[name] = OnnxruntimeGenaiEngine(folder, work, precision)
+                engines[name] = generation.OnnxruntimeGenaiEngine(folder, work, precision)
             except Exception as exc:  # not installed, or its builder failed: say so in the results
                 skipped[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for kind in ("f32", "f16", "q8_0", "q4_0"):
         name = f"llama.cpp {kind}"
         if name in wanted:
             try:
-                engines[name] = LlamaCppEngine(_gguf(folder, work, kind))
+                engines[name] = generation.LlamaCppEngine(generation.gguf_file(folder, work, kind), threads=2)
             except Exception as exc:
                 skipped[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return engines, skipped
-
-
-def _gguf(folder: Path, work: Path, kind: str) -> Path:
-    import subprocess
-
-    converter = os.environ.get("CONVERT_HF_TO_GGUF")
-    if not converter or not Path(converter).is_file():
-        raise FileNotFoundError("set CONVERT_HF_TO_GGUF to llama.cpp's convert_hf_to_gguf.py (setup_generate_env.sh)")
-    out = work / f"model-{kind}.gguf"
-    if not out.is_file():
-        base = work / "model-f32.gguf" if kind in ("q8_0", "q4_0") else out
-        if not base.is_file():
-            gguf_py = Path(converter).parent / "gguf-py"  # the converter's own gguf package version
-            env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(gguf_py), os.environ.get("PYTHONPATH")]))}
-            done = subprocess.run([sys.executable, converter, str(folder), "--outfile", str(base),
-                                   "--outtype", "f32" if base != out else kind], capture_output=True, text=True, env=env)
-            if done.returncode:
-                raise RuntimeError(f"convert_hf_to_gguf failed: {done.stderr.strip().splitlines()[-1:]}")
-        if base != out:
-            import llama_cpp
-
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
-            if llama_cpp.llama_model_quantize(str(base).encode(), str(out).encode(), params) != 0:
-                raise RuntimeError(f"llama_model_quantize to {kind} failed")
-    return out
 
 
 # ------------------------------------------------------------------ main
@@ -361,7 +252,7 @@ def main(argv=None) -> dict:
     for round_ in range(args.rounds):
         for name, engine in engines.items():
             prompt_s, decode_s, steps = engine.run(prompt, args.new_tokens)
-            long_s = engine.long(args.long_context, min(32, args.new_tokens))
+            long_s = engine.long(args.long_context, min(32, args.new_tokens)) if hasattr(engine, "long") else None
             long_prompt_s = engine.run(long_prompt, 1)[0] if long_prompt else None
             samples[name].append({"decode_tps": steps / decode_s, "prompt_tps": len(prompt) / prompt_s,
                                   "long_tps": 1 / long_s if long_s else None,
