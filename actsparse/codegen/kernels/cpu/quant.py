@@ -830,10 +830,11 @@ def int8_vnni_rows_matmul(m: int, k: int, n: int, row_tile: int = VNNI_ROW_TILE,
     whole 64-column blocks; per block it first transposes bytes inside the dwords of every 4
     consecutive rows (shifts and masks on 16-lane int32 vectors, into a per-task scratch panel of
     K x 64 bytes that stays in L2), then walks the rows of x ``row_tile`` at a time over the
-    panel: per 4 input rows, 4 loads and 4 vpdpbusd per row of x, each 64 useful products (the
-    one-row kernel's vpdpbusd carry 16). The transposition is paid once per weight byte, not per
-    row of x. A software prefetch of W 8-32 rows ahead of the transposition gained nothing
-    measurable (0.6-1.2x of no prefetch, within the noise of a shared machine): none.
+    panel: per 4 input rows, 4 panel loads shared by the tile and 4 vpdpbusd per row of x, each
+    64 useful products (the one-row kernel's vpdpbusd carry 16). The transposition is paid once
+    per weight byte, not per row of x. Prefetching W 8, 16 or 32 rows ahead of the transposition
+    was no faster than none (medians 0.6-1.2x of none, a shared machine): none. ``chunks``:
+    parallel tasks (default: the compiling machine's hardware threads, at least ROW_CHUNKS).
     """
     width = panel_count(n, VNNI_BLOCK) * VNNI_BLOCK
     blocks = width // VNNI_BLOCK
