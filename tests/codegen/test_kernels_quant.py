@@ -277,6 +277,18 @@ def test_int8_vnni_rows_matches_numpy_and_the_one_row_kernel(kernels, m, k, n):
     assert np.abs(y - exact).max() <= 0.02 * np.abs(exact).max()  # the cost of rounding x to int8
 
 
+def test_prompt_chunks_of_vnni_int8_layers_take_the_multi_row_kernel():
+    """quant_kernel at m > 1 over the VNNI int8 weights: the multi-row kernel (x, u8 rows, scale, y),
+    only where every input counts (the chunk's mode nonzero); thresholds are for batch-1 steps."""
+    from actsparse.codegen.lowering.quant import quant_kernel
+
+    func = quant_kernel("int8", "nonzero", 32, 64, 70, 0, False, 16, int8_dot=True)
+    assert [(tuple(int(d) for d in p.shape), str(p.dtype)) for p in func.params] == [
+        ((32, 64), "float32"), ((64, 128), "uint8"), ((128,), "float32"), ((32, 70), "float32")]
+    with pytest.raises(ValueError, match="every input"):
+        quant_kernel("int8", "threshold", 32, 64, 70, 0, False, 16, int8_dot=True)
+
+
 def test_int8_sparse_vnni_packing_layout():
     """Inside a 64-column block, byte 4i + t of a row holds column 16t + i, offset by +128."""
     q = (np.arange(2 * 70) % 200 - 100).astype(np.int8).reshape(2, 70)
