@@ -254,6 +254,41 @@ def test_int8_sparse_vnni_listing_prefetch_leaves_results_alone(kernels, lines, 
     np.testing.assert_allclose(y, _int8_sparse_vnni_reference(x_ref.astype(np.float64), q, s), atol=ATOL, rtol=RTOL)
 
 
+VNNI_ROWS_SHAPES = [(1, 37, 45), (5, 300, 70), (7, 64, 64), (32, 131, 200), (4, 16, 130)]  # row tile 3
+
+
+@pytest.mark.parametrize("m,k,n", VNNI_ROWS_SHAPES)
+def test_int8_vnni_rows_matches_numpy_and_the_one_row_kernel(kernels, m, k, n):
+    """Every row as the one-row VNNI kernel computes it with every input active: x rounded to int8
+    per row, exact integer sums. A zero row gives zeros (s_x = 0)."""
+    if not quant.has_int8_dot_product(resolve_target("host")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    x, w = _case(m, k, n, m * k + n)
+    x[m // 2] = 0
+    q, s = quantize_per_channel(w)
+    packed = quant.pack_int8_sparse_vnni(q, s)
+    y = kernels(quant.int8_vnni_rows_matmul, m, k, n)(x, *packed)
+    expected = np.concatenate([_int8_sparse_vnni_reference(row[None].astype(np.float64), q, s) for row in x])
+    np.testing.assert_allclose(y, expected, atol=ATOL, rtol=RTOL)
+    assert not y[m // 2].any()
+    one_row = kernels(quant.int8_sparse_matmul_vnni, k, n, "nonzero")
+    np.testing.assert_array_equal(y, np.concatenate([one_row(row[None], *packed) for row in x]))
+    exact = dense_matmul_reference(x, q.astype(np.float32) * s)
+    assert np.abs(y - exact).max() <= 0.02 * np.abs(exact).max()  # the cost of rounding x to int8
+
+
+def test_prompt_chunks_of_vnni_int8_layers_take_the_multi_row_kernel():
+    """quant_kernel at m > 1 over the VNNI int8 weights: the multi-row kernel (x, u8 rows, scale, y),
+    only where every input counts (the chunk's mode nonzero); thresholds are for batch-1 steps."""
+    from actsparse.codegen.lowering.quant import quant_kernel
+
+    func = quant_kernel("int8", "nonzero", 32, 64, 70, 0, False, 16, int8_dot=True)
+    assert [(tuple(int(d) for d in p.shape), str(p.dtype)) for p in func.params] == [
+        ((32, 64), "float32"), ((64, 128), "uint8"), ((128,), "float32"), ((32, 70), "float32")]
+    with pytest.raises(ValueError, match="every input"):
+        quant_kernel("int8", "threshold", 32, 64, 70, 0, False, 16, int8_dot=True)
+
+
 def test_int8_sparse_vnni_packing_layout():
     """Inside a 64-column block, byte 4i + t of a row holds column 16t + i, offset by +128."""
     q = (np.arange(2 * 70) % 200 - 100).astype(np.int8).reshape(2, 70)

@@ -18,7 +18,7 @@ matching kernel in ``kernels/cpu/quant.py``.
 Numerics: the activation's QuantizeLinear/DequantizeLinear (a) and DynamicQuantizeLinear (b) are
 dropped: the float kernels compute float32 x times the dequantized int8 weights, where
 onnxruntime multiplies integers; the VNNI kernels (x86 with AVX-512 VNNI) round x to int8 per
-token (int8 sparse, batch 1) or per group (int4 dense) themselves, with scale max|x| / 127
+token (int8 sparse, batch 1; per row in prompt chunks) or per group (int4 dense) themselves, with scale max|x| / 127
 instead of the graph's calibrated one. Either way the results differ from onnxruntime's by the
 activation rounding (~1e-2 relative), which is the quantization error itself, not a kernel error.
 """
@@ -322,6 +322,10 @@ def quant_kernel(kind: str, mode: str, m: int, k: int, n: int, group: int, zero_
 
     if int8_dot and kind == "int4":
         return quant.int4_dense_matmul_vnni(m, k, n, group, zero_points=zero_points)
+    if int8_dot and m > 1:  # a prompt chunk over the one-row kernel's weights: every input counts
+        if mode not in ("dense", "nonzero"):
+            raise ValueError(f"the multi-row VNNI int8 kernel reads every input, not mode {mode!r}")
+        return quant.int8_vnni_rows_matmul(m, k, n)
     if int8_dot:
         return quant.int8_sparse_matmul_vnni(k, n, mode)
     if kind == "int8":
