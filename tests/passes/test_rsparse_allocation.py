@@ -104,7 +104,8 @@ def test_mutation_moves_bytes_and_stays_in_bounds():
 # ------------------------------------------------------------------ search
 
 def test_allocation_is_deterministic():
-    runs = [_rsparse(_swiglu(), _samples(), scope="ffn", sparsity=0.5, allocation="evolutionary") for _ in range(2)]
+    runs = [_rsparse(*_chain_model_and_samples(), scope="linears", sparsity=0.5, allocation="evolutionary")
+            for _ in range(2)]
     (model_a, report_a), (model_b, report_b) = runs
     assert [l["target"] for l in report_a["layers"]] == [l["target"] for l in report_b["layers"]]
     assert report_a["search"] == report_b["search"]
