@@ -165,6 +165,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default=None, help="where the exported ONNX file is cached")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="methods to run; rows of the others are kept from the results file")
+    parser.add_argument("--allocations", default="uniform,greedy,evolutionary",
+                        help="only these allocations (rows of the others are kept from the results file)")
+    parser.add_argument("--scopes", default=",".join(SCOPES), help="only these scopes (likewise)")
+    parser.add_argument("--sparsities", default=",".join(str(s) for s in SPARSITIES), help="only these (likewise)")
     args = parser.parse_args(argv)
 
     work = Path(args.work_dir or Path.home() / ".cache" / "actsparse")
@@ -182,7 +186,9 @@ def main(argv=None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    configs = configs_for(methods)
+    configs = [c for c in configs_for(methods)
+               if c[3] in args.allocations.split(",") and c[2] in args.scopes.split(",")
+               and c[1] in [float(v) for v in args.sparsities.split(",")]]
     if args.quick:
         configs = [("teal", 0.3, "all", "uniform"), ("teal", 0.5, "ffn", "uniform")]
     rows = []
@@ -197,7 +203,7 @@ def main(argv=None) -> int:
                     | ({"search": report["search"]} if "search" in report else {}))
         print(f"{method:5s} {allocate:7s} {SCOPES[scope]:17s} {sparsity:.0%}  cosine {cosine:.4f}  "
               f"({time.perf_counter() - start:.1f}s)", file=sys.stderr)
-    if not args.quick and set(methods) != set(METHODS) and RESULTS.exists():  # keep the other methods' rows
+    if not args.quick and RESULTS.exists():  # keep the rows of what did not run
         ran = {(r["method"], r["sparsity"], r["scope"], r["allocate"]) for r in rows}
         kept = [r for r in json.loads(RESULTS.read_text())["rows"]
                 if (r["method"], r["sparsity"], r["scope"], r["allocate"]) not in ran]
