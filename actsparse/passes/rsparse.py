@@ -23,6 +23,8 @@ dropped part's, and with the paper's SVD of W it has a closed form: with D = x w
 `basis=activation` (an actsparse extension, not the paper's) fits A and B to the dropped inputs
 themselves instead: the best rank-r fit of D W under a small ridge (see `activation_factors`).
 A linear whose rank comes out 0 gets a plain SparsifyWeighted (WINA's op) instead.
+`allocation=greedy|evolutionary` gives each linear its own sparsity at the same total bytes read,
+searched on the model's output (passes/rsparse_allocation.py); the default, uniform, does not.
 Approximate: the pipeline reports the cost.
 """
 

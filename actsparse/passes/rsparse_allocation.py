@@ -16,7 +16,7 @@ uniform on MiniLM: docs/rsparse.md.)
 evolutionary (the paper's search): a population of per-layer sparsity vectors, all on the budget
 (mutations move bytes between two linears; crossovers are convex blends, which stay on the
 budget), scored by the model-output error with every linear rewritten, on calibration samples;
-seeded with the uniform and the greedy allocation, so it never returns worse than both on the
+seeded with the uniform and the greedy allocation, so it never returns worse than either on the
 calibration samples.
 """
 
