@@ -2,7 +2,9 @@
 
 For TEAL and WINA at 30/50/70/90 % sparsity, on the down projections, the FFN inputs and
 all linears, and R-Sparse (`rsparse` pass, the paper's SVD basis and basis=activation) at 50/70 %
-on the FFN inputs and all linears (sparsity = fraction of those weight bytes not read), this optimizes the ONNX model with actsparse, runs the result in onnxruntime
+on the FFN inputs and all linears (sparsity = fraction of those weight bytes not read), and with
+per-layer allocation at the same bytes (TEAL greedy; R-Sparse greedy and evolutionary), this
+optimizes the ONNX model with actsparse, runs the result in onnxruntime
 and prints the mean cosine of sentence embeddings (mean-pooled, normalized) to the dense
 model's, on a fixed sentence set that is disjoint from the calibration sentences.
 
@@ -88,10 +90,13 @@ SCOPES = {"down": "down projections", "ffn": "FFN", "all": "all linears"}
 LABELS = {"teal": "TEAL", "wina": "WINA", "rsparse": "R-Sparse", "rsparse-act": "R-Sparse, basis=activation"}
 
 
+ALLOCATED = {"teal": ("greedy",), "wina": ("greedy",), "rsparse": ("greedy", "evolutionary")}  # rows at 50/70 %, FFN and all linears
+
+
 def pass_spec(method: str, sparsity: float, scope: str, allocate: str) -> tuple[str, dict]:
     if method.startswith("rsparse"):
         basis = "activation" if method == "rsparse-act" else "weight"
-        return "rsparse", {"sparsity": sparsity, "scope": scope, "basis": basis}
+        return "rsparse", {"sparsity": sparsity, "scope": scope, "basis": basis, "allocation": allocate}
     return "sparsify", {"method": method, "sparsity": sparsity, "scope": scope, "allocate": allocate}
 
 
@@ -102,7 +107,7 @@ def configs_for(methods) -> list[tuple[str, float, str, str]]:
             configs += [(m, s, scope, "uniform") for scope in ("ffn", "all") for s in RSPARSE_SPARSITIES]
         else:
             configs += [(m, s, scope, "uniform") for scope in SCOPES for s in SPARSITIES]
-            configs.append((m, 0.5, "all", "greedy"))
+        configs += [(m, s, scope, a) for a in ALLOCATED.get(m, ()) for scope in ("ffn", "all") for s in RSPARSE_SPARSITIES]
     return configs
 
 
@@ -160,6 +165,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default=None, help="where the exported ONNX file is cached")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="methods to run; rows of the others are kept from the results file")
+    parser.add_argument("--allocations", default="uniform,greedy,evolutionary",
+                        help="only these allocations (rows of the others are kept from the results file)")
+    parser.add_argument("--scopes", default=",".join(SCOPES), help="only these scopes (likewise)")
+    parser.add_argument("--sparsities", default=",".join(str(s) for s in SPARSITIES), help="only these (likewise)")
     args = parser.parse_args(argv)
 
     work = Path(args.work_dir or Path.home() / ".cache" / "actsparse")
@@ -177,7 +186,9 @@ def main(argv=None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    configs = configs_for(methods)
+    configs = [c for c in configs_for(methods)
+               if c[3] in args.allocations.split(",") and c[2] in args.scopes.split(",")
+               and c[1] in [float(v) for v in args.sparsities.split(",")]]
     if args.quick:
         configs = [("teal", 0.3, "all", "uniform"), ("teal", 0.5, "ffn", "uniform")]
     rows = []
@@ -188,10 +199,11 @@ def main(argv=None) -> int:
         cosine = float(np.mean(np.sum(embed(result.model, evaluation) * reference, axis=1)))
         report = result.records[0].report
         rows.append({"method": method, "sparsity": sparsity, "scope": scope, "allocate": allocate,
-                     "cosine": round(cosine, 4), "skippable_weight_fraction": report["skippable_weight_fraction"]})
+                     "cosine": round(cosine, 4), "skippable_weight_fraction": report["skippable_weight_fraction"]}
+                    | ({"search": report["search"]} if "search" in report else {}))
         print(f"{method:5s} {allocate:7s} {SCOPES[scope]:17s} {sparsity:.0%}  cosine {cosine:.4f}  "
               f"({time.perf_counter() - start:.1f}s)", file=sys.stderr)
-    if not args.quick and set(methods) != set(METHODS) and RESULTS.exists():  # keep the other methods' rows
+    if not args.quick and RESULTS.exists():  # keep the rows of what did not run
         ran = {(r["method"], r["sparsity"], r["scope"], r["allocate"]) for r in rows}
         kept = [r for r in json.loads(RESULTS.read_text())["rows"]
                 if (r["method"], r["sparsity"], r["scope"], r["allocate"]) not in ran]
@@ -214,11 +226,20 @@ def markdown_table(rows: list[dict]) -> str:
             if cells:
                 lines.append(f"| {LABELS[method]} | {SCOPES[scope]} | "
                              + " | ".join(f"{cells[s]:.4f}" if s in cells else "" for s in sparsities) + " |")
-    greedy = [r for r in rows if r["allocate"] == "greedy"]
-    for r in greedy:
-        same = next((u for u in uniform if (u["method"], u["sparsity"], u["scope"]) == (r["method"], r["sparsity"], r["scope"])), None)
-        lines.append(f"\n{LABELS[r['method']]} {SCOPES[r['scope']]} {r['sparsity']:.0%}: greedy allocation cosine "
-                     f"{r['cosine']:.4f} vs uniform {same['cosine']:.4f}" if same else "")
+    allocated = [r for r in rows if r["allocate"] != "uniform" or r["method"] in ALLOCATED]
+    allocated = [r for r in allocated if r["sparsity"] in RSPARSE_SPARSITIES and r["scope"] in ("ffn", "all")]
+    if any(r["allocate"] != "uniform" for r in allocated):
+        lines += ["", "| method | allocation | scope | " + " | ".join(f"{s:.0%}" for s in RSPARSE_SPARSITIES) + " |",
+                  "|---|---|---|" + "---|" * len(RSPARSE_SPARSITIES)]
+        for scope in ("ffn", "all"):
+            for method in ALLOCATED:
+                for allocate in ("uniform", *ALLOCATED[method]):
+                    cells = {r["sparsity"]: r["cosine"] for r in allocated
+                             if (r["method"], r["scope"], r["allocate"]) == (method, scope, allocate)}
+                    if cells:
+                        lines.append(f"| {LABELS[method]} | {allocate} | {SCOPES[scope]} | "
+                                     + " | ".join(f"{cells[s]:.4f}" if s in cells else "" for s in RSPARSE_SPARSITIES)
+                                     + " |")
     return "\n".join(lines)
 
 

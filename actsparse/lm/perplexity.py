@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from actsparse.errors import ActsparseError
 
-METHODS = ("teal", "wina", "cats", "chess", "rsparse", "rsparse-act")
+METHODS = ("teal", "wina", "cats", "chess", "rsparse", "rsparse-act", "rsparse-greedy", "rsparse-evolutionary")
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BISECTION_STEPS = 3
 
@@ -48,6 +48,8 @@ def method_pass(method: str, sparsity: float) -> tuple[str, dict]:
         return "rsparse", {"scope": "ffn", "sparsity": sparsity}
     if method == "rsparse-act":
         return "rsparse", {"scope": "ffn", "sparsity": sparsity, "basis": "activation"}
+    if method in ("rsparse-greedy", "rsparse-evolutionary"):  # per-linear sparsity at the same bytes
+        return "rsparse", {"scope": "ffn", "sparsity": sparsity, "allocation": method.split("-")[1]}
     raise ActsparseError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
 
 

@@ -23,6 +23,8 @@ dropped part's, and with the paper's SVD of W it has a closed form: with D = x w
 `basis=activation` (an actsparse extension, not the paper's) fits A and B to the dropped inputs
 themselves instead: the best rank-r fit of D W under a small ridge (see `activation_factors`).
 A linear whose rank comes out 0 gets a plain SparsifyWeighted (WINA's op) instead.
+`allocation=greedy|evolutionary` gives each linear its own sparsity at the same total bytes read,
+searched on the model's output (passes/rsparse_allocation.py); the default, uniform, does not.
 Approximate: the pipeline reports the cost.
 """
 
@@ -59,6 +61,8 @@ class RSparseOptions:
         scope: which linear inputs: "down", "ffn" (default), "attention", "all" or "linears".
         basis: the low-rank factors: "weight" (default: SVD of W) or "activation" (fitted to
             the dropped inputs).
+        allocation: per-linear sparsity at the same total bytes read: "uniform" (default: every
+            linear at `sparsity`), "greedy" or "evolutionary" (passes/rsparse_allocation.py).
     """
     sparsity: float = option(0.5, "fraction of each linear's weight bytes not read per token (0..1)")
     sparse_ratio: float | None = option(None, "share of the read budget spent on whole rows of kept channels "
@@ -67,12 +71,18 @@ class RSparseOptions:
         "ffn", "down: FFN down inputs; ffn: FFN inputs; attention: q/k/v/o; all: ffn+attention; linears: every linear")
     basis: Literal["weight", "activation"] = option(
         "weight", "low-rank factors: weight = SVD of W (the paper); activation = fitted to the dropped inputs")
+    allocation: Literal["uniform", "greedy", "evolutionary"] = option(
+        "uniform", "per-linear sparsity at the same bytes read: uniform, greedy (closed-form errors x measured "
+                   "sensitivity) or evolutionary (model-output error on calibration samples)")
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ActsparseError(f"pass 'rsparse': sparsity must be in [0, 1), got {self.sparsity}")
         if self.sparse_ratio is not None and not 0.0 <= self.sparse_ratio <= 1.0:
             raise ActsparseError(f"pass 'rsparse': sparse_ratio must be in [0, 1] or none, got {self.sparse_ratio}")
+        if self.allocation != "uniform" and (self.sparse_ratio is not None or self.basis != "weight"):
+            raise ActsparseError(f"pass 'rsparse': allocation={self.allocation} searches the split itself from W's "
+                                 "SVD: it needs sparse_ratio=none and basis=weight")
 
 
 @dataclass
@@ -105,20 +115,43 @@ class RSparsePass(ActsparsePass):
         values = collect_values(model, inputs, samples)
         masks = token_masks(samples)
         all_linear_bytes = sum(l.in_features * l.out_features * 4 for l in find_linears(model)) or 1
-        layers = []
-        for linear in linears:
-            if self.options.sparsity == 0:  # nothing to skip: the linear stays dense
-                layers.append(_layer_report(linear, 0.0, Split(1.0, 0, -1.0, 1.0, 0.0)))
-                continue
-            rows = _calibration_rows(as_rows(values[linear.input.name], linear.in_features, masks))
-            weight = linear.weight_array("KN").astype(np.float64)
-            split = choose_split(rows, weight, self.options.sparsity, self.options.sparse_ratio, self.options.basis)
-            _rewrite(model, linear, weight, split)
-            layers.append(_layer_report(linear, self.options.sparsity, split))
+        layers, search = [], {}
+        if self.options.sparsity == 0:  # nothing to skip: the linears stay dense
+            layers = [_layer_report(l, 0.0, Split(1.0, 0, -1.0, 1.0, 0.0)) for l in linears]
+        elif self.options.allocation == "uniform":
+            for linear in linears:
+                rows = _calibration_rows(as_rows(values[linear.input.name], linear.in_features, masks))
+                weight = linear.weight_array("KN").astype(np.float64)
+                split = choose_split(rows, weight, self.options.sparsity, self.options.sparse_ratio, self.options.basis)
+                _rewrite(model, linear, weight, split)
+                layers.append(_layer_report(linear, self.options.sparsity, split))
+        else:
+            layers, search = self._allocated(model, linears, values, masks, samples)
         for cleanup in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
             model = cleanup(model).model
-        self.report = _summary(layers, all_linear_bytes) | {"layers": layers}
+        self.report = _summary(layers, all_linear_bytes) | {"allocation": self.options.allocation, "layers": layers}
+        if search:
+            self.report["search"] = search
         return ir.passes.PassResult(model, modified=self.options.sparsity > 0)
+
+    def _allocated(self, model, linears, values, masks, samples) -> tuple[list[dict], dict]:
+        """Per-linear sparsity at the uniform budget, searched over the closed-form error curves."""
+        from actsparse.passes.rsparse_allocation import allocate, linear_curve  # it imports this module
+
+        names = [l.name for l in linears]
+        if len(set(names)) != len(names):
+            raise ActsparseError("pass 'rsparse': allocation needs distinct linear names")
+        weights = {l.name: l.weight_array("KN").astype(np.float64) for l in linears}
+        curves = [linear_curve(l.name, _calibration_rows(as_rows(values[l.input.name], l.in_features, masks)),
+                               weights[l.name]) for l in linears]
+        targets, search = allocate(model, self.options.scope, curves, self.options.sparsity,
+                                   self.options.allocation, samples)
+        layers = []
+        for linear, curve in zip(linears, curves):
+            split = curve.split(targets[linear.name])
+            _rewrite(model, linear, weights[linear.name], split)
+            layers.append(_layer_report(linear, targets[linear.name], split))
+        return layers, search
 
 
 def linears_in_scope(model: ir.Model, scope: str) -> list[Linear]:
@@ -206,19 +239,31 @@ def _rewrite(model: ir.Model, linear: Linear, weight_kn: np.ndarray, split: Spli
     w_dtype = ir.convenience.get_const_tensor(linear.weight).dtype.numpy()
     base = linear.name or "linear"
     threshold = add_initializer(model, f"{base}.rsparse_threshold", np.array(split.threshold, dtype=x_dtype))
-    scale = add_initializer(model, f"{base}.rsparse_scale", channel_scale(weight_kn).astype(x_dtype))
     if split.rank == 0:  # all of the budget on rows: a plain weighted threshold (WINA's op)
+        scale = add_initializer(model, f"{base}.rsparse_scale", channel_scale(weight_kn).astype(x_dtype))
         sparse = insert_sparsify(model, x, threshold, scale, name=f"{base}.rsparse")
         linear.node.replace_input_with(0, sparse)
         return
+    a = add_initializer(model, f"{base}.rsparse_lowrank_in", split.lowrank_in.astype(w_dtype))
+    b = add_initializer(model, f"{base}.rsparse_lowrank_out", split.lowrank_out.astype(w_dtype))
+    insert_rank_sparse(model, linear, threshold, a, b, weight_kn)
+
+
+def insert_rank_sparse(model: ir.Model, linear: Linear, threshold: ir.Value, a: ir.Value, b: ir.Value,
+                       weight_kn: np.ndarray | None = None) -> None:
+    """Replace `linear` by RankSparseMatMul(x, threshold, ‖W[k, :]‖, W, a, b) (+ its bias)."""
+    x = linear.node.inputs[0]
+    x_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
+    w_dtype = ir.convenience.get_const_tensor(linear.weight).dtype.numpy()
+    base = linear.name or "linear"
+    weight_kn = linear.weight_array("KN").astype(np.float64) if weight_kn is None else weight_kn
+    scale = add_initializer(model, f"{base}.rsparse_scale", channel_scale(weight_kn).astype(x_dtype))
     ensure_function(model, RANK_SPARSE_MATMUL)
-    a, b = split.lowrank_in, split.lowrank_out
     if linear.node.op_type == "MatMul" and linear.weight_layout == "KN" and not linear.weight_nodes:
         weight = linear.weight  # the model's own tensor: no copy
     else:
         weight = add_initializer(model, f"{base}.weight_kn", weight_kn.astype(w_dtype))
-    inputs = [x, threshold, scale, weight, add_initializer(model, f"{base}.rsparse_lowrank_in", a.astype(w_dtype)),
-              add_initializer(model, f"{base}.rsparse_lowrank_out", b.astype(w_dtype))]
+    inputs = [x, threshold, scale, weight, a, b]
     node = ir.Node(DOMAIN, RANK_SPARSE_MATMUL, inputs, name=unique_node_name(model, f"{base}.rsparse"))
     product = linear.node.outputs[0]
     result = node.outputs[0]
