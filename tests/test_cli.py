@@ -357,7 +357,7 @@ def test_bench_times_the_artifact_against_onnxruntime(work):
     assert rows["onnxruntime"]["speedup_vs_onnxruntime"] == 1.0
     # the median over blocks of onnxruntime's block time / actsparse's block time
     block_ratios = np.array(rows["onnxruntime"]["block_ms"]) / np.array(rows["actsparse"]["block_ms"])
-    assert rows["actsparse"]["speedup_vs_onnxruntime"] == pytest.approx(np.median(block_ratios), rel=1e-2)
+    assert rows["actsparse"]["speedup_vs_onnxruntime"] == pytest.approx(np.median(block_ratios), rel=1e-2, abs=5e-4)  # the report rounds to 3 decimals
     assert rows["actsparse"]["ms"] == pytest.approx(min(rows["actsparse"]["block_ms"]), abs=1e-3)
     assert all(row["weight_gbs"] > 0 for row in rows.values()) and report["copy_bandwidth_gbs"] > 0
     assert "speed vs ORT" in result.out
