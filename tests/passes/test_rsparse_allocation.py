@@ -10,28 +10,22 @@ from onnx import TensorProto, helper, numpy_helper
 import actsparse.passes  # noqa: F401  before calibrate.stats (circular import otherwise)
 from actsparse.errors import ActsparseError
 from actsparse.ir.custom_ops import DOMAIN, RANK_SPARSE_MATMUL, SPARSIFY_WEIGHTED
-from actsparse.passes import PassContext, make_pass
+from actsparse.passes import make_pass
 from actsparse.passes.rsparse import choose_split
 from actsparse.passes.rsparse_allocation import KEPT_FRACTIONS, MAX_SPARSITY, PROBE_SAMPLES, linear_curve, mutate
 from actsparse.passes.verify import check_model, run_onnxruntime
-from tests.models import swiglu_stack
 
-D = 64  # swiglu_stack's hidden size
-TOKENS = 4
+from tests.passes.test_rsparse import D, TOKENS, _samples  # noqa: E402,F401 (same model and calibration)
+from tests.passes.test_rsparse import _rsparse as _rsparse_with_modified  # noqa: E402
+from tests.passes.test_rsparse import _swiglu as _swiglu_stack  # noqa: E402
 
 
 def _swiglu(layers: int = 2) -> ir.Model:
-    return ir.serde.deserialize_model(swiglu_stack(layers=layers, tokens=TOKENS))
-
-
-def _samples(count: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((TOKENS, D)).astype(np.float32)} for _ in range(count)]
+    return _swiglu_stack(layers)
 
 
 def _rsparse(model: ir.Model, samples, **options):
-    pass_ = make_pass("rsparse", options, PassContext(calibration=samples))
-    return pass_(model).model, pass_.report
+    return _rsparse_with_modified(model, samples, **options)[:2]
 
 
 def _low_rank(rng, k: int, n: int, rank: int) -> np.ndarray:
