@@ -834,7 +834,9 @@ def int8_vnni_rows_matmul(m: int, k: int, n: int, row_tile: int = VNNI_ROW_TILE,
     64 useful products (the one-row kernel's vpdpbusd carry 16). The transposition is paid once
     per weight byte, not per row of x. Prefetching W 8, 16 or 32 rows ahead of the transposition
     was no faster than none (medians 0.6-1.2x of none, a shared machine): none. ``chunks``:
-    parallel tasks (default: the compiling machine's hardware threads, at least ROW_CHUNKS).
+    parallel tasks (default: the compiling machine's hardware threads, at least ROW_CHUNKS). The
+    rows of x are rounded in parallel too: at M=32, out of cache, interleaved, the chunk took
+    1/1.16 and 1/1.04 of the time a serial rounding loop took (K=2816 N=1024 / K=1024 N=2816).
     """
     width = panel_count(n, VNNI_BLOCK) * VNNI_BLOCK
     blocks = width // VNNI_BLOCK
@@ -853,7 +855,7 @@ def int8_vnni_rows_matmul(m: int, k: int, n: int, row_tile: int = VNNI_ROW_TILE,
     @T.macro
     def quantize_rows(x, xq, sx, qsum):
         """Per row of x: s_x = max|x| / 127, x_q = nearbyint(x / s_x) as int8, sum of x_q."""
-        for i in range(m):
+        for i in T.parallel(m):  # in parallel: see the docstring
             vmax = T.alloc_buffer((L,), "float32")
             vsum = T.alloc_buffer((L,), "int32")
             amax = T.alloc_buffer((1,), "float32")
