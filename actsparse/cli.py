@@ -398,17 +398,18 @@ def cmd_bench(args) -> int:
     from actsparse.atomic import write_json_atomic
     from actsparse.runtime import load
 
+    model = None if args.rpc else load(args.artifact)  # over RPC the board loads it
     if args.rpc:
         from actsparse.deploy.commands import bench_remote_command
 
         results = bench_remote_command(args)
-    elif args.generate or hasattr(model := load(args.artifact), "generate"):
+    elif args.generate or hasattr(model, "generate"):
         from actsparse.benchmark.generate import bench_language_model, print_generation_bench
 
-        results = bench_language_model(load(args.artifact) if args.generate else model, args.against, args.model,
-                                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                                       rounds=args.rounds, log=lambda line: print(line, file=sys.stderr, flush=True))
-        print_generation_bench(results, results["threads"])
+        results = bench_language_model(model, args.against, args.model, prompt_tokens=args.prompt_tokens,
+                                       new_tokens=args.new_tokens, rounds=args.rounds,
+                                       log=lambda line: print(line, file=sys.stderr, flush=True))
+        print_generation_bench(results)
     else:
         baselines = [b.strip() for b in (args.against or "onnxruntime").split(",") if b.strip() and b.strip() != "none"]
         unknown = [b for b in baselines if b != "onnxruntime"]

@@ -225,12 +225,12 @@ def bench_generation(engines: dict, prompt: list[int], new_tokens: int, rounds: 
     return {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "rounds": rounds, "rows": rows}
 
 
-def print_generation_bench(results: dict, threads: int) -> None:
+def print_generation_bench(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table("engine", "prompt tok/s", "decode tok/s", "actsparse prompt speed-up", "actsparse decode speed-up",
-                  title=f"prompt {results['prompt_tokens']} tokens, {results['new_tokens']} new tokens, {threads} "
+                  title=f"prompt {results['prompt_tokens']} tokens, {results['new_tokens']} new tokens, {results['threads']} "
                         f"threads, median of {results['rounds']} interleaved rounds")
     for row in results["rows"]:
         speedups = [row.get(f"actsparse_{key}_speedup") for key in ("prompt", "decode")]

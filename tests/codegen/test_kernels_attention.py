@@ -21,18 +21,27 @@ def reference(q, keys, values, position, window):
     return np.einsum("hgt,htd->hgd", probs, values[:, start:position + 1])
 
 
+def compiled(func):
+    """The PrimFunc built for this machine."""
+    return tvm.compile(tvm.IRModule({"f": func.with_attr("global_symbol", "f")}), resolve_target("host"))["f"]
+
+
+def stale_caches(kv: int, d: int, capacity: int):
+    """Key cache [kv, d, capacity] and value cache [kv, capacity, d] full of garbage (a previous,
+    longer sequence): only what the kernel writes may be read."""
+    return (tvm.runtime.tensor(np.full((kv, d, capacity), 1e30, np.float32)),
+            tvm.runtime.tensor(np.full((kv, capacity, d), 1e30, np.float32)))
+
+
 @pytest.mark.parametrize("kv,group,d,window", [(2, 3, 16, 0), (1, 4, 32, 0), (3, 1, 8, 5)])
 def test_decode_attention_matches_numpy(kv, group, d, window):
     capacity = cache_capacity(40)
     assert capacity == 48
-    func = decode_attention(kv, group, d, capacity, window=window).with_attr("global_symbol", "attention")
-    kernel = tvm.compile(tvm.IRModule({"attention": func}), resolve_target("host"))["attention"]
+    kernel = compiled(decode_attention(kv, group, d, capacity, window=window))
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
     values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
-    # the buffers start with garbage (a previous, longer sequence): only 0..position may be read
-    cache_k = tvm.runtime.tensor(np.full((kv, d, capacity), 1e30, np.float32))
-    cache_v = tvm.runtime.tensor(np.full((kv, capacity, d), 1e30, np.float32))
+    cache_k, cache_v = stale_caches(kv, d, capacity)  # only 0..position may be read
     for position in range(40):
         q = rng.standard_normal((kv, group, d)).astype(np.float32)
         out = tvm.runtime.tensor(np.zeros((kv, group, d), np.float32))
@@ -56,13 +65,11 @@ def test_prefill_attention_matches_numpy_row_by_row(kv, group, d, window, rows):
     from actsparse.codegen.kernels.cpu.attention import prefill_attention
 
     capacity = cache_capacity(20)  # 32
-    func = prefill_attention(kv, group, d, capacity, rows, window=window).with_attr("global_symbol", "prefill")
-    kernel = tvm.compile(tvm.IRModule({"prefill": func}), resolve_target("host"))["prefill"]
+    kernel = compiled(prefill_attention(kv, group, d, capacity, rows, window=window))
     rng = np.random.default_rng(1)
     keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
     values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
-    cache_k = tvm.runtime.tensor(np.full((kv, d, capacity), 1e30, np.float32))
-    cache_v = tvm.runtime.tensor(np.full((kv, capacity, d), 1e30, np.float32))
+    cache_k, cache_v = stale_caches(kv, d, capacity)
     for first in range(0, capacity, rows):  # the last chunk runs past the capacity
         q = rng.standard_normal((rows, kv * group, d)).astype(np.float32)
         k = np.zeros((rows, kv, d), np.float32)
@@ -91,7 +98,7 @@ def test_float16_cache_rounds_on_write_and_computes_in_float32(rows):
         func = decode_attention(kv, group, d, capacity, cache_dtype="float16")
     else:
         func = prefill_attention(kv, group, d, capacity, rows, cache_dtype="float16")
-    kernel = tvm.compile(tvm.IRModule({"f": func.with_attr("global_symbol", "f")}), resolve_target("host"))["f"]
+    kernel = compiled(func)
     rng = np.random.default_rng(5)
     keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
     values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
