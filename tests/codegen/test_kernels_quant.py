@@ -324,6 +324,9 @@ LOWERING_CASES = {
     "int4": ("quantize{bits=4,group=32,accuracy_level=0}", ["int4_dense"] * 6, 1e-4),
     "int4_teal_asym": ("sparsify{method=teal,sparsity=0.5,scope=ffn},"
                        "quantize{bits=4,group=32,symmetric=false,accuracy_level=0}", ["int4_sparse_threshold"] * 6, 1e-4),
+    # on AVX-512 VNNI hosts with accuracy_level 4 (x rounded to int8 per group, as ORT does)
+    "int4_teal_vnni": ("sparsify{method=teal,sparsity=0.5,scope=ffn},quantize{bits=4,group=32}",
+                       ["int4_sparse_threshold_vnni"] * 6, 0.05),
     "int4_relu": ("relufy,quantize{bits=4,group=32,accuracy_level=0}",
                   ["int4_dense", "int4_dense", "int4_sparse_nonzero"] * 2, 1e-4),
 }
@@ -347,6 +350,101 @@ def _with_converters(target):
             onnx_frontend._get_convert_map = original
 
     return patched()
+
+
+def _int4_sparse_vnni_reference(x_active, codes, scales, zeros, group, k):
+    """What int4_sparse_matmul_vnni computes: the dense VNNI kernel's arithmetic over the active
+    inputs (x rounded to int8 per group with the group's max over active inputs)."""
+    return _int4_vnni_reference(x_active, codes, scales, zeros, group, k)
+
+
+INT4_VNNI_SPARSE_CASES = [("threshold", 37, 45, 32), ("threshold", 300, 70, 64), ("nonzero", 256, 130, 128),
+                          ("scaled", 70, 33, 32), ("threshold", 131, 200, 32)]
+
+
+@pytest.mark.parametrize("mode,k,n,group", INT4_VNNI_SPARSE_CASES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_sparse_vnni_matches_numpy(kernels, mode, k, n, group, sparsity, symmetric):
+    if not quant.has_int8_dot_product(resolve_target("host")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    rng = np.random.default_rng(k + n + group)
+    x, w = _case(1, k, n, k * n)
+    x, extra, x_ref = _mode_inputs(mode, x, sparsity, rng)
+    codes, scales, zeros = quantize_blockwise(w, 4, group, symmetric)
+    packed = quant.pack_int4_sparse_vnni(codes, scales, None if symmetric else zeros, k=k)
+    y = kernels(quant.int4_sparse_matmul_vnni, k, n, group, mode, zero_points=not symmetric)(x, *extra, *packed)
+    np.testing.assert_allclose(y, _int4_sparse_vnni_reference(x_ref, codes, scales, zeros, group, k),
+                               atol=ATOL, rtol=RTOL)
+    exact = dense_matmul_reference(x_ref, dequantize_blockwise(codes, scales, zeros, group, k))
+    assert np.abs(y - exact).max() <= 0.02 * max(np.abs(exact).max(), 1e-6)  # the cost of rounding x to int8
+    if sparsity >= 1 and mode != "nonzero":
+        assert not y.any()
+
+
+def test_int4_sparse_vnni_steps_never_straddle_groups(kernels):
+    """Few active channels in every group, 3 tasks over 5 groups, 8-row steps: each group's
+    partial step is padded and folded with its own scale."""
+    if not quant.has_int8_dot_product(resolve_target("host")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    k, n, group = 160, 40, 32
+    x, w = _case(1, k, n, 21)
+    x[:, ::3] = 0
+    codes, scales, zeros = quantize_blockwise(w, 4, group, False)
+    kernel = kernels(quant.int4_sparse_matmul_vnni, k, n, group, "nonzero", zero_points=True, chunks=3)
+    y = kernel(x, *quant.pack_int4_sparse_vnni(codes, scales, zeros, k=k))
+    np.testing.assert_allclose(y, _int4_vnni_reference(x, codes, scales, zeros, group, k), atol=ATOL, rtol=RTOL)
+
+
+INT4_VNNI_ROWS_SHAPES = [(1, 37, 45, 32), (5, 300, 70, 64), (7, 64, 64, 32), (32, 131, 200, 32), (4, 256, 130, 128)]
+
+
+@pytest.mark.parametrize("m,k,n,group", INT4_VNNI_ROWS_SHAPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_vnni_rows_matches_numpy_and_the_one_row_kernel(kernels, m, k, n, group, symmetric):
+    """Every row as the one-row int4 VNNI kernel computes it with every input active; a zero row
+    gives zeros."""
+    if not quant.has_int8_dot_product(resolve_target("host")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    x, w = _case(m, k, n, m * k + n)
+    x[m // 2] = 0
+    codes, scales, zeros = quantize_blockwise(w, 4, group, symmetric)
+    packed = quant.pack_int4_sparse_vnni(codes, scales, None if symmetric else zeros, k=k)
+    y = kernels(quant.int4_vnni_rows_matmul, m, k, n, group, zero_points=not symmetric)(x, *packed)
+    np.testing.assert_allclose(y, _int4_vnni_reference(x, codes, scales, zeros, group, k), atol=ATOL, rtol=RTOL)
+    assert not y[m // 2].any()
+    one_row = kernels(quant.int4_sparse_matmul_vnni, k, n, group, "nonzero", zero_points=not symmetric)
+    np.testing.assert_allclose(y, np.concatenate([one_row(row[None], *packed) for row in x]), atol=1e-5, rtol=1e-6)
+
+
+def test_prompt_chunks_of_vnni_int4_sparse_layers_take_the_multi_row_kernel():
+    """quant_kernel over the int4 sparse VNNI weights: one row -> the one-row kernel with the
+    threshold, m rows -> the multi-row kernel (x, codes, scales, y) in mode nonzero only."""
+    from actsparse.codegen.lowering.quant import quant_kernel
+
+    one = quant_kernel("int4", "threshold", 1, 64, 70, 32, False, 16, int8_dot=True)
+    assert [tuple(int(d) for d in p.shape) for p in one.params] == [(1, 64), (1,), (64, 64), (2, 128), (1, 70)]
+    rows = quant_kernel("int4", "nonzero", 32, 64, 70, 32, False, 16, int8_dot=True)
+    assert [(tuple(int(d) for d in p.shape), str(p.dtype)) for p in rows.params] == [
+        ((32, 64), "float32"), ((64, 64), "uint8"), ((2, 128), "float32"), ((32, 70), "float32")]
+    with pytest.raises(ValueError, match="every input"):
+        quant_kernel("int4", "threshold", 32, 64, 70, 32, False, 16, int8_dot=True)
+
+
+def test_int4_sparse_vnni_packing_layout():
+    """In a 128-column block, byte 4i + t of a row holds column 16t + i (low nibble) and column
+    64 + 16t + i (high nibble); padded columns hold the symmetric zero code 8."""
+    k, n, group = 3, 150, 32
+    codes = (np.arange(n * group) % 16).astype(np.uint8).reshape(n, group)
+    rows, scales = quant.pack_int4_sparse_vnni(codes, np.ones((n, 1), np.float32), k=k)
+    assert rows.shape == (k, 128) and scales.shape == (1, 256)
+    for col in range(256):
+        block, within = divmod(col, 128)
+        half, rest = divmod(within, 64)
+        t, i = divmod(rest, 16)
+        byte = rows[:, 64 * block + 4 * i + t]
+        code = (byte >> 4) if half else (byte & 15)
+        np.testing.assert_array_equal(code, codes[col, :k] if col < n else 8)
 
 
 def _float_activations(proto):

@@ -165,9 +165,10 @@ def test_quantized_chunks_run_the_int8_and_int4_kernels_at_32_rows(llama, tmp_pa
     for passes in ("quantize{mode=dynamic,bits=8}", "quantize{mode=weight_only,bits=4}"):
         plain[passes] = lm = build(passes)
         assert_chunk_equals_steps(lm)
-    # int4 + TEAL: the sparse kernels' K-major layout, read densely (mode nonzero, 8 rows a call).
-    # The int4 model's dense kernel may round x to int8 (VNNI): the two agree to that rounding,
-    # far closer than the TEAL model's sparse steps are to either.
+    # int4 + TEAL: the sparse kernels' K-major layout, read densely (on a VNNI CPU the one-row
+    # int4 VNNI kernel's rows, all 32 rows a call; elsewhere mode nonzero, 8 rows a call). Both
+    # chunks and the plain int4 model's dense kernel may round x to int8 per group (VNNI): they
+    # agree to that rounding, far closer than the TEAL model's sparse steps are to either.
     int4_teal = build(teal + "quantize{mode=weight_only,bits=4}")
     sparse_steps = stepped_logits(int4_teal, TOKENS[:40])[-1]
     int4_teal.reset()
@@ -196,6 +197,12 @@ def test_quantized_chunks_run_the_int8_and_int4_kernels_at_32_rows(llama, tmp_pa
     assert "int8_sparse_threshold_vnni" in kernels[nearly_dense] & kernels[teal + "quantize{mode=dynamic,bits=8}"]
     steps = stepped_logits(all_active, TOKENS[:40])[-1]
     assert np.abs(float_x_prompt - steps).max() > 1e-3
+    assert_chunk_equals_steps(all_active, tolerance=1e-4)
+    # int4 the same way: per-group rounding of x in steps (int4_sparse_matmul_vnni) and chunks
+    # (int4_vnni_rows_matmul) over one copy of the codes
+    nearly_dense_int4 = "sparsify{method=teal,sparsity=0.000001},quantize{mode=weight_only,bits=4}"
+    all_active = build(nearly_dense_int4)
+    assert "int4_sparse_threshold_vnni" in kernels[nearly_dense_int4] & kernels[teal + "quantize{mode=weight_only,bits=4}"]
     assert_chunk_equals_steps(all_active, tolerance=1e-4)
 
 

@@ -13,7 +13,8 @@ that kernel packed them:
     MatMul(x, W) left to TVM                       =>  PrefillLinear(x, W)    layout generic
     ActsparseQuantLinear(x, [t, s,] Wq, scales..)  =>  PrefillLinear(x, Wq, scales..) layout quant:
         the same int8/int4 kernel at M rows (the sparse-layout ones in mode nonzero, 8 rows a call);
-        the one-row VNNI int8 kernel's u8 rows => int8_vnni_rows_matmul, all M rows in one call
+        the one-row VNNI kernels' rows => int8_vnni_rows_matmul / int4_vnni_rows_matmul, all M rows
+        in one call
     ActsparseFusedFFN(x, ...) over gate, up, down  =>  gate/up GEMM(s) on the fused weights,
         ffn_dense:        one GEMM over the [gate L | up L] panels, split per panel
         ffn_input_sparse: one GEMM over [Wg | Wu] (kn), split in halves
@@ -23,10 +24,10 @@ that kernel packed them:
 
 The prompt runs dense: thresholds and predictors are for the decode step's batch-1 kernels
 (a chunk of 32 tokens activates nearly every channel), so the chunk computes what the model
-with the passes' weights computes. int8 + a sparsifier on AVX-512 VNNI CPUs (the one-row VNNI
-kernel in the decode step) keeps that kernel's arithmetic in the chunk: x rounded to int8 per row
-(per token, as each decode step rounds it), integer dot products over the same u8 rows; the other
-quantized chunks multiply float x by the codes. A model relufied outside a fused FFN gets no
+with the passes' weights computes. int8 or int4 + a sparsifier on AVX-512 VNNI CPUs (a one-row
+VNNI kernel in the decode step) keeps that kernel's arithmetic in the chunk: x rounded to int8 per
+row (int8: per token, as each decode step rounds it; int4: per row and group), integer dot
+products over the same rows; the other quantized chunks multiply float x by the codes. A model relufied outside a fused FFN gets no
 prefill (`bind_prefill` says why) and its prompt runs through the decode step token by token.
 """
 
@@ -276,14 +277,15 @@ def prefill_converters(target: TargetInfo) -> dict:
     def quant(bb, inputs, attrs):
         """The decode step's int8/int4 kernel at M rows; sparse layouts in mode nonzero (every
         nonzero input counts: the dense product), at most MAX_SPARSE_ROWS rows a call, except the
-        VNNI int8 rows (int8_vnni_rows_matmul), which take every row in one call."""
+        VNNI kernels' rows (int8_vnni_rows_matmul, int4_vnni_rows_matmul), which take every row in
+        one call."""
         from actsparse.codegen.lowering.quant import MAX_SPARSE_ROWS, quant_kernel
 
         kind, mode = attr_text(attrs["kind"]), attr_text(attrs["mode"])
         rows, k, n, group = int(attrs["rows"]), int(attrs["k"]), int(attrs["n"]), int(attrs["group"])
         zero_points, kernel_lanes_, int8_dot = bool(attrs["zero_points"]), int(attrs["lanes"]), bool(attrs["int8_dot"])
         mode = "dense" if mode == "dense" else "nonzero"
-        step = rows if mode == "dense" or (int8_dot and kind == "int8") else MAX_SPARSE_ROWS
+        step = rows if mode == "dense" or int8_dot else MAX_SPARSE_ROWS
         x = bb.emit(relax.op.reshape(inputs[0], (rows, k)))
         parts = []
         for start in range(0, rows, step):

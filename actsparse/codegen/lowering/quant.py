@@ -18,8 +18,9 @@ matching kernel in ``kernels/cpu/quant.py``.
 Numerics: the activation's QuantizeLinear/DequantizeLinear (a) and DynamicQuantizeLinear (b) are
 dropped: the float kernels compute float32 x times the dequantized int8 weights, where
 onnxruntime multiplies integers; the VNNI kernels (x86 with AVX-512 VNNI) round x to int8 per
-token (int8 sparse, batch 1; per row in prompt chunks) or per group (int4 dense) themselves, with scale max|x| / 127
-instead of the graph's calibrated one. Either way the results differ from onnxruntime's by the
+token (int8 sparse, batch 1; per row in prompt chunks) or per group (int4 dense, and int4 sparse at
+batch 1 and per row in prompt chunks) themselves, with scale max|x| / 127 instead of the graph's
+calibrated one. Either way the results differ from onnxruntime's by the
 activation rounding (~1e-2 relative), which is the quantization error itself, not a kernel error.
 """
 
@@ -57,8 +58,9 @@ class QuantLinear:
 def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: bool = False) -> list[dict]:
     """Rewrite every matched quantized linear into an ActsparseQuantLinear node, in place.
     ``int8_dot``: the target has AVX-512 VNNI; where the graph rounds the activations to 8 bits
-    anyway, dense int4 layers (MatMulNBits accuracy_level=4) take ``int4_dense_matmul_vnni`` and
-    batch-1 sparse-input int8 layers (activation QDQ or dynamic) ``int8_sparse_matmul_vnni``.
+    anyway, int4 layers (MatMulNBits accuracy_level=4) take ``int4_dense_matmul_vnni`` (dense) or,
+    at batch 1, ``int4_sparse_matmul_vnni`` (sparse input), and batch-1 sparse-input int8 layers
+    (activation QDQ or dynamic) ``int8_sparse_matmul_vnni``.
 
     Returns one plan entry per rewritten layer ({"name", "kernel", "shape"}), in the form of
     ``select.KernelPlan.layers``. Nodes left without users are removed.
@@ -262,8 +264,8 @@ def _uses_int8_dot(match: QuantLinear, mode: str, int8_dot: bool) -> bool:
     """Whether the VNNI kernel (x rounded to int8 in the kernel) takes this layer."""
     if not (int8_dot and match.int8_activations):
         return False
-    if match.kind == "int4":
-        return mode == "dense" and match.group % 32 == 0
+    if match.kind == "int4":  # dense at any row count; sparse at batch 1 (prompt chunks: the rows kernel)
+        return match.group % 32 == 0 and (mode == "dense" or _rows(match.x) == 1)
     return mode != "dense" and _rows(match.x) == 1
 
 
@@ -277,6 +279,8 @@ def _packed_weights(match: QuantLinear, sparse: bool, lanes: int, vnni: bool = F
         pack = quant.pack_int8_sparse if sparse else quant.pack_int8_dense
         return list(pack(q, scale, lanes))
     codes, scales, zeros = match.weights
+    if vnni and sparse:
+        return list(quant.pack_int4_sparse_vnni(codes, scales, zeros, k=match.k))
     if vnni:
         return list(quant.pack_int4_dense_vnni(codes, scales, zeros, k=match.k, group=match.group))
     pack = quant.pack_int4_sparse if sparse else quant.pack_int4_dense
@@ -320,12 +324,16 @@ def quant_kernel(kind: str, mode: str, m: int, k: int, n: int, group: int, zero_
     """The PrimFunc an ActsparseQuantLinear node calls."""
     from actsparse.codegen.kernels.cpu import quant
 
-    if int8_dot and kind == "int4":
+    if int8_dot and kind == "int4" and mode == "dense":
         return quant.int4_dense_matmul_vnni(m, k, n, group, zero_points=zero_points)
     if int8_dot and m > 1:  # a prompt chunk over the one-row kernel's weights: every input counts
-        if mode not in ("dense", "nonzero"):
-            raise ValueError(f"the multi-row VNNI int8 kernel reads every input, not mode {mode!r}")
+        if mode != "nonzero":
+            raise ValueError(f"the multi-row VNNI kernels read every input, not mode {mode!r}")
+        if kind == "int4":
+            return quant.int4_vnni_rows_matmul(m, k, n, group, zero_points=zero_points)
         return quant.int8_vnni_rows_matmul(m, k, n)
+    if int8_dot and kind == "int4":
+        return quant.int4_sparse_matmul_vnni(k, n, group, mode, zero_points=zero_points)
     if int8_dot:
         return quant.int8_sparse_matmul_vnni(k, n, mode)
     if kind == "int8":

@@ -796,6 +796,199 @@ def int8_sparse_matmul_vnni(k: int, n: int, mode: str = "threshold", rows_per_st
     return without_params(int8_sparse_vnni_kernel, unused)
 
 
+# --------------------------------------------------------------- int4 sparse, AVX-512 VNNI
+
+VNNI_INT4_BLOCK = 2 * VNNI_BLOCK  # output columns per 64-byte load of int4 codes
+
+
+def pack_int4_sparse_vnni(codes, scales, zeros=None, *, k: int):
+    """Group-wise int4 -> (rows u8 [K, Np/2], scales f32 [G, Np][, zeros f32 [G, Np]]) for
+    ``int4_sparse_matmul_vnni``, Np = N rounded up to 128.
+
+    Row k stays contiguous (only active rows are read). In each block of 128 columns (64 bytes),
+    byte 4i + t holds column 16t + i in its low nibble and column 64 + 16t + i in its high
+    nibble: the low and the high nibbles of one load are each ``pack_int8_sparse_vnni``'s order
+    for 64 columns. Padded columns hold the zero point's code (they contribute exactly 0)."""
+    codes_kn, scales_gn, zeros_gn = _int4_operands(codes, scales, zeros, k, VNNI_INT4_BLOCK // 2)
+    width = codes_kn.shape[1]
+    halves = codes_kn.reshape(k, width // VNNI_INT4_BLOCK, 2, 4, VNNI_LANES)  # [k, b, half, t, i]
+    ordered = halves.transpose(0, 1, 2, 4, 3).reshape(k, width // VNNI_INT4_BLOCK, 2, VNNI_BLOCK)
+    rows = (ordered[:, :, 0] | (ordered[:, :, 1] << 4)).astype(np.uint8).reshape(k, width // 2)
+    out = [np.ascontiguousarray(rows), scales_gn]
+    if zeros_gn is not None:
+        out.append(zeros_gn)
+    return tuple(out)
+
+
+def int4_sparse_matmul_vnni(k: int, n: int, group: int, mode: str = "threshold", zero_points: bool = False,
+                            rows_per_step: int = X86_ROWS.rows_per_step, chunks: int | None = None,
+                            prefetch_steps: int = X86_ROWS.prefetch_steps):
+    """Batch-1 sparse-input y = x @ W for group-wise int4 W on x86 with AVX-512 VNNI, packed by
+    ``pack_int4_sparse_vnni``.
+
+    Signature: ``(x: f32[1, k], [threshold: f32[1]], [act_scale: f32[k]], wq: u8[k, Np/2],
+    scales: f32[G, Np], [zeros: f32[G, Np]], y: f32[1, n])``.
+    The active inputs are rounded to int8 per group (s_x,g = max |active x in g| / 127; with every
+    input active this is ``int4_dense_matmul_vnni``'s rounding), then each 64-byte load of an
+    active row is split into its low and high nibbles (an AND and a shift) and feeds eight
+    vpdpbusd whose s8 operand is that row's x_q in byte t of every dword: accumulator t gathers
+    columns 16t .. 16t + 15 of the block (the packing puts them there). Per group the int32 sums
+    become y += scale * s_x,g * (sum - zero * sum x_q). The float kernel (``int4_sparse_matmul``)
+    spends an unpack, two conversions and two FMAs per 32 weights instead.
+
+    Schedule (as ``int8_sparse_matmul_vnni``): each of ``chunks`` parallel tasks takes a range of
+    whole groups, lists and rounds its own active channels (each group's list padded to whole
+    steps of ``rows_per_step`` rows, so a step never straddles a group), walks the rows a step
+    at a time 64 bytes at a time into an int32 partial, prefetching ``prefetch_steps`` steps
+    ahead into L2, and folds the partial into its float partial y at the end of each group.
+    """
+    if group % (2 * VNNI_LANES):
+        raise ValueError(f"group must be a multiple of {2 * VNNI_LANES}, got {group}")
+    unused = _mode_unused(mode) | (set() if zero_points else {"zeros"})
+    R, L = rows_per_step, VNNI_LANES
+    G = group_count(k, group)
+    P = max(1, min(chunks or ROW_CHUNKS, G))
+    width = panel_count(n, VNNI_INT4_BLOCK) * VNNI_INT4_BLOCK
+    blocks, row_bytes = width // VNNI_INT4_BLOCK, width // 2
+    task_groups = -(-G // P)
+    max_steps = task_groups * -(-group // R)
+    capacity = max_steps * R
+    vectors = width // L
+    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+    sym_zero = T.float32(INT4_SYMMETRIC_ZERO)
+
+    @T.prim_func
+    def int4_sparse_vnni_kernel(
+        x: T.Buffer((1, k), "float32"),
+        threshold: T.Buffer((1,), "float32"),
+        act_scale: T.Buffer((k,), "float32"),
+        wq: T.Buffer((k, row_bytes), "uint8"),
+        scales: T.Buffer((G, width), "float32"),
+        zeros: T.Buffer((G, width), "float32"),
+        y: T.Buffer((1, n), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        sx = T.alloc_buffer((G,), "float32")
+        inv = T.alloc_buffer((G,), "float32")
+        for g in range(G):  # s_x,g = max |x| over the group's active channels (16 lanes at a time)
+            vmax = T.alloc_buffer((L,), "float32")
+            amax = T.alloc_buffer((1,), "float32")
+            for j in T.vectorized(L):
+                vmax[j] = T.float32(0)
+            for c0 in range(group // L):
+                base = T.bind(g * group + c0 * L)
+                if base + L <= k:
+                    for j in T.vectorized(L):
+                        vmax[j] = T.max(vmax[j], T.Select(active_expr(mode, x[0, base + j], threshold, act_scale,
+                                                                      base + j), T.abs(x[0, base + j]), T.float32(0)))
+                else:
+                    for j in range(L):
+                        if base + j < k:
+                            vmax[j] = T.max(vmax[j], T.Select(active_expr(mode, x[0, base + j], threshold, act_scale,
+                                                                          base + j), T.abs(x[0, base + j]),
+                                                              T.float32(0)))
+            amax[0] = T.float32(0)
+            for j in range(L):
+                amax[0] = T.max(amax[0], vmax[j])
+            sx[g] = amax[0] / T.float32(127)
+            inv[g] = T.Select(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+        idx = T.alloc_buffer((P, capacity), "int32")
+        xb = T.alloc_buffer((P, capacity * 4), "int32")  # x_q of list entry j in byte t of xb[4j + t]
+        step_group = T.alloc_buffer((P, max_steps), "int32")
+        group_qsum = T.alloc_buffer((P, task_groups), "int32")
+        part = T.alloc_buffer((P, width), "int32")
+        yf = T.alloc_buffer((P, width), "float32")
+        wflat = T.decl_buffer((k * row_bytes,), "uint8", data=wq.data)
+        for c in T.parallel(P):
+            g_lo = T.bind(c * G // P)
+            count = T.alloc_buffer((1,), "int32")
+            nsteps = T.alloc_buffer((1,), "int32")
+            qsum = T.alloc_buffer((1,), "int32")
+            count[0] = 0
+            nsteps[0] = 0
+            for g in range(g_lo, (c + 1) * G // P):
+                start = T.bind(count[0])
+                qsum[0] = 0
+                for kk in range(T.min(group, k - g * group)):  # branch-free: write, advance if active
+                    ch = T.bind(g * group + kk)
+                    active = T.bind(active_expr(mode, x[0, ch], threshold, act_scale, ch))
+                    q = T.bind(T.Select(active, T.Cast("int32", T.nearbyint(x[0, ch] * inv[g])), 0))
+                    idx[c, count[0]] = ch
+                    for t in T.unroll(4):
+                        xb[c, count[0] * 4 + t] = T.shift_left(T.bitwise_and(q, 255), 8 * t)
+                    qsum[0] = qsum[0] + q
+                    count[0] = count[0] + T.Select(active, 1, 0)
+                found = T.bind(count[0] - start)
+                padded = T.bind((found + R - 1) // R * R)
+                for p in range(padded - found):  # the group's last row again (in cache), x_q = 0
+                    idx[c, count[0] + p] = idx[c, count[0] - 1]
+                    for t in T.unroll(4):
+                        xb[c, (count[0] + p) * 4 + t] = 0
+                for st in range(padded // R):
+                    step_group[c, nsteps[0] + st] = g
+                group_qsum[c, g - g_lo] = qsum[0]
+                count[0] = start + padded
+                nsteps[0] = nsteps[0] + padded // R
+            for v in range(vectors):
+                part[c, T.ramp(v * L, 1, L)] = T.broadcast(T.int32(0), L)
+                yf[c, T.ramp(v * L, 1, L)] = T.broadcast(T.float32(0), L)
+            for s in range(nsteps[0]):
+                g = T.bind(step_group[c, s])
+                for b in range(blocks):
+                    acc = T.alloc_buffer((2, 8, L), "int32")
+                    for t in T.unroll(8):
+                        acc[0, t, T.ramp(0, 1, L)] = part[c, T.ramp(b * VNNI_INT4_BLOCK + t * L, 1, L)]
+                        acc[1, t, T.ramp(0, 1, L)] = T.broadcast(T.int32(0), L)
+                    if prefetch_steps > 0:  # the same 64 bytes of a later step's rows, into L2
+                        for r in T.unroll(R):
+                            ahead = T.bind(idx[c, T.min((s + prefetch_steps) * R + r, nsteps[0] * R - 1)])
+                            prefetch_l2(T.address_of(wflat[ahead * row_bytes + b * VNNI_BLOCK]))
+                    for r in T.unroll(R):
+                        j = T.bind(s * R + r)
+                        w64 = T.bind(wflat[T.ramp(idx[c, j] * row_bytes + b * VNNI_BLOCK, 1, VNNI_BLOCK)])
+                        lo = T.bind(T.bitwise_and(w64, T.broadcast(T.uint8(15), VNNI_BLOCK)))
+                        hi = T.bind(T.shift_right(w64, T.broadcast(T.uint8(4), VNNI_BLOCK)))
+                        for t in T.unroll(4):
+                            xv = T.bind(T.reinterpret("int8x64", T.broadcast(xb[c, j * 4 + t], L)))
+                            acc[r % 2, t, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                                "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r % 2, t, T.ramp(0, 1, L)],
+                                lo, xv)
+                            acc[r % 2, 4 + t, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                                "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd),
+                                acc[r % 2, 4 + t, T.ramp(0, 1, L)], hi, xv)
+                    for t in T.unroll(8):
+                        part[c, T.ramp(b * VNNI_INT4_BLOCK + t * L, 1, L)] = (
+                            acc[0, t, T.ramp(0, 1, L)] + acc[1, t, T.ramp(0, 1, L)])
+                if s + 1 == nsteps[0] or step_group[c, T.min(s + 1, nsteps[0] - 1)] != g:  # the group ends
+                    coef = T.bind(T.Cast("float32", group_qsum[c, g - g_lo]))
+                    for v in range(vectors):
+                        for j in T.vectorized(L):
+                            col = T.bind(v * L + j)
+                            if zero_points:
+                                z = T.bind(zeros[g, col])
+                            else:
+                                z = T.bind(sym_zero)
+                            yf[c, col] = yf[c, col] + scales[g, col] * sx[g] * (
+                                T.Cast("float32", part[c, col]) - z * coef)
+                            part[c, col] = 0
+        for v in range(vectors):
+            total = T.alloc_buffer((L,), "float32")
+            for j in T.vectorized(L):
+                total[j] = yf[0, v * L + j]
+            for c in range(1, P):
+                for j in T.vectorized(L):
+                    total[j] = total[j] + yf[c, v * L + j]
+            if v * L + L <= n:
+                for j in T.vectorized(L):
+                    y[0, v * L + j] = total[j]
+            else:
+                for j in range(L):
+                    if v * L + j < n:
+                        y[0, v * L + j] = total[j]
+
+    return without_params(int4_sparse_vnni_kernel, unused)
+
+
 # ------------------------------------------------------- int8 multi-row, AVX-512 VNNI (prompt chunks)
 
 # Rows of x per register tile: 3 rows x 64 columns of int32 sums are 12 zmm accumulators. Measured
@@ -805,6 +998,35 @@ VNNI_ROW_TILE = 3
 
 _LOW_BYTES, _HIGH_BYTES = 0x00FF00FF, 0xFF00FF00
 _LOW_HALVES, _HIGH_HALVES = 0x0000FFFF, 0xFFFF0000
+
+
+def _u32(value: int):
+    return T.broadcast(T.uint32(value), VNNI_LANES)
+
+
+@T.macro
+def transpose_dwords(wt, base, a0, a1, a2, a3):
+    """wt[base .. base + 256] <- the 4 x 64 bytes a0..a3 (uint32x16, 64 columns of 4 consecutive
+    input rows, in the one-row VNNI order: byte 4i + t is column 16t + i) with the bytes of each
+    dword transposed: 64-byte vector t, dword i holds column 16t + i of the 4 rows (bytes 0..3),
+    vpdpbusd's operand order. Shifts and masks on 16-lane int32 vectors: bytes 0/2 and 1/3 of
+    each row pair, then the halves of the pairs."""
+    b0 = T.bind(T.bitwise_or(T.bitwise_and(a0, _u32(_LOW_BYTES)),
+                             T.bitwise_and(T.shift_left(a1, _u32(8)), _u32(_HIGH_BYTES))))
+    b1 = T.bind(T.bitwise_or(T.bitwise_and(T.shift_right(a0, _u32(8)), _u32(_LOW_BYTES)),
+                             T.bitwise_and(a1, _u32(_HIGH_BYTES))))
+    b2 = T.bind(T.bitwise_or(T.bitwise_and(a2, _u32(_LOW_BYTES)),
+                             T.bitwise_and(T.shift_left(a3, _u32(8)), _u32(_HIGH_BYTES))))
+    b3 = T.bind(T.bitwise_or(T.bitwise_and(T.shift_right(a2, _u32(8)), _u32(_LOW_BYTES)),
+                             T.bitwise_and(a3, _u32(_HIGH_BYTES))))
+    wt[T.ramp(base, 1, VNNI_BLOCK)] = T.reinterpret("uint8x64", T.bitwise_or(
+        T.bitwise_and(b0, _u32(_LOW_HALVES)), T.shift_left(b2, _u32(16))))
+    wt[T.ramp(base + VNNI_BLOCK, 1, VNNI_BLOCK)] = T.reinterpret("uint8x64", T.bitwise_or(
+        T.bitwise_and(b1, _u32(_LOW_HALVES)), T.shift_left(b3, _u32(16))))
+    wt[T.ramp(base + 2 * VNNI_BLOCK, 1, VNNI_BLOCK)] = T.reinterpret("uint8x64", T.bitwise_or(
+        T.shift_right(b0, _u32(16)), T.bitwise_and(b2, _u32(_HIGH_HALVES))))
+    wt[T.ramp(base + 3 * VNNI_BLOCK, 1, VNNI_BLOCK)] = T.reinterpret("uint8x64", T.bitwise_or(
+        T.shift_right(b1, _u32(16)), T.bitwise_and(b3, _u32(_HIGH_HALVES))))
 
 
 def _vnni_row_tasks(blocks: int) -> int:
@@ -849,9 +1071,6 @@ def int8_vnni_rows_matmul(m: int, k: int, n: int, row_tile: int = VNNI_ROW_TILE,
     vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
     offset = T.int32(VNNI_WEIGHT_OFFSET)
 
-    def u32(value: int):
-        return T.broadcast(T.uint32(value), L)
-
     @T.macro
     def quantize_rows(x, xq, sx, qsum):
         """Per row of x: s_x = max|x| / 127, x_q = nearbyint(x / s_x) as int8, sum of x_q."""
@@ -890,35 +1109,12 @@ def int8_vnni_rows_matmul(m: int, k: int, n: int, row_tile: int = VNNI_ROW_TILE,
 
     @T.macro
     def transpose_block(wflat, wt, c, b):
-        """wt[c] <- block b of W, 4 rows at a time: dword i of vector t holds column 16t + i of
-        rows 4r .. 4r + 3 (bytes 0..3), the operand order of vpdpbusd."""
+        """wt[c] <- block b of W, 4 rows at a time (``transpose_dwords``)."""
         for r4 in range(quads):
-            a0 = T.bind(T.reinterpret("uint32x16", wflat[T.ramp(T.min(r4 * 4, k - 1) * width + b * VNNI_BLOCK, 1,
-                                                                VNNI_BLOCK)]))
-            a1 = T.bind(T.reinterpret("uint32x16", wflat[T.ramp(T.min(r4 * 4 + 1, k - 1) * width + b * VNNI_BLOCK,
-                                                                1, VNNI_BLOCK)]))
-            a2 = T.bind(T.reinterpret("uint32x16", wflat[T.ramp(T.min(r4 * 4 + 2, k - 1) * width + b * VNNI_BLOCK,
-                                                                1, VNNI_BLOCK)]))
-            a3 = T.bind(T.reinterpret("uint32x16", wflat[T.ramp(T.min(r4 * 4 + 3, k - 1) * width + b * VNNI_BLOCK,
-                                                                1, VNNI_BLOCK)]))
-            # bytes 0/2 and 1/3 of each row pair, then halves of the pairs: a 4 x 4 byte transpose per dword
-            b0 = T.bind(T.bitwise_or(T.bitwise_and(a0, u32(_LOW_BYTES)),
-                                     T.bitwise_and(T.shift_left(a1, u32(8)), u32(_HIGH_BYTES))))
-            b1 = T.bind(T.bitwise_or(T.bitwise_and(T.shift_right(a0, u32(8)), u32(_LOW_BYTES)),
-                                     T.bitwise_and(a1, u32(_HIGH_BYTES))))
-            b2 = T.bind(T.bitwise_or(T.bitwise_and(a2, u32(_LOW_BYTES)),
-                                     T.bitwise_and(T.shift_left(a3, u32(8)), u32(_HIGH_BYTES))))
-            b3 = T.bind(T.bitwise_or(T.bitwise_and(T.shift_right(a2, u32(8)), u32(_LOW_BYTES)),
-                                     T.bitwise_and(a3, u32(_HIGH_BYTES))))
-            base = T.bind(c * panel + r4 * 4 * VNNI_BLOCK)
-            wt[T.ramp(base, 1, VNNI_BLOCK)] = T.reinterpret("uint8x64", T.bitwise_or(
-                T.bitwise_and(b0, u32(_LOW_HALVES)), T.shift_left(b2, u32(16))))
-            wt[T.ramp(base + VNNI_BLOCK, 1, VNNI_BLOCK)] = T.reinterpret("uint8x64", T.bitwise_or(
-                T.bitwise_and(b1, u32(_LOW_HALVES)), T.shift_left(b3, u32(16))))
-            wt[T.ramp(base + 2 * VNNI_BLOCK, 1, VNNI_BLOCK)] = T.reinterpret("uint8x64", T.bitwise_or(
-                T.shift_right(b0, u32(16)), T.bitwise_and(b2, u32(_HIGH_HALVES))))
-            wt[T.ramp(base + 3 * VNNI_BLOCK, 1, VNNI_BLOCK)] = T.reinterpret("uint8x64", T.bitwise_or(
-                T.shift_right(b1, u32(16)), T.bitwise_and(b3, u32(_HIGH_HALVES))))
+            transpose_dwords(wt, c * panel + r4 * 4 * VNNI_BLOCK,
+                             *[T.reinterpret("uint32x16", wflat[T.ramp(T.min(r4 * 4 + u, k - 1) * width
+                                                                       + b * VNNI_BLOCK, 1, VNNI_BLOCK)])
+                               for u in range(4)])
 
     def tile_macro(rows: int):
         @T.macro
@@ -987,3 +1183,180 @@ def int8_vnni_rows_matmul(m: int, k: int, n: int, row_tile: int = VNNI_ROW_TILE,
                     last_tile(wt, xq, sx, qsum, scale, y, c, b, full_tiles * row_tile)
 
     return int8_vnni_rows_kernel
+
+
+# ------------------------------------------------------- int4 multi-row, AVX-512 VNNI (prompt chunks)
+
+_LOW_NIBBLES = 0x0F0F0F0F
+
+
+def int4_vnni_rows_matmul(m: int, k: int, n: int, group: int, zero_points: bool = False,
+                          row_tile: int = VNNI_ROW_TILE, chunks: int | None = None):
+    """Multi-row y = x @ W over ``pack_int4_sparse_vnni``'s layout (the one-row int4 VNNI kernel's
+    weights, read whole: every input counts). The prompt-chunk form of ``int4_sparse_matmul_vnni``.
+
+    Signature: ``(x: f32[m, k], wq: u8[k, Np/2], scales: f32[G, Np], [zeros: f32[G, Np]], y: f32[m, n])``.
+    Numerics as the one-row kernel's, row by row: x_q = nearbyint(x * 127 / max|x in g|) per row
+    and group, exact int32 products with the codes, y += scale * s_x,g * (sum - zero * sum x_q).
+
+    Schedule (as ``int8_vnni_rows_matmul``): each parallel task takes whole 128-column blocks; per
+    block it splits every 64-byte row load into its low and high nibbles (64 columns each, the
+    one-row order) and transposes the bytes inside the dwords of every 4 rows
+    (``transpose_dwords``) into a per-task panel of 2 x Kp x 64 bytes (L2), then walks the rows
+    of x ``row_tile`` at a time over each half: per 4 input rows, 4 panel loads shared by the
+    tile and 4 vpdpbusd per row of x with 64 useful products each; the int32 sums are folded into
+    float per group (the group's scale).
+    """
+    if group % (2 * VNNI_LANES):
+        raise ValueError(f"group must be a multiple of {2 * VNNI_LANES}, got {group}")
+    width = panel_count(n, VNNI_INT4_BLOCK) * VNNI_INT4_BLOCK
+    blocks, row_bytes = width // VNNI_INT4_BLOCK, width // 2
+    G = group_count(k, group)
+    kp = G * group
+    group_quads = group // 4
+    P = chunks or _vnni_row_tasks(blocks)
+    panel = kp * VNNI_BLOCK  # bytes of one transposed half block
+    L = VNNI_LANES
+    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+    sym_zero = T.float32(INT4_SYMMETRIC_ZERO)
+
+    @T.macro
+    def quantize_groups(x, xq, sx, qsum):
+        """Per row of x and group: s_x = max|x| / 127, x_q = nearbyint(x / s_x) as int8, sum of x_q."""
+        for i in T.parallel(m):
+            for g in range(G):
+                vmax = T.alloc_buffer((L,), "float32")
+                vsum = T.alloc_buffer((L,), "int32")
+                amax = T.alloc_buffer((1,), "float32")
+                total = T.alloc_buffer((1,), "int32")
+                for j in T.vectorized(L):
+                    vmax[j] = T.float32(0)
+                    vsum[j] = 0
+                for c0 in range(group // L):
+                    base = T.bind(g * group + c0 * L)
+                    if base + L <= k:
+                        for j in T.vectorized(L):
+                            vmax[j] = T.max(vmax[j], T.abs(x[i, base + j]))
+                    else:
+                        for j in range(L):
+                            if base + j < k:
+                                vmax[j] = T.max(vmax[j], T.abs(x[i, base + j]))
+                amax[0] = T.float32(0)
+                for j in range(L):
+                    amax[0] = T.max(amax[0], vmax[j])
+                inv = T.bind(T.Select(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))
+                sx[i, g] = amax[0] / T.float32(127)
+                for c0 in range(group // L):
+                    base = T.bind(g * group + c0 * L)
+                    if base + L <= k:
+                        for j in T.vectorized(L):
+                            xq[i * kp + base + j] = T.Cast("int8", T.nearbyint(x[i, base + j] * inv))
+                            vsum[j] = vsum[j] + T.Cast("int32", xq[i * kp + base + j])
+                    else:
+                        for j in range(L):
+                            xq[i * kp + base + j] = T.Select(
+                                base + j < k, T.Cast("int8", T.nearbyint(x[i, T.min(base + j, k - 1)] * inv)),
+                                T.int8(0))
+                            vsum[j] = vsum[j] + T.Cast("int32", xq[i * kp + base + j])
+                total[0] = 0
+                for j in range(L):
+                    total[0] = total[0] + vsum[j]
+                qsum[i, g] = total[0]
+
+    @T.macro
+    def transpose_block(wflat, wt, c, b):
+        """wt[c] <- block b of W: low nibbles (columns 0..63) in the first panel, high in the second."""
+        for r4 in range(kp // 4):
+            a = [T.reinterpret("uint32x16", wflat[T.ramp(T.min(r4 * 4 + u, k - 1) * row_bytes + b * VNNI_BLOCK,
+                                                         1, VNNI_BLOCK)]) for u in range(4)]
+            transpose_dwords(wt, c * 2 * panel + r4 * 4 * VNNI_BLOCK,
+                             *[T.bitwise_and(v, _u32(_LOW_NIBBLES)) for v in a])
+            transpose_dwords(wt, c * 2 * panel + panel + r4 * 4 * VNNI_BLOCK,
+                             *[T.bitwise_and(T.shift_right(v, _u32(4)), _u32(_LOW_NIBBLES)) for v in a])
+
+    def tile_macro(rows: int):
+        @T.macro
+        def tile(wt, xq, sx, qsum, scales, zeros, y, c, b, half, row0):
+            """Rows row0 .. row0 + rows, 64 columns (one half of block b): int32 sums per group in
+            registers, folded into float sums with the group's scale."""
+            acc = T.alloc_buffer((rows, 4, L), "int32")
+            yacc = T.alloc_buffer((rows, 4, L), "float32")
+            for r in T.unroll(rows):
+                for t in T.unroll(4):
+                    yacc[r, t, T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
+            for g in range(G):
+                for r in T.unroll(rows):
+                    for t in T.unroll(4):
+                        acc[r, t, T.ramp(0, 1, L)] = T.broadcast(T.int32(0), L)
+                for q4 in range(group_quads):
+                    r4 = T.bind(g * group_quads + q4)
+                    base = T.bind(c * 2 * panel + half * panel + r4 * 4 * VNNI_BLOCK)
+                    w0 = T.bind(wt[T.ramp(base, 1, VNNI_BLOCK)])
+                    w1 = T.bind(wt[T.ramp(base + VNNI_BLOCK, 1, VNNI_BLOCK)])
+                    w2 = T.bind(wt[T.ramp(base + 2 * VNNI_BLOCK, 1, VNNI_BLOCK)])
+                    w3 = T.bind(wt[T.ramp(base + 3 * VNNI_BLOCK, 1, VNNI_BLOCK)])
+                    for r in T.unroll(rows):
+                        xv = T.bind(T.reinterpret("int8x64", T.broadcast(
+                            T.reinterpret("int32", xq[T.ramp((row0 + r) * kp + r4 * 4, 1, 4)]), L)))
+                        acc[r, 0, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                            "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 0, T.ramp(0, 1, L)], w0, xv)
+                        acc[r, 1, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                            "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 1, T.ramp(0, 1, L)], w1, xv)
+                        acc[r, 2, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                            "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 2, T.ramp(0, 1, L)], w2, xv)
+                        acc[r, 3, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                            "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 3, T.ramp(0, 1, L)], w3, xv)
+                for r in T.unroll(rows):
+                    i = T.bind(row0 + r)
+                    coef = T.bind(T.Cast("float32", qsum[i, g]))
+                    for t in T.unroll(4):
+                        for j in T.vectorized(L):
+                            col = T.bind(b * VNNI_INT4_BLOCK + half * VNNI_BLOCK + t * L + j)
+                            if zero_points:
+                                z = T.bind(zeros[g, col])
+                            else:
+                                z = T.bind(sym_zero)
+                            yacc[r, t, j] = yacc[r, t, j] + scales[g, col] * sx[i, g] * (
+                                T.Cast("float32", acc[r, t, j]) - z * coef)
+            for r in T.unroll(rows):
+                for t in T.unroll(4):
+                    col0 = T.bind(b * VNNI_INT4_BLOCK + half * VNNI_BLOCK + t * L)
+                    if col0 + L <= n:
+                        for j in T.vectorized(L):
+                            y[row0 + r, col0 + j] = yacc[r, t, j]
+                    else:
+                        for j in range(L):
+                            if col0 + j < n:
+                                y[row0 + r, col0 + j] = yacc[r, t, j]
+
+        return tile
+
+    full_tiles, rest = divmod(m, row_tile)
+    full_tile = tile_macro(row_tile)
+    last_tile = tile_macro(max(rest, 1))
+
+    @T.prim_func
+    def int4_vnni_rows_kernel(
+        x: T.Buffer((m, k), "float32"),
+        wq: T.Buffer((k, row_bytes), "uint8"),
+        scales: T.Buffer((G, width), "float32"),
+        zeros: T.Buffer((G, width), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        xq = T.alloc_buffer((m * kp,), "int8")
+        sx = T.alloc_buffer((m, G), "float32")
+        qsum = T.alloc_buffer((m, G), "int32")
+        wt = T.alloc_buffer((P * 2 * panel,), "uint8")
+        wflat = T.decl_buffer((k * row_bytes,), "uint8", data=wq.data)
+        quantize_groups(x, xq, sx, qsum)
+        for c in T.parallel(P):
+            for b in range(c * blocks // P, (c + 1) * blocks // P):
+                transpose_block(wflat, wt, c, b)
+                for half in range(2):
+                    for tile in range(full_tiles):
+                        full_tile(wt, xq, sx, qsum, scales, zeros, y, c, b, half, tile * row_tile)
+                    if rest > 0:
+                        last_tile(wt, xq, sx, qsum, scales, zeros, y, c, b, half, full_tiles * row_tile)
+
+    return without_params(int4_vnni_rows_kernel, set() if zero_points else {"zeros"})
