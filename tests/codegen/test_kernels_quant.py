@@ -528,6 +528,46 @@ def test_lowered_quantized_model_matches_onnxruntime(lowered):
         np.testing.assert_allclose(y, _ort_run(reference, x, optimize=False), atol=float_tolerance * scale, rtol=0)
 
 
+@pytest.mark.parametrize("quantize", ["quantize{bits=8,mode=dynamic}", "quantize{bits=4,group=32}"])
+def test_vnni_layers_reading_one_sparsified_input_share_one_kernel(quantize):
+    """gate and up read one Sparsify output: with int8_dot they become one node over their packed
+    weights side by side (each part padded to its kernel's block), sliced per layer; the plan
+    still lists every layer. Without int8_dot (other kernels' layouts) nothing is shared."""
+    import onnx_ir as ir
+
+    import actsparse
+    from actsparse.codegen.lower import specialize_shapes
+    from actsparse.codegen.lowering.ops import QUANT_LINEAR
+    from actsparse.codegen.lowering.quant import select_quant_kernels
+    from actsparse.frontend.zoo import swiglu_stack
+
+    rng = np.random.default_rng(3)
+    calib = [{"x": rng.standard_normal((1, D)).astype(np.float32)} for _ in range(8)]
+    optimized = actsparse.optimize(swiglu_stack(f=150), passes="sparsify{method=teal,sparsity=0.5,scope=ffn}," + quantize,
+                                   calib=calib)
+    for int8_dot in (True, False):
+        model = specialize_shapes(ir.serde.deserialize_model(ir.serde.serialize_model(optimized.model)), {"x": (1, D)})
+        plan = select_quant_kernels(model, int8_dot=int8_dot)
+        assert len(plan) == 6 and all(entry["shape"] in ([D, 150], [150, D]) for entry in plan)
+        kernels = [node for node in model.graph if node.op_type == QUANT_LINEAR]
+        if not int8_dot:
+            assert len(kernels) == 6
+            continue
+        assert len(kernels) == 4  # per layer: gate + up together, down alone
+        shared = [node for node in kernels if "layers" in node.attributes]
+        assert len(shared) == 2
+        block = 64 if "bits=8" in quantize else 128
+        for node in shared:
+            gate, up = node.attributes.get_strings("layers")
+            assert "gate_proj" in gate and "up_proj" in up
+            assert list(node.attributes.get_ints("parts")) == [150, 150]
+            padded = -(-150 // block) * block
+            assert list(node.attributes.get_ints("offsets")) == [0, padded]
+            assert node.attributes.get_int("n") == 2 * padded
+            slices = [use.node for use in node.outputs[0].uses()]
+            assert sorted(n.op_type for n in slices) == ["Slice", "Slice"]
+
+
 def test_unpack_nibbles_low_first():
     from actsparse.codegen.lowering.quant import unpack_nibbles
 

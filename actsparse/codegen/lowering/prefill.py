@@ -55,11 +55,9 @@ def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) ->
         elif is_lowering_op(node, FUSED_FFN):
             for name in node.attributes.get_strings("linears"):
                 kernels[name] = node
-        elif is_lowering_op(node, QUANT_LINEAR):
-            layer = node.attributes.get_string("layer", "")
-            for suffix in QUANT_PASS_SUFFIXES:
-                layer = layer.removesuffix(suffix)
-            kernels[layer] = node
+        elif is_lowering_op(node, QUANT_LINEAR):  # one layer, or several side by side ("layers")
+            for layer in _quant_layers(node):
+                kernels[layer] = node
         elif node.op_type in ("MatMul", "Gemm") and node.name:
             kernels[node.name] = node
     placeholders = {node.attributes.get_string("layer"): node for node in prefill.graph
@@ -76,9 +74,10 @@ def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) ->
     bound_by_ffn = {name for node in fused.values() for name in node.attributes.get_strings("linears")}
     if relufied and any(".mlp." in name for name in set(placeholders) - bound_by_ffn):
         return "relufied FFNs outside a fused kernel (the chunk graph has the model's own activation)"
+    side_by_side: dict[int, tuple[ir.Value, ir.Value]] = {}  # one chunk product per shared quant kernel
     for name, placeholder in placeholders.items():
         if name not in bound_by_ffn:
-            reason = _bind_linear(prefill, placeholder, kernels[name])
+            reason = _bind_linear(prefill, placeholder, kernels[name], side_by_side)
             if reason:
                 return reason
     import onnx_ir.passes.common as common
@@ -150,10 +149,22 @@ def _rows_of(placeholder: ir.Node) -> int:
     return int(placeholder.attributes.get_int("rows", 0))
 
 
-def _bind_linear(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node) -> str | None:
+def _quant_layers(node: ir.Node) -> list[str]:
+    """The layer names a quant kernel node serves (passes/quantize.py's node suffixes removed)."""
+    names = node.attributes.get_strings("layers", None) or [node.attributes.get_string("layer", "")]
+    out = []
+    for layer in names:
+        for suffix in QUANT_PASS_SUFFIXES:
+            layer = layer.removesuffix(suffix)
+        out.append(layer)
+    return out
+
+
+def _bind_linear(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node,
+                 side_by_side: dict[int, tuple[ir.Value, ir.Value]]) -> str | None:
 
     if kernel.op_type == QUANT_LINEAR:
-        return _bind_quant(prefill, placeholder, kernel)
+        return _bind_quant(prefill, placeholder, kernel, side_by_side)
     weight = kernel.inputs[-1] if is_lowering_op(kernel) else kernel.inputs[1]
     if weight is None or weight.const_value is None:
         return f"{placeholder.name}: the decode step's weight is not a constant"
@@ -174,17 +185,45 @@ def _bind_linear(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node) -> st
     return None
 
 
-def _bind_quant(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node) -> None:
-    """The packed int8/int4 arrays (named "<layer>.<role>_<kind>_packed") and the kernel's attributes."""
-    weights = [_weight(prefill, v) for v in kernel.inputs[1:] if v is not None and v.name.endswith("_packed")]
-    attributes = {name: kernel.attributes[name] for name in ("kind", "mode", "k", "n", "group", "zero_points",
-                                                             "lanes", "int8_dot")}
-    attributes |= {"layout": ir.AttrString("layout", QUANT), "rows": ir.AttrInt64("rows", _rows_of(placeholder))}
-    node = ir.Node(LOWERING_DOMAIN, PREFILL_LINEAR, [placeholder.inputs[0], *weights], attributes=attributes,
-                   name=f"{placeholder.name}.prefill")
-    node.outputs[0].name = f"{placeholder.name}.prefill.out"
-    prefill.graph.append(node)
-    _replace(prefill, placeholder, node.outputs[0])
+def _bind_quant(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node,
+                side_by_side: dict[int, tuple[ir.Value, ir.Value]]) -> str | None:
+    """The packed int8/int4 arrays (named "<layer>.<role>_<kind>_packed") and the kernel's attributes.
+    A kernel serving several layers side by side (q/k/v, gate/up) runs once per chunk, over the
+    input they share; each layer takes its columns (a Slice)."""
+    x = placeholder.inputs[0]
+    layers = _quant_layers(kernel)
+    if len(layers) > 1 and id(kernel) in side_by_side:
+        shared_x, product = side_by_side[id(kernel)]
+        if shared_x is not x:
+            return f"{placeholder.name}: the layers of {kernel.name} read different inputs in the chunk graph"
+    else:
+        weights = [_weight(prefill, v) for v in kernel.inputs[1:] if v is not None and v.name.endswith("_packed")]
+        attributes = {name: kernel.attributes[name] for name in ("kind", "mode", "k", "n", "group", "zero_points",
+                                                                 "lanes", "int8_dot")}
+        attributes |= {"layout": ir.AttrString("layout", QUANT), "rows": ir.AttrInt64("rows", _rows_of(placeholder))}
+        name = f"{placeholder.name}.prefill" if len(layers) == 1 else f"{kernel.name}.prefill"
+        node = ir.Node(LOWERING_DOMAIN, PREFILL_LINEAR, [x, *weights], attributes=attributes, name=name)
+        node.outputs[0].name = f"{name}.out"
+        prefill.graph.append(node)
+        product = node.outputs[0]
+        side_by_side[id(kernel)] = (x, product)
+        if len(layers) == 1:
+            _replace(prefill, placeholder, product)
+            return None
+    part = layers.index(placeholder.attributes.get_string("layer"))
+    start = kernel.attributes.get_ints("offsets")[part]
+    stop = start + kernel.attributes.get_ints("parts")[part]
+    bounds = []
+    for role, value in (("start", start), ("stop", stop), ("axis", -1)):
+        bound = ir.Value(name=f"prefill.const.{placeholder.name}.{role}", const_value=ir.tensor(np.array([value], np.int64)))
+        bound.shape, bound.type = ir.Shape([1]), ir.TensorType(ir.DataType.INT64)
+        prefill.graph.register_initializer(bound)
+        bounds.append(bound)
+    columns = ir.Node("", "Slice", [product, *bounds], name=f"{placeholder.name}.prefill.columns")
+    columns.outputs[0].name = f"{placeholder.name}.prefill.out"
+    prefill.graph.append(columns)
+    _replace(prefill, placeholder, columns.outputs[0])
+    return None
 
 
 def _replace(prefill: ir.Model, placeholder: ir.Node, value: ir.Value) -> None:

@@ -62,16 +62,20 @@ def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: 
     at batch 1, ``int4_sparse_matmul_vnni`` (sparse input), and batch-1 sparse-input int8 layers
     (activation QDQ or dynamic) ``int8_sparse_matmul_vnni``.
 
+    Layers of one of those one-row VNNI kernels that read the same sparsified input (q, k and v;
+    gate and up) become ONE node over their weights side by side (``shared_input_batches``),
+    sliced per layer after it: one listing of the active channels and one parallel region
+    instead of two or three, and longer rows. The small k/v calls (K=960, N=320) spent most of
+    their time outside the weight reads.
+
     Returns one plan entry per rewritten layer ({"name", "kernel", "shape"}), in the form of
     ``select.KernelPlan.layers``. Nodes left without users are removed.
     """
     model = _infer_matmulnbits_shapes(model)
+    matches = [match for node in list(model.graph) if (match := match_quant_linear(node)) is not None]
     layers = []
-    for node in list(model.graph):
-        match = match_quant_linear(node)
-        if match is None:
-            continue
-        layers.append(_replace(model, match, lanes, int8_dot))
+    for batch in shared_input_batches(matches, int8_dot):
+        layers += _replace(model, batch, lanes, int8_dot)
     if layers:
         import onnx_ir.passes.common as common
 
@@ -269,6 +273,21 @@ def _uses_int8_dot(match: QuantLinear, mode: str, int8_dot: bool) -> bool:
     return mode != "dense" and _rows(match.x) == 1
 
 
+def shared_input_batches(matches: list[QuantLinear], int8_dot: bool) -> list[list[QuantLinear]]:
+    """``matches`` in batches, in graph order: layers that take a one-row VNNI sparse kernel and
+    read the same input with the same activity test (one Sparsify output: q/k/v, gate/up) share
+    a batch; every other layer is a batch of one."""
+    batches: dict[tuple, list[QuantLinear]] = {}
+    for match in matches:
+        mode, inputs = _activity(match)
+        key: tuple = (id(match),)
+        if mode != "dense" and _uses_int8_dot(match, mode, int8_dot):
+            key = (match.kind, match.group, match.weights[2] is not None if match.kind == "int4" else False,
+                   mode, *(id(value) for value in inputs))
+        batches.setdefault(key, []).append(match)
+    return list(batches.values())
+
+
 def _packed_weights(match: QuantLinear, sparse: bool, lanes: int, vnni: bool = False) -> list[np.ndarray]:
     from actsparse.codegen.kernels.cpu import quant
 
@@ -287,29 +306,54 @@ def _packed_weights(match: QuantLinear, sparse: bool, lanes: int, vnni: bool = F
     return list(pack(codes, scales, zeros, k=match.k, lanes=lanes))
 
 
-def _replace(model: ir.Model, match: QuantLinear, lanes: int, int8_dot: bool = False) -> dict:
+def _replace(model: ir.Model, batch: list[QuantLinear], lanes: int, int8_dot: bool = False) -> list[dict]:
+    """One ActsparseQuantLinear node for ``batch`` (one layer, or layers side by side over the
+    same input: a VNNI row layout, so their packed arrays concatenate along the columns, each
+    padded to its kernel's block), then one Slice per layer of a batch of several."""
+    match = batch[0]
     mode, inputs = _activity(match)
     vnni = _uses_int8_dot(match, mode, int8_dot)
-    arrays = _packed_weights(match, mode != "dense", lanes, vnni)
+    packed = [_packed_weights(m, mode != "dense", lanes, vnni) for m in batch]
+    arrays = [np.concatenate(parts, axis=-1) for parts in zip(*packed)] if len(batch) > 1 else packed[0]
+    widths = [int(parts[1].shape[-1]) for parts in packed]  # padded columns: the scales' last axis
     base = match.name or "quant_linear"
     for suffix, array in zip(("weight", "scale", "zero"), arrays):
         inputs.append(add_initializer(model, f"{base}.{suffix}_{match.kind}_packed", array))
     zero_points = match.kind == "int4" and match.weights[2] is not None
-    attributes = {"kind": match.kind, "mode": mode, "k": match.k, "n": match.n, "group": match.group,
+    n = match.n if len(batch) == 1 else sum(widths)
+    attributes = {"kind": match.kind, "mode": mode, "k": match.k, "n": n, "group": match.group,
                   "zero_points": int(zero_points), "lanes": lanes, "int8_dot": int(vnni), "layer": match.name or ""}
+    if len(batch) > 1:  # the parts: the layers' names, their columns and where they start
+        attributes |= {"layers": [m.name or "" for m in batch], "parts": [m.n for m in batch],
+                       "offsets": [int(o) for o in np.cumsum([0, *widths[:-1]])]}
     node = ir.Node(LOWERING_DOMAIN, QUANT_LINEAR, inputs,
                    attributes=ir.convenience.convert_attributes(attributes),
                    name=unique_node_name(model, f"{base}.kernel"))
     out = node.outputs[0]
-    out.type, out.shape = match.output.type, match.output.shape
+    out.type = match.output.type
+    out.shape = match.output.shape if len(batch) == 1 else ir.Shape([*list(match.output.shape)[:-1], n])
     model.graph.insert_before(match.output.producer(), node)
-    name = match.output.name
-    ir.convenience.replace_all_uses_with(match.output, out, replace_graph_outputs=True)
-    if any(v is out for v in model.graph.outputs):  # keep the graph output's name
-        match.output.name = f"{name}_replaced"
-        out.name = name
+    if len(batch) == 1:
+        _take_over(model, match.output, out)
+    else:
+        for m, offset in zip(batch, attributes["offsets"]):
+            bounds = [add_initializer(model, f"{m.name or base}.part_{role}", np.array([value], np.int64))
+                      for role, value in (("start", offset), ("end", offset + m.n), ("axis", -1))]
+            part = ir.Node("", "Slice", [out, *bounds], name=unique_node_name(model, f"{m.name or base}.part"))
+            part.outputs[0].type, part.outputs[0].shape = m.output.type, m.output.shape
+            model.graph.insert_before(match.output.producer(), part)
+            _take_over(model, m.output, part.outputs[0])
     kernel = f"{match.kind}_{'dense' if mode == 'dense' else 'sparse_' + mode}{'_vnni' if vnni else ''}"
-    return {"name": match.name, "kernel": kernel, "shape": [match.k, match.n]}
+    return [{"name": m.name, "kernel": kernel, "shape": [m.k, m.n]} for m in batch]
+
+
+def _take_over(model: ir.Model, old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old`` reads ``new``; a graph output keeps its name."""
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if any(v is new for v in model.graph.outputs):
+        old.name = f"{name}_replaced"
+        new.name = name
 
 
 # ------------------------------------------------------------------------------ TVM import
