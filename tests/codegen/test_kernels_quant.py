@@ -531,7 +531,7 @@ def test_lowered_quantized_model_matches_onnxruntime(lowered):
 @pytest.mark.parametrize("quantize", ["quantize{bits=8,mode=dynamic}", "quantize{bits=4,group=32}"])
 def test_vnni_layers_reading_one_sparsified_input_share_one_kernel(quantize):
     """gate and up read one Sparsify output: with int8_dot they become one node over their packed
-    weights side by side (each part padded to its kernel's block), sliced per layer; the plan
+    weights side by side (concatenated, then packed once), sliced per layer; the plan
     still lists every layer. Without int8_dot (other kernels' layouts) nothing is shared."""
     import onnx_ir as ir
 
@@ -556,14 +556,12 @@ def test_vnni_layers_reading_one_sparsified_input_share_one_kernel(quantize):
         assert len(kernels) == 4  # per layer: gate + up together, down alone
         shared = [node for node in kernels if "layers" in node.attributes]
         assert len(shared) == 2
-        block = 64 if "bits=8" in quantize else 128
         for node in shared:
             gate, up = node.attributes.get_strings("layers")
             assert "gate_proj" in gate and "up_proj" in up
             assert list(node.attributes.get_ints("parts")) == [150, 150]
-            padded = -(-150 // block) * block
-            assert list(node.attributes.get_ints("offsets")) == [0, padded]
-            assert node.attributes.get_int("n") == 2 * padded
+            assert list(node.attributes.get_ints("offsets")) == [0, 150]
+            assert node.attributes.get_int("n") == 300
             slices = [use.node for use in node.outputs[0].uses()]
             assert sorted(n.op_type for n in slices) == ["Slice", "Slice"]
 

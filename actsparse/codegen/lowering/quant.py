@@ -308,24 +308,22 @@ def _packed_weights(match: QuantLinear, sparse: bool, lanes: int, vnni: bool = F
 
 def _replace(model: ir.Model, batch: list[QuantLinear], lanes: int, int8_dot: bool = False) -> list[dict]:
     """One ActsparseQuantLinear node for ``batch`` (one layer, or layers side by side over the
-    same input: a VNNI row layout, so their packed arrays concatenate along the columns, each
-    padded to its kernel's block), then one Slice per layer of a batch of several."""
+    same input: their weights concatenated along the output columns, then packed as one), then
+    one Slice per layer of a batch of several."""
     match = batch[0]
     mode, inputs = _activity(match)
     vnni = _uses_int8_dot(match, mode, int8_dot)
-    packed = [_packed_weights(m, mode != "dense", lanes, vnni) for m in batch]
-    arrays = [np.concatenate(parts, axis=-1) for parts in zip(*packed)] if len(batch) > 1 else packed[0]
-    widths = [int(parts[1].shape[-1]) for parts in packed]  # padded columns: the scales' last axis
+    whole = match if len(batch) == 1 else _side_by_side(batch)
     base = match.name or "quant_linear"
-    for suffix, array in zip(("weight", "scale", "zero"), arrays):
+    for suffix, array in zip(("weight", "scale", "zero"), _packed_weights(whole, mode != "dense", lanes, vnni)):
         inputs.append(add_initializer(model, f"{base}.{suffix}_{match.kind}_packed", array))
     zero_points = match.kind == "int4" and match.weights[2] is not None
-    n = match.n if len(batch) == 1 else sum(widths)
+    n = whole.n
     attributes = {"kind": match.kind, "mode": mode, "k": match.k, "n": n, "group": match.group,
                   "zero_points": int(zero_points), "lanes": lanes, "int8_dot": int(vnni), "layer": match.name or ""}
     if len(batch) > 1:  # the parts: the layers' names, their columns and where they start
         attributes |= {"layers": [m.name or "" for m in batch], "parts": [m.n for m in batch],
-                       "offsets": [int(o) for o in np.cumsum([0, *widths[:-1]])]}
+                       "offsets": [int(o) for o in np.cumsum([0, *[m.n for m in batch[:-1]]])]}
     node = ir.Node(LOWERING_DOMAIN, QUANT_LINEAR, inputs,
                    attributes=ir.convenience.convert_attributes(attributes),
                    name=unique_node_name(model, f"{base}.kernel"))
@@ -345,6 +343,20 @@ def _replace(model: ir.Model, batch: list[QuantLinear], lanes: int, int8_dot: bo
             _take_over(model, m.output, part.outputs[0])
     kernel = f"{match.kind}_{'dense' if mode == 'dense' else 'sparse_' + mode}{'_vnni' if vnni else ''}"
     return [{"name": m.name, "kernel": kernel, "shape": [m.k, m.n]} for m in batch]
+
+
+def _side_by_side(batch: list[QuantLinear]) -> QuantLinear:
+    """One QuantLinear whose output columns are the batch's, in order (packed once: only the
+    whole gets padded to the kernel's block)."""
+    first = batch[0]
+    if first.kind == "int8":  # q [K, N], scale [N]
+        weights = (np.concatenate([m.weights[0] for m in batch], axis=1),
+                   np.concatenate([m.weights[1] for m in batch]))
+    else:  # codes [N, Kp], scales [N, G], zeros [N, G] or None
+        zeros = None if first.weights[2] is None else np.concatenate([m.weights[2] for m in batch])
+        weights = (np.concatenate([m.weights[0] for m in batch]), np.concatenate([m.weights[1] for m in batch]), zeros)
+    return QuantLinear(first.output, first.x, first.k, sum(m.n for m in batch), first.kind, weights,
+                       group=first.group, name=first.name, int8_activations=first.int8_activations)
 
 
 def _take_over(model: ir.Model, old: ir.Value, new: ir.Value) -> None:
