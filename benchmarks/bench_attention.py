@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                         "prefill_rows": PREFILL_ROWS},
               "baseline": args.baseline, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "decode": [], "prefill": []}
     for dtype in args.dtypes.split(","):
-        copies = min(64, copies_to_exceed_cache(cache_bytes(dtype, 1024)))
+        copies = min(128, copies_to_exceed_cache(cache_bytes(dtype, 1024)))
         caches = make_caches(dtype, copies)
         rows = []
         for position in (int(p) for p in args.positions.split(",") if p):
