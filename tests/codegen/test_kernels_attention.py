@@ -122,3 +122,60 @@ def test_float16_cache_rounds_on_write_and_computes_in_float32(rows):
 def test_unknown_cache_dtype_is_refused():
     with pytest.raises(ValueError, match="KV cache dtype"):
         decode_attention(1, 1, 8, 16, cache_dtype="int8")
+
+
+@pytest.mark.parametrize("kv,group,d,window,dtype", [
+    (5, 3, 64, 0, "float32"),  # SmolLM-360M's heads: 2 ranges per kv head past 128 positions
+    (2, 3, 16, 100, "float32"),  # a window whose start crosses range edges
+    (4, 1, 32, 0, "float32"),  # group 1 (multi-head attention)
+    (1, 4, 128, 0, "float16"),  # group 4, head_dim 128, 8 ranges for one kv head
+    (1, 8, 64, 37, "float16"),  # group 8: values in passes of fewer query heads
+])
+def test_decode_attention_over_ranges_matches_numpy(kv, group, d, window, dtype):
+    """Every position up to the capacity: one range while p < 128, then several (p at, just before
+    and just after a range edge, ranges of unequal length, the window's start anywhere), against
+    numpy over the rounded cache; stale entries (inf in float16) never reach the output."""
+    capacity = cache_capacity(300)  # 304: ranges of 8..19 vectors
+    kernel = compiled(decode_attention(kv, group, d, capacity, window=window, cache_dtype=dtype))
+    rng = np.random.default_rng(2)
+    keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    rounded_k, rounded_v = keys.astype(dtype).astype(np.float32), values.astype(dtype).astype(np.float32)
+    stale = np.float32(1e30) if dtype == "float32" else np.inf
+    cache_k = tvm.runtime.tensor(np.full((kv, d, capacity), stale, dtype))
+    cache_v = tvm.runtime.tensor(np.full((kv, capacity, d), stale, dtype))
+    for position in range(capacity):
+        q = (rng.standard_normal((kv, group, d)) * 2 / np.sqrt(d)).astype(np.float32)  # scaled, as the model's
+        out = tvm.runtime.tensor(np.zeros((kv, group, d), np.float32))
+        kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(keys[:, position:position + 1]),
+               tvm.runtime.tensor(values[:, position:position + 1]), cache_k, cache_v,
+               tvm.runtime.tensor(np.array([position], np.int64)), out)
+        expected = reference(q.astype(np.float64), rounded_k, rounded_v, position, window)
+        np.testing.assert_allclose(out.numpy(), expected, atol=2e-5, rtol=1e-4, err_msg=f"position {position}")
+
+
+@pytest.mark.parametrize("kv,group,d,window,rows", [(1, 8, 128, 0, 7), (2, 1, 32, 0, 16), (1, 3, 64, 40, 32)])
+def test_prefill_attention_groups_and_long_chunks_match_numpy(kv, group, d, window, rows):
+    """Prefill tasks of several rows: group 8 with head_dim 128 (2 rows a task, values in passes of 2
+    query heads, a last task of 1 row), group 1 (16 rows a task), 32-row chunks with a window."""
+    from actsparse.codegen.kernels.cpu.attention import prefill_attention
+
+    capacity = cache_capacity(100)  # 112
+    kernel = compiled(prefill_attention(kv, group, d, capacity, rows, window=window))
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    cache_k, cache_v = stale_caches(kv, d, capacity)
+    for first in range(0, capacity, rows):
+        q = rng.standard_normal((rows, kv * group, d)).astype(np.float32)
+        real = min(rows, capacity - first)
+        k = np.zeros((rows, kv, d), np.float32)
+        v = np.zeros((rows, kv, d), np.float32)
+        k[:real] = keys[:, first:first + real].transpose(1, 0, 2)
+        v[:real] = values[:, first:first + real].transpose(1, 0, 2)
+        out = tvm.runtime.tensor(np.zeros((rows, kv * group, d), np.float32))
+        kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), cache_k, cache_v,
+               tvm.runtime.tensor(np.array([first], np.int64)), out)
+        for i in range(real):
+            expected = reference(q[i].reshape(kv, group, d), keys, values, first + i, window).reshape(kv * group, d)
+            np.testing.assert_allclose(out.numpy()[i], expected, atol=2e-5, rtol=1e-4, err_msg=f"row {first + i}")
