@@ -52,8 +52,9 @@ ACTSPARSE_ENGINES = {
     "actsparse int8 + TEAL 50%": "sparsify{method=teal,sparsity=0.5},quantize{mode=dynamic,bits=8}",
     "actsparse int4 + TEAL 50%": "sparsify{method=teal,sparsity=0.5},quantize{mode=weight_only,bits=4}",
     "actsparse int8 (fp16 KV cache)": "quantize{mode=dynamic,bits=8}",
+    "actsparse int8 + TEAL 50% (fp16 KV cache)": "sparsify{method=teal,sparsity=0.5},quantize{mode=dynamic,bits=8}",
 }
-KV_CACHE = {"actsparse int8 (fp16 KV cache)": "float16"}  # the others keep the default float32 cache
+KV_CACHE = {"actsparse int8 (fp16 KV cache)": "float16", "actsparse int8 + TEAL 50% (fp16 KV cache)": "float16"}  # the others keep the default float32 cache
 
 
 def build_model(folder: Path, layers: int, seed: int = 0):
