@@ -45,7 +45,7 @@ MIN_RANGE_BLOCKS = 8  # no range shorter than 8 vectors of positions (short cont
 SCORE_BYTES = 16384  # a decode range's score rows stay in L1 (longer contexts: more ranges)
 # Keys are read KEY_ROWS rows of ck at a time, each row's positions in order, the rows' positions
 # PREFETCH_POSITIONS ahead in that order prefetched into L2. 1,024 positions, 2 threads, float16 /
-# float32: 8 rows a pass 1.25x / 1.18x as fast as 2 rows a pass, 1.03x as fast as 4, 16 rows
+# float32: 8 rows a pass 1.25x / 1.18x as fast as 2 rows a pass, 1.03-1.04x as fast as 4, 16 rows
 # 0.90x / 1.00x of 8. Prefetch, float16, one thread: 512 positions ahead 1.12x as fast as none,
 # 1.15x as fast as 1,024 ahead, 256 ahead 0.95-0.97x of 512; float32: none, 256 and 512 alike.
 # (Reading ck alone out of cache, one thread: row by row unprefetched 0.57x a contiguous read of
@@ -96,6 +96,8 @@ def decode_attention(kv_heads: int, group: int, head_dim: int, capacity: int, *,
 
     @T.macro
     def combine(peaks, totals, partial, out, h, g, splits):
+        # out[h, g] from the ranges' results: each range's weighted values and sum scaled by
+        # exp(its max - the largest max)
         best = T.alloc_buffer((1,), "float32")
         total = T.alloc_buffer((1,), "float32")
         best[0] = T.float32(NEG_INF)
@@ -105,7 +107,6 @@ def decode_attention(kv_heads: int, group: int, head_dim: int, capacity: int, *,
         for d in T.vectorized(D):
             out[h, g, d] = T.float32(0)
         for s in range(splits):
-            # an empty range (peak -inf, total 0, values 0) weighs exp(-87) x 0 = 0
             w = T.bind(exp_f32(peaks[h, s, g] - best[0]))
             total[0] = total[0] + w * totals[h, s, g]
             for d in T.vectorized(D):
@@ -130,12 +131,13 @@ def decode_attention(kv_heads: int, group: int, head_dim: int, capacity: int, *,
         n = T.bind((p + L) // L - first)  # whole vectors covering start .. p
         splits = T.bind(T.max(T.min(ranges, (n + MIN_RANGE_BLOCKS - 1) // MIN_RANGE_BLOCKS),
                               (n + max_blocks - 1) // max_blocks))
+        # vectors a range; none is empty: (splits - 1) x per < n, as splits <= 8 or per <= max_blocks
         per = T.bind((n + splits - 1) // splits)
         for task in T.parallel(KV * splits):
             h = T.bind(task // splits)
             s = T.bind(task % splits)
             b0 = T.bind(first + s * per)
-            nb = T.bind(T.max(T.min(per, first + n - b0), 0))
+            nb = T.bind(T.min(per, first + n - b0))
             if s == splits - 1:  # the range that holds p writes this head's k and v there first
                 for d in range(D):
                     ck[h, d, p] = T.Cast(cache_dtype, k[h, 0, d])
@@ -235,8 +237,9 @@ def _attend_macros(RB: int, G: int, D: int, C: int, L: int, W: int, cache_dtype:
         span = T.bind(nb * L)
         for c in range(D // DC):
             for b in range(nb):
-                # the rows' positions `ahead` on in reading order: along these rows, then the next
-                a = T.bind(b * L + ahead)
+                # the position `ahead` on in reading order: along these rows, then the next rows
+                # (a range shorter than that: the next rows at this position)
+                a = T.bind(b * L + T.min(ahead, span))
                 over = T.bind(a >= span)
                 row = T.bind(T.min(c * DC + T.Select(over, DC, 0), D - DC))
                 col = T.bind(T.min(t0 + T.Select(over, a - span, a), C - 1))
