@@ -1029,6 +1029,34 @@ def transpose_dwords(wt, base, a0, a1, a2, a3):
         T.shift_right(b1, _u32(16)), T.bitwise_and(b3, _u32(_HIGH_HALVES))))
 
 
+def _quad_dot_macro(rows: int, kp: int):
+    """T.macro(acc, wt, base, xq, row0, r4): acc[r, t] += the 4 input rows 4 r4 .. 4 r4 + 3 of the
+    transposed panel vectors t = 0..3 at wt[base + 64 t] (``transpose_dwords``' order) times those
+    rows' x_q of row row0 + r of x (kp int8 per row): one vpdpbusd of 64 products per vector and row."""
+    L = VNNI_LANES
+    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+
+    @T.macro
+    def quad_dot(acc, wt, base, xq, row0, r4):
+        w0 = T.bind(wt[T.ramp(base, 1, VNNI_BLOCK)])
+        w1 = T.bind(wt[T.ramp(base + VNNI_BLOCK, 1, VNNI_BLOCK)])
+        w2 = T.bind(wt[T.ramp(base + 2 * VNNI_BLOCK, 1, VNNI_BLOCK)])
+        w3 = T.bind(wt[T.ramp(base + 3 * VNNI_BLOCK, 1, VNNI_BLOCK)])
+        for r in T.unroll(rows):
+            xv = T.bind(T.reinterpret("int8x64", T.broadcast(
+                T.reinterpret("int32", xq[T.ramp((row0 + r) * kp + r4 * 4, 1, 4)]), L)))
+            acc[r, 0, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 0, T.ramp(0, 1, L)], w0, xv)
+            acc[r, 1, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 1, T.ramp(0, 1, L)], w1, xv)
+            acc[r, 2, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 2, T.ramp(0, 1, L)], w2, xv)
+            acc[r, 3, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
+                "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 3, T.ramp(0, 1, L)], w3, xv)
+
+    return quad_dot
+
+
 def _vnni_row_tasks(blocks: int) -> int:
     """Parallel tasks of the multi-row kernel: one per hardware thread (at least ROW_CHUNKS), each
     taking whole 64-column blocks."""
@@ -1068,7 +1096,6 @@ def int8_vnni_rows_matmul(m: int, k: int, n: int, row_tile: int = VNNI_ROW_TILE,
     panel = kp * VNNI_BLOCK  # bytes of one transposed block
     L = VNNI_LANES
     k_vec = k // L * L
-    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
     offset = T.int32(VNNI_WEIGHT_OFFSET)
 
     @T.macro
@@ -1117,6 +1144,8 @@ def int8_vnni_rows_matmul(m: int, k: int, n: int, row_tile: int = VNNI_ROW_TILE,
                                for u in range(4)])
 
     def tile_macro(rows: int):
+        quad_dot = _quad_dot_macro(rows, kp)
+
         @T.macro
         def tile(wt, xq, sx, qsum, scale, y, c, b, row0):
             """Rows row0 .. row0 + rows of block b: int32 sums in registers over the whole panel."""
@@ -1125,22 +1154,7 @@ def int8_vnni_rows_matmul(m: int, k: int, n: int, row_tile: int = VNNI_ROW_TILE,
                 for t in T.unroll(4):
                     acc[r, t, T.ramp(0, 1, L)] = T.broadcast(T.int32(0), L)
             for r4 in range(quads):
-                base = T.bind(c * panel + r4 * 4 * VNNI_BLOCK)
-                w0 = T.bind(wt[T.ramp(base, 1, VNNI_BLOCK)])
-                w1 = T.bind(wt[T.ramp(base + VNNI_BLOCK, 1, VNNI_BLOCK)])
-                w2 = T.bind(wt[T.ramp(base + 2 * VNNI_BLOCK, 1, VNNI_BLOCK)])
-                w3 = T.bind(wt[T.ramp(base + 3 * VNNI_BLOCK, 1, VNNI_BLOCK)])
-                for r in T.unroll(rows):
-                    xv = T.bind(T.reinterpret("int8x64", T.broadcast(
-                        T.reinterpret("int32", xq[T.ramp((row0 + r) * kp + r4 * 4, 1, 4)]), L)))
-                    acc[r, 0, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
-                        "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 0, T.ramp(0, 1, L)], w0, xv)
-                    acc[r, 1, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
-                        "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 1, T.ramp(0, 1, L)], w1, xv)
-                    acc[r, 2, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
-                        "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 2, T.ramp(0, 1, L)], w2, xv)
-                    acc[r, 3, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
-                        "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 3, T.ramp(0, 1, L)], w3, xv)
+                quad_dot(acc, wt, c * panel + r4 * 4 * VNNI_BLOCK, xq, row0, r4)
             for r in T.unroll(rows):
                 i = T.bind(row0 + r)
                 correction = T.bind(offset * qsum[i])  # every code carries +128
@@ -1217,7 +1231,6 @@ def int4_vnni_rows_matmul(m: int, k: int, n: int, group: int, zero_points: bool 
     P = chunks or _vnni_row_tasks(blocks)
     panel = kp * VNNI_BLOCK  # bytes of one transposed half block
     L = VNNI_LANES
-    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
     sym_zero = T.float32(INT4_SYMMETRIC_ZERO)
 
     @T.macro
@@ -1275,6 +1288,8 @@ def int4_vnni_rows_matmul(m: int, k: int, n: int, group: int, zero_points: bool 
                              *[T.bitwise_and(T.shift_right(v, _u32(4)), _u32(_LOW_NIBBLES)) for v in a])
 
     def tile_macro(rows: int):
+        quad_dot = _quad_dot_macro(rows, kp)
+
         @T.macro
         def tile(wt, xq, sx, qsum, scales, zeros, y, c, b, half, row0):
             """Rows row0 .. row0 + rows, 64 columns (one half of block b): int32 sums per group in
@@ -1290,22 +1305,7 @@ def int4_vnni_rows_matmul(m: int, k: int, n: int, group: int, zero_points: bool 
                         acc[r, t, T.ramp(0, 1, L)] = T.broadcast(T.int32(0), L)
                 for q4 in range(group_quads):
                     r4 = T.bind(g * group_quads + q4)
-                    base = T.bind(c * 2 * panel + half * panel + r4 * 4 * VNNI_BLOCK)
-                    w0 = T.bind(wt[T.ramp(base, 1, VNNI_BLOCK)])
-                    w1 = T.bind(wt[T.ramp(base + VNNI_BLOCK, 1, VNNI_BLOCK)])
-                    w2 = T.bind(wt[T.ramp(base + 2 * VNNI_BLOCK, 1, VNNI_BLOCK)])
-                    w3 = T.bind(wt[T.ramp(base + 3 * VNNI_BLOCK, 1, VNNI_BLOCK)])
-                    for r in T.unroll(rows):
-                        xv = T.bind(T.reinterpret("int8x64", T.broadcast(
-                            T.reinterpret("int32", xq[T.ramp((row0 + r) * kp + r4 * 4, 1, 4)]), L)))
-                        acc[r, 0, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
-                            "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 0, T.ramp(0, 1, L)], w0, xv)
-                        acc[r, 1, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
-                            "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 1, T.ramp(0, 1, L)], w1, xv)
-                        acc[r, 2, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
-                            "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 2, T.ramp(0, 1, L)], w2, xv)
-                        acc[r, 3, T.ramp(0, 1, L)] = T.call_llvm_pure_intrin(
-                            "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[r, 3, T.ramp(0, 1, L)], w3, xv)
+                    quad_dot(acc, wt, c * 2 * panel + half * panel + r4 * 4 * VNNI_BLOCK, xq, row0, r4)
                 for r in T.unroll(rows):
                     i = T.bind(row0 + r)
                     coef = T.bind(T.Cast("float32", qsum[i, g]))
