@@ -29,8 +29,8 @@ from actsparse.codegen.kernels.params import without_params
 # (int8 rows of 1 KB at batch 1 also took 8 rows per step over 16: 0.09 vs 0.13 ms, K=2816 N=1024)
 from actsparse.codegen.kernels.activity import active_expr, check_mode
 from actsparse.codegen.kernels.cpu.schedule import X86_ROWS, RowSchedule, prefetch_l2
-from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, ROWS_PER_STEP, batch1_rows_macro, compact_macro,
-                                                  default_chunks, default_rows_per_step)
+from actsparse.codegen.kernels.cpu.sparse import (ROW_CHUNKS, ROWS_PER_STEP, _sum_partials_macro, batch1_rows_macro,
+                                                  compact_macro, default_chunks, default_rows_per_step)
 
 INT4_SYMMETRIC_ZERO = 8
 K_UNROLL = 4  # independent accumulators in the dense kernels: hides the FMA latency
@@ -856,6 +856,7 @@ def int4_sparse_matmul_vnni(k: int, n: int, group: int, mode: str = "threshold",
     vectors = width // L
     vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
     sym_zero = T.float32(INT4_SYMMETRIC_ZERO)
+    sum_partials = _sum_partials_macro(n, L, P)  # y = the tasks' float partials, summed
 
     @T.prim_func
     def int4_sparse_vnni_kernel(
@@ -971,20 +972,7 @@ def int4_sparse_matmul_vnni(k: int, n: int, group: int, mode: str = "threshold",
                             yf[c, col] = yf[c, col] + scales[g, col] * sx[g] * (
                                 T.Cast("float32", part[c, col]) - z * coef)
                             part[c, col] = 0
-        for v in range(vectors):
-            total = T.alloc_buffer((L,), "float32")
-            for j in T.vectorized(L):
-                total[j] = yf[0, v * L + j]
-            for c in range(1, P):
-                for j in T.vectorized(L):
-                    total[j] = total[j] + yf[c, v * L + j]
-            if v * L + L <= n:
-                for j in T.vectorized(L):
-                    y[0, v * L + j] = total[j]
-            else:
-                for j in range(L):
-                    if v * L + j < n:
-                        y[0, v * L + j] = total[j]
+        sum_partials(yf, y)
 
     return without_params(int4_sparse_vnni_kernel, unused)
 
