@@ -213,17 +213,33 @@ def _bind_quant(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node,
     part = layers.index(placeholder.attributes.get_string("layer"))
     start = kernel.attributes.get_ints("offsets")[part]
     stop = start + kernel.attributes.get_ints("parts")[part]
-    bounds = []
-    for role, value in (("start", start), ("stop", stop), ("axis", -1)):
-        bound = ir.Value(name=f"prefill.const.{placeholder.name}.{role}", const_value=ir.tensor(np.array([value], np.int64)))
-        bound.shape, bound.type = ir.Shape([1]), ir.TensorType(ir.DataType.INT64)
-        prefill.graph.register_initializer(bound)
-        bounds.append(bound)
-    columns = ir.Node("", "Slice", [product, *bounds], name=f"{placeholder.name}.prefill.columns")
-    columns.outputs[0].name = f"{placeholder.name}.prefill.out"
-    prefill.graph.append(columns)
-    _replace(prefill, placeholder, columns.outputs[0])
+    _replace(prefill, placeholder, _columns(prefill, product, start, stop, f"{placeholder.name}.prefill.columns",
+                                            placeholder.name, axis=-1))
     return None
+
+
+def _append(prefill: ir.Model, op_type: str, inputs: list, name: str) -> ir.Value:
+    """A new node `name` at the end of the chunk graph; its output."""
+    node = ir.Node("", op_type, inputs, name=name)
+    node.outputs[0].name = f"{name}.out"
+    prefill.graph.append(node)
+    return node.outputs[0]
+
+
+def _const(prefill: ir.Model, owner: str, values, dtype=np.int64) -> ir.Value:
+    """A small constant of the chunk graph (compiled in: relax_import._small_constants_inline)."""
+    value = ir.Value(name=f"prefill.const.{owner}.{len(prefill.graph.initializers)}",
+                     const_value=ir.tensor(np.asarray(values, dtype)))
+    value.shape, value.type = ir.Shape(value.const_value.shape), ir.TensorType(value.const_value.dtype)
+    prefill.graph.register_initializer(value)
+    return value
+
+
+def _columns(prefill: ir.Model, value: ir.Value, start: int, stop: int, name: str, owner: str,
+             axis: int = 1) -> ir.Value:
+    """value[..., start:stop] along `axis` (a Slice node `name`, its bounds constants of `owner`)."""
+    bounds = [_const(prefill, owner, [bound]) for bound in (start, stop, axis)]
+    return _append(prefill, "Slice", [value, *bounds], name)
 
 
 def _replace(prefill: ir.Model, placeholder: ir.Node, value: ir.Value) -> None:
@@ -246,20 +262,13 @@ def _bind_fused_ffn(prefill: ir.Model, fused: ir.Node, placeholders: dict[str, i
     shift = weights.get("shift") if shifted else None
 
     def op(op_type: str, inputs: list, suffix: str) -> ir.Value:
-        node = ir.Node("", op_type, inputs, name=f"{name}/{suffix}")
-        node.outputs[0].name = f"{name}/{suffix}.out"
-        prefill.graph.append(node)
-        return node.outputs[0]
+        return _append(prefill, op_type, inputs, f"{name}/{suffix}")
 
     def const(values, dtype=np.int64) -> ir.Value:
-        value = ir.Value(name=f"prefill.const.{name}.{len(prefill.graph.initializers)}",
-                         const_value=ir.tensor(np.asarray(values, dtype)))
-        value.shape, value.type = ir.Shape(value.const_value.shape), ir.TensorType(value.const_value.dtype)
-        prefill.graph.register_initializer(value)
-        return value
+        return _const(prefill, name, values, dtype)
 
     def columns(value: ir.Value, start: int, stop: int, suffix: str, axis: int = 1) -> ir.Value:
-        return op("Slice", [value, const([start]), const([stop]), const([axis])], suffix)
+        return _columns(prefill, value, start, stop, f"{name}/{suffix}", name, axis)
 
     if form == DENSE:  # panels of [gate L | up L]: [rows, panels, 2, L]
         panels, _, width = (int(s) for s in weights["gate_up_panels"].shape)
