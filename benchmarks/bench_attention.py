@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's actsparse, not an installed one
-from common import copies_to_exceed_cache, l3_cache_bytes  # noqa: E402
+from common import copies_to_exceed_cache, l3_cache_bytes, write_report  # noqa: E402
 
 from actsparse.benchmark.timing import interleaved_blocks, paired_speedup  # noqa: E402
 from actsparse.codegen.kernels.cpu import attention  # noqa: E402
@@ -215,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(f"prefill of {PREFILL_ROWS} rows, {dtype} cache", "first", rows)
         report["prefill"] += rows
         del caches
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 

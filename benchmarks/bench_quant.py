@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copies_to_exceed_cache, copy_bandwidth_gbs, l3_cache_bytes, ort_matmul_session  # noqa: E402
+from common import (copies_to_exceed_cache, copy_bandwidth_gbs, l3_cache_bytes, ort_matmul_session,  # noqa: E402
+                    write_report)
 
 from actsparse.benchmark.timing import interleaved_blocks  # noqa: E402
 from actsparse.codegen.kernels.cpu import quant  # noqa: E402
@@ -341,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for summary in report["gemv"]:
         _print(summary, bandwidth)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 

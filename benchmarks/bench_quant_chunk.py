@@ -23,7 +23,6 @@ weights (the cost of each engine's activation arithmetic; the one-row row is at 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copies_to_exceed_cache, l3_cache_bytes  # noqa: E402
+from common import copies_to_exceed_cache, l3_cache_bytes, write_report  # noqa: E402
 
 from actsparse.benchmark.timing import interleaved_blocks, paired_speedup  # noqa: E402
 from actsparse.codegen.kernels.cpu import quant  # noqa: E402
@@ -144,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{errors[name]:.1e} |")
         report["shapes"].append({"k": k, "n": n, **info, "engines": rows})
         del engines
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 

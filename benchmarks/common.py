@@ -7,9 +7,11 @@ anything. Weights must rotate over several times the last-level cache.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
+from actsparse.atomic import write_json_atomic
 from actsparse.benchmark.timing import copies_to_exceed_cache, copy_bandwidth_gbs, l3_cache_bytes, time_per_call  # noqa: F401
 
 
@@ -54,3 +56,10 @@ def read_bound_call(weight_bytes: int):
     data = tvm.runtime.tensor(np.ones(size, np.float32))
     partial = tvm.runtime.tensor(np.zeros((tasks, 16), np.float32))
     return lambda i: kernel(data, partial)
+
+
+def write_report(path: Path, report: dict) -> None:
+    """A benchmark's JSON report at ``path`` (folders made, written to a temp file and renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, report)
+    print(f"\nwrote {path}")

@@ -14,7 +14,6 @@ and top-1 agreement against the float model, and the max |dlogit| between chunks
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import sysconfig
 import tempfile
@@ -22,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-import actsparse
-from actsparse.lm.compile import compile_causal_lm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import actsparse  # noqa: E402
+from actsparse.lm.compile import compile_causal_lm  # noqa: E402
+from common import write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prompt_int8_vnni_accuracy.json"
 PASSES = {"float": "", "int8 (float x chunks)": "quantize{mode=dynamic,bits=8}",
@@ -97,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in gaps.items():
         report["max_abs_gap"][name] = max(values)
         print(f"- {name}: max |dlogit| {max(values):.2e}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 
