@@ -32,6 +32,32 @@ def stale_caches(kv: int, d: int, capacity: int):
     return (tvm.runtime.tensor(np.full((kv, d, capacity), 1e30, np.float32)),
             tvm.runtime.tensor(np.full((kv, capacity, d), 1e30, np.float32)))
 
+def check_prefill_chunks(prefill_attention, kv, group, d, capacity, rows, window, seed):
+    """Chunks of `rows` from position 0 to the capacity (the last one runs past it) over stale
+    caches: every real row equals the reference, rows past the capacity neither written nor read,
+    and the caches end up holding every key and value."""
+    kernel = compiled(prefill_attention(kv, group, d, capacity, rows, window=window))
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
+    cache_k, cache_v = stale_caches(kv, d, capacity)
+    for first in range(0, capacity, rows):
+        q = rng.standard_normal((rows, kv * group, d)).astype(np.float32)
+        real = min(rows, capacity - first)
+        k = np.zeros((rows, kv, d), np.float32)
+        v = np.zeros((rows, kv, d), np.float32)
+        k[:real] = keys[:, first:first + real].transpose(1, 0, 2)
+        v[:real] = values[:, first:first + real].transpose(1, 0, 2)
+        out = tvm.runtime.tensor(np.zeros((rows, kv * group, d), np.float32))
+        kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), cache_k, cache_v,
+               tvm.runtime.tensor(np.array([first], np.int64)), out)
+        for i in range(real):
+            expected = reference(q[i].reshape(kv, group, d), keys, values, first + i, window).reshape(kv * group, d)
+            np.testing.assert_allclose(out.numpy()[i], expected, atol=2e-5, rtol=1e-4, err_msg=f"row {first + i}")
+    np.testing.assert_array_equal(cache_k.numpy(), keys.transpose(0, 2, 1))
+    np.testing.assert_array_equal(cache_v.numpy(), values)
+
+
 
 @pytest.mark.parametrize("kv,group,d,window", [(2, 3, 16, 0), (1, 4, 32, 0), (3, 1, 8, 5)])
 def test_decode_attention_matches_numpy(kv, group, d, window):
@@ -64,27 +90,7 @@ def test_prefill_attention_matches_numpy_row_by_row(kv, group, d, window, rows):
     chunk appended to what the cache holds, rows past the capacity neither written nor read."""
     from actsparse.codegen.kernels.cpu.attention import prefill_attention
 
-    capacity = cache_capacity(20)  # 32
-    kernel = compiled(prefill_attention(kv, group, d, capacity, rows, window=window))
-    rng = np.random.default_rng(1)
-    keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
-    values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
-    cache_k, cache_v = stale_caches(kv, d, capacity)
-    for first in range(0, capacity, rows):  # the last chunk runs past the capacity
-        q = rng.standard_normal((rows, kv * group, d)).astype(np.float32)
-        k = np.zeros((rows, kv, d), np.float32)
-        v = np.zeros((rows, kv, d), np.float32)
-        real = min(rows, capacity - first)
-        k[:real] = keys[:, first:first + real].transpose(1, 0, 2)
-        v[:real] = values[:, first:first + real].transpose(1, 0, 2)
-        out = tvm.runtime.tensor(np.zeros((rows, kv * group, d), np.float32))
-        kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), cache_k, cache_v,
-               tvm.runtime.tensor(np.array([first], np.int64)), out)
-        for i in range(real):
-            expected = reference(q[i].reshape(kv, group, d), keys, values, first + i, window).reshape(kv * group, d)
-            np.testing.assert_allclose(out.numpy()[i], expected, atol=2e-5, rtol=1e-4)
-    np.testing.assert_array_equal(cache_k.numpy(), keys.transpose(0, 2, 1))
-    np.testing.assert_array_equal(cache_v.numpy(), values)
+    check_prefill_chunks(prefill_attention, kv, group, d, cache_capacity(20), rows, window, seed=1)  # capacity 32
 
 
 @pytest.mark.parametrize("rows", [1, 6])
@@ -160,22 +166,4 @@ def test_prefill_attention_groups_and_long_chunks_match_numpy(kv, group, d, wind
     query heads, a last task of 1 row), group 1 (16 rows a task), 32-row chunks with a window."""
     from actsparse.codegen.kernels.cpu.attention import prefill_attention
 
-    capacity = cache_capacity(100)  # 112
-    kernel = compiled(prefill_attention(kv, group, d, capacity, rows, window=window))
-    rng = np.random.default_rng(3)
-    keys = rng.standard_normal((kv, capacity, d)).astype(np.float32)
-    values = rng.standard_normal((kv, capacity, d)).astype(np.float32)
-    cache_k, cache_v = stale_caches(kv, d, capacity)
-    for first in range(0, capacity, rows):
-        q = rng.standard_normal((rows, kv * group, d)).astype(np.float32)
-        real = min(rows, capacity - first)
-        k = np.zeros((rows, kv, d), np.float32)
-        v = np.zeros((rows, kv, d), np.float32)
-        k[:real] = keys[:, first:first + real].transpose(1, 0, 2)
-        v[:real] = values[:, first:first + real].transpose(1, 0, 2)
-        out = tvm.runtime.tensor(np.zeros((rows, kv * group, d), np.float32))
-        kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), cache_k, cache_v,
-               tvm.runtime.tensor(np.array([first], np.int64)), out)
-        for i in range(real):
-            expected = reference(q[i].reshape(kv, group, d), keys, values, first + i, window).reshape(kv * group, d)
-            np.testing.assert_allclose(out.numpy()[i], expected, atol=2e-5, rtol=1e-4, err_msg=f"row {first + i}")
+    check_prefill_chunks(prefill_attention, kv, group, d, cache_capacity(100), rows, window, seed=3)  # capacity 112
