@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import numpy as np
 import onnx_ir as ir
@@ -13,7 +14,8 @@ from actsparse.calibrate.stats import as_rows, collect_values
 from actsparse.errors import ActsparseError
 from actsparse.ir.custom_ops import DOMAIN, RANK_SPARSE_MATMUL, SPARSIFY_WEIGHTED
 from actsparse.passes import PassContext, PassSpec, make_pass, run_pipeline
-from actsparse.passes.rsparse import DROP_ALL, SPARSE_RATIOS, choose_split, rank_for
+from actsparse.passes import rsparse as rsparse_module
+from actsparse.passes.rsparse import DROP_ALL, SPARSE_RATIOS, activation_factors, choose_split, rank_for
 from actsparse.passes.verify import check_model, run_onnxruntime
 from tests.models import gelu_mlp_stack, swiglu_stack
 
@@ -217,6 +219,29 @@ def test_activation_basis_fits_the_dropped_inputs_better_than_the_weight_svd():
         assert by_activation.rank == by_weight.rank and by_activation.threshold == by_weight.threshold
         assert by_activation.error < 0.8 * by_weight.error
         assert by_activation.lowrank_in.shape == (k, by_weight.rank)
+
+
+def test_activation_basis_shrinks_to_the_weight_svd_when_calibration_rows_are_few():
+    """With fewer calibration rows than channels and a flat input spectrum, fitting the dropped
+    inputs alone over-fits: on fresh rows of the same distribution the ridge keeps the fit within
+    a few % of W's own SVD. With many rows the ridge fades (the fit equals the unregularized one)."""
+    k, n, rank = 64, 48, 8
+
+    def heldout_ratio(seed: int, rows: int, ridge: float | None = None) -> float:
+        rng = np.random.default_rng(seed)
+        basis, _ = np.linalg.qr(rng.standard_normal((k, k)))
+        scale = np.arange(1, k + 1) ** -0.25  # flat spectrum: every direction matters a little
+        draw = lambda m: (rng.standard_normal((m, k)) * scale) @ basis.T  # noqa: E731
+        weight, fit, fresh = rng.standard_normal((k, n)), draw(rows), draw(2000)
+        with mock.patch.object(rsparse_module, "RIDGE", rsparse_module.RIDGE if ridge is None else ridge):
+            a, b, _ = activation_factors(fit, weight, rank)
+        u, s, vt = np.linalg.svd(weight, full_matrices=False)
+        by_weight = fresh @ weight - fresh @ (u[:, :rank] * s[:rank]) @ vt[:rank]
+        return float(np.linalg.norm(fresh @ weight - fresh @ a @ b) / np.linalg.norm(by_weight))
+
+    assert np.median([heldout_ratio(seed, 16) for seed in range(8)]) < 1.03
+    assert np.median([heldout_ratio(seed, 16, ridge=0.0) for seed in range(8)]) > 1.05  # what the ridge prevents
+    assert heldout_ratio(0, 20000) == pytest.approx(heldout_ratio(0, 20000, ridge=0.0), rel=1e-3)
 
 
 # ------------------------------------------------------------------ options and errors
