@@ -14,7 +14,7 @@ import actsparse  # noqa: E402
 from actsparse.errors import ActsparseError  # noqa: E402
 from actsparse.lm.compile import compile_causal_lm  # noqa: E402
 
-from tests.lm.test_generate import COMMON, random_lm, torch_greedy  # noqa: E402
+from tests.lm.test_generate import COMMON, FAMILIES, random_lm, torch_greedy  # noqa: E402
 
 TOKENS = list(np.random.default_rng(0).integers(2, 300, 70))
 
@@ -128,6 +128,25 @@ def test_families_chunks_equal_single_steps(family, tmp_path):
     and the fused-qkv layouts (falcon: multi-query, kv groups, per-head)."""
     art = compile_causal_lm(random_lm(family), "host", output=tmp_path / f"{family}.actsparse", max_context=64)
     assert_chunk_equals_steps(actsparse.load(art.path))
+
+
+def test_shared_quant_kernel_over_two_chunk_inputs_still_runs_chunks(tmp_path):
+    """A freshly initialized GPT-NeoX has equal attention and MLP norms: the decode step's optimizer
+    merges them, so with int8 + a sparsifier on a VNNI CPU q/k/v and up read one Sparsify output and
+    share one kernel, while the chunk graph keeps two norms. The chunk runs that kernel once per
+    input (it used to give up on chunks and run the prompt token by token)."""
+    from actsparse.codegen.kernels.cpu.quant import has_int8_dot_product
+    from actsparse.codegen.targets import resolve_target
+
+    if not has_int8_dot_product(resolve_target("host")):
+        pytest.skip("layers share a quant kernel on AVX-512 VNNI CPUs only")
+    passes = "sparsify{method=teal,sparsity=0.000001},quantize{mode=dynamic,bits=8}"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES["gpt_neox"]()).eval()  # norms all 1, biases 0
+    art = compile_causal_lm(model, "host", passes, output=tmp_path / "neox.actsparse", max_context=64)
+    lm = actsparse.load(art.path)
+    assert lm.prefill_tokens == 32, lm.info["prefill"]
+    assert_chunk_equals_steps(lm)
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) ->
     bound_by_ffn = {name for node in fused.values() for name in node.attributes.get_strings("linears")}
     if relufied and any(".mlp." in name for name in set(placeholders) - bound_by_ffn):
         return "relufied FFNs outside a fused kernel (the chunk graph has the model's own activation)"
-    side_by_side: dict[int, tuple[ir.Value, ir.Value]] = {}  # one chunk product per shared quant kernel
+    side_by_side: dict[tuple[int, int], ir.Value] = {}  # chunk product per (shared quant kernel, input)
     for name, placeholder in placeholders.items():
         if name not in bound_by_ffn:
             reason = _bind_linear(prefill, placeholder, kernels[name], side_by_side)
@@ -161,7 +161,7 @@ def _quant_layers(node: ir.Node) -> list[str]:
 
 
 def _bind_linear(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node,
-                 side_by_side: dict[int, tuple[ir.Value, ir.Value]]) -> str | None:
+                 side_by_side: dict[tuple[int, int], ir.Value]) -> str | None:
 
     if kernel.op_type == QUANT_LINEAR:
         return _bind_quant(prefill, placeholder, kernel, side_by_side)
@@ -186,27 +186,27 @@ def _bind_linear(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node,
 
 
 def _bind_quant(prefill: ir.Model, placeholder: ir.Node, kernel: ir.Node,
-                side_by_side: dict[int, tuple[ir.Value, ir.Value]]) -> str | None:
+                side_by_side: dict[tuple[int, int], ir.Value]) -> str | None:
     """The packed int8/int4 arrays (named "<layer>.<role>_<kind>_packed") and the kernel's attributes.
     A kernel serving several layers side by side (q/k/v, gate/up) runs once per chunk, over the
-    input they share; each layer takes its columns (a Slice)."""
+    input they share; each layer takes its columns (a Slice). Where the chunk graph gives those
+    layers different inputs (two equal norms the decode step's optimizer merged into one, as in a
+    freshly initialized GPT-NeoX), it runs once per input: extra columns, not token-by-token steps."""
     x = placeholder.inputs[0]
     layers = _quant_layers(kernel)
-    if len(layers) > 1 and id(kernel) in side_by_side:
-        shared_x, product = side_by_side[id(kernel)]
-        if shared_x is not x:
-            return f"{placeholder.name}: the layers of {kernel.name} read different inputs in the chunk graph"
-    else:
+    product = side_by_side.get((id(kernel), id(x)))
+    if product is None:
         weights = [_weight(prefill, v) for v in kernel.inputs[1:] if v is not None and v.name.endswith("_packed")]
         attributes = {name: kernel.attributes[name] for name in ("kind", "mode", "k", "n", "group", "zero_points",
                                                                  "lanes", "int8_dot")}
         attributes |= {"layout": ir.AttrString("layout", QUANT), "rows": ir.AttrInt64("rows", _rows_of(placeholder))}
         name = f"{placeholder.name}.prefill" if len(layers) == 1 else f"{kernel.name}.prefill"
+        earlier = sum(key[0] == id(kernel) for key in side_by_side)
+        name += f".{earlier}" if earlier else ""
         node = ir.Node(LOWERING_DOMAIN, PREFILL_LINEAR, [x, *weights], attributes=attributes, name=name)
         node.outputs[0].name = f"{name}.out"
         prefill.graph.append(node)
-        product = node.outputs[0]
-        side_by_side[id(kernel)] = (x, product)
+        product = side_by_side[(id(kernel), id(x))] = node.outputs[0]
         if len(layers) == 1:
             _replace(prefill, placeholder, product)
             return None
