@@ -178,17 +178,20 @@ class QuantizePass(ActsparsePass):
         if mode == "weight_only" and opts.format == "qdq":
             _raise_opset(model, QDQ_BLOCKED_OPSET)
         rows = self._calibration_rows(model, inputs) if self._needs_rows(mode) else {}
-        layers = []
-        for group in inputs:
+        by_group: dict[int, list[dict]] = {}
+        # Last group first: a group's input may be the output of a linear rewritten later (OPT-350m's
+        # project_out feeds lm_head); that rewrite then moves the new nodes onto its new output.
+        for group in reversed(inputs):
             if mode == "static":
-                layers += self._static(model, group, rows[group.value.name])
+                by_group[id(group)] = self._static(model, group, rows[group.value.name])
             elif mode == "dynamic" and opts.granularity == "token":
-                layers += self._dynamic_per_token(model, group)
+                by_group[id(group)] = self._dynamic_per_token(model, group)
             elif mode == "dynamic":
-                layers += self._dynamic(model, group)
+                by_group[id(group)] = self._dynamic(model, group)
             else:
                 hessian = layer_hessian(rows[group.value.name]) if opts.rounding == "gptq" else None
-                layers += [self._weight_only(model, linear, hessian) for linear in group.linears]
+                by_group[id(group)] = [self._weight_only(model, linear, hessian) for linear in group.linears]
+        layers = [layer for group in inputs for layer in by_group[id(group)]]
         model = common.RemoveUnusedNodesPass()(model).model
         bytes_after = _initializer_bytes(model)
         self.report = {

@@ -49,6 +49,24 @@ def test_quantized_linears_compile_to_our_kernels(passes, kernel, tolerance):
     assert error <= tolerance
 
 
+@pytest.mark.parametrize("passes, kernel, tolerance", [
+    ("quantize{bits=8}", "int8_dense", 0.05),
+    ("quantize{mode=dynamic,bits=8}", "int8_dense", 0.05),
+    ("quantize{bits=4,group=32,accuracy_level=0}", "int4_dense", 1e-4),
+])
+def test_chained_quantized_linears_all_get_our_kernels(passes, kernel, tolerance):
+    """Each linear reads the one before directly, as OPT-350m's project_out feeds lm_head: the
+    quantize pass and the lowering rewrite a linear whose input an earlier rewrite replaced (the
+    pass used to leave a dangling input, the lowering a generic TVM MatMulInteger / MatMulNBits)."""
+    model = actsparse.optimize(ir.serde.deserialize_model(_chain()), passes=passes).model
+    x = np.random.default_rng(1).standard_normal((1, 32)).astype(np.float32)
+    art = actsparse.compile(model, target="host", example_inputs={"x": x})
+    assert [layer["kernel"] for layer in art.kernels] == [kernel] * 3
+    expected = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})[0]
+    error = np.abs(art.run(x=x)["h2"] - expected).max() / np.abs(expected).max()
+    assert error <= tolerance
+
+
 def test_int4_with_int8_activations_takes_the_vnni_kernel_where_the_cpu_has_it():
     """accuracy_level=4 (the quantize default) lets x be int8 per block, as in onnxruntime: on a
     CPU with AVX-512 VNNI that selects int4_dense_vnni; elsewhere, and for x86/rpi4, the float one."""

@@ -149,6 +149,17 @@ def test_shared_quant_kernel_over_two_chunk_inputs_still_runs_chunks(tmp_path):
     assert_chunk_equals_steps(lm)
 
 
+@pytest.mark.parametrize("passes", ["quantize{mode=dynamic,bits=8}", "quantize{mode=weight_only,bits=4}"])
+def test_quantized_opt_350m_layout_runs_chunks(passes, tmp_path):
+    """OPT-350m's project_out feeds lm_head directly: both quantized, both on our kernels, and the
+    chunk binds them (the decode step used to keep project_out's generic MatMulInteger / fail on
+    its MatMulNBits, so no chunk)."""
+    art = compile_causal_lm(random_lm("opt_post_norm"), "host", passes, output=tmp_path / "opt.actsparse", max_context=64)
+    kernels = {layer["name"].split(".")[0]: layer["kernel"] for layer in art.kernels}
+    assert kernels["project_out"].startswith(("int8", "int4")) and kernels["lm_head"].startswith(("int8", "int4"))
+    assert_chunk_equals_steps(actsparse.load(art.path))
+
+
 @pytest.mark.slow
 def test_sliding_window_chunks_equal_single_steps(tmp_path):
     torch.manual_seed(0)

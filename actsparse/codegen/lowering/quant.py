@@ -73,9 +73,13 @@ def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: 
     """
     model = _infer_matmulnbits_shapes(model)
     matches = [match for node in list(model.graph) if (match := match_quant_linear(node)) is not None]
-    layers = []
-    for batch in shared_input_batches(matches, int8_dot):
-        layers += _replace(model, batch, lanes, int8_dot)
+    batches = shared_input_batches(matches, int8_dot)
+    rewritten: dict[int, list[dict]] = {}
+    # Last batch first: a batch's input may be an earlier batch's output (OPT-350m's project_out
+    # feeds lm_head); rewriting that one afterwards moves the new kernel onto its replacement.
+    for batch in reversed(batches):
+        rewritten[id(batch[0])] = _replace(model, batch, lanes, int8_dot)
+    layers = [layer for batch in batches for layer in rewritten[id(batch[0])]]
     if layers:
         import onnx_ir.passes.common as common
 
