@@ -25,7 +25,11 @@ def check_lowerable_ops(model: ir.Model) -> None:
         if domain == DOMAIN:
             _check_actsparse_node(node, where)
             continue
-        if is_matmul_nbits(node):  # lowered by codegen/lowering/quant.py
+        if is_matmul_nbits(node):  # lowered by codegen/lowering/quant.py, 4-bit only
+            bits = node.attributes.get_int("bits", 4)
+            if bits != 4:
+                raise ActsparseError(f"{where}: {bits}-bit MatMulNBits has no compiled kernel (4-bit has); for int8 "
+                                     "quantize with mode=dynamic or mode=static, which the int8 kernels take")
             continue
         raise ActsparseError(f"{where}: the compiler does not support ops of domain {domain!r}")
 

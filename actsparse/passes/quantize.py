@@ -410,7 +410,8 @@ class QuantizePass(ActsparsePass):
                    ir.TensorType(ir.DataType.FLOAT), ir.Shape([k, linear.out_features]),
                    attributes={"axis": 0, "block_size": opts.group})
         out = linear.node.outputs[0]
-        matmul = _node(model, "", "MatMul", [linear.input, dq.outputs[0]], f"{linear.name}", out.type, out.shape)
+        matmul = _node(model, "", "MatMul", [linear.input, dq.outputs[0]], f"{linear.name}.matmul_qdq", out.type,
+                       out.shape)
         nodes = [dq, matmul]
         if linear.node.op_type == "Gemm" and linear.bias is not None:
             nodes.append(_node(model, "", "Add", [matmul.outputs[0], linear.node.inputs[2]], f"{linear.name}.bias",

@@ -39,8 +39,8 @@ def test_example_models_compile_for_cuda(case, tmp_path):
     assert art.target["arch"] == "sm_90"
 
 
-def test_int4_for_cuda_is_a_clear_refusal(tmp_path):
+@pytest.mark.parametrize("passes", ["quantize{mode=weight_only,bits=4}", "quantize{mode=weight_only,bits=4,format=qdq}"])
+def test_int4_for_cuda_is_a_clear_refusal(passes, tmp_path):
     onnx.save(zoo.swiglu_stack(layers=1, d=128, f=256), tmp_path / "m.onnx")
     with pytest.raises(ActsparseError, match="no CUDA kernel yet"):
-        actsparse.compile(str(tmp_path / "m.onnx"), target="cuda:sm_90", passes="quantize{mode=weight_only,bits=4}",
-                          output=tmp_path / "m.actsparse")
+        actsparse.compile(str(tmp_path / "m.onnx"), target="cuda:sm_90", passes=passes, output=tmp_path / "m.actsparse")

@@ -67,6 +67,29 @@ def test_chained_quantized_linears_all_get_our_kernels(passes, kernel, tolerance
     assert error <= tolerance
 
 
+@pytest.mark.parametrize("symmetric", ["true", "false"])
+def test_int4_blocked_qdq_compiles_to_the_int4_kernels(symmetric):
+    """quantize{format=qdq}: MatMul(x, DequantizeLinear(int4 | uint4 W, scales[, zero points],
+    block_size)) is MatMulNBits' arithmetic with float x; the float int4 kernels take it (TVM's
+    importer cannot read int4 tensors: it failed with "TensorCopyFromBytes: size mismatch")."""
+    passes = f"quantize{{bits=4,group=32,format=qdq,symmetric={symmetric}}}"
+    model = actsparse.optimize(ir.serde.deserialize_model(swiglu_stack(layers=1, d=64, f=128)), passes=passes).model
+    x = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
+    art = actsparse.compile(model, target="host", example_inputs={"x": x})
+    assert {layer["kernel"] for layer in art.kernels} == {"int4_dense"}
+    options = ort.SessionOptions()  # unfused: onnxruntime would run it as MatMulNBits with int8 x
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options)
+    np.testing.assert_allclose(art.run(x=x)["y"], session.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_int8_weight_only_is_a_clear_refusal():
+    model = actsparse.optimize(ir.serde.deserialize_model(swiglu_stack(layers=1, d=64, f=128)),
+                               passes="quantize{mode=weight_only,bits=8}").model
+    with pytest.raises(actsparse.ActsparseError, match="8-bit MatMulNBits has no compiled kernel.*mode=dynamic"):
+        actsparse.compile(model, target="host", example_inputs={"x": np.zeros((1, 64), np.float32)})
+
+
 def test_int4_with_int8_activations_takes_the_vnni_kernel_where_the_cpu_has_it():
     """accuracy_level=4 (the quantize default) lets x be int8 per block, as in onnxruntime: on a
     CPU with AVX-512 VNNI that selects int4_dense_vnni; elsewhere, and for x86/rpi4, the float one."""

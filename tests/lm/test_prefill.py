@@ -236,6 +236,16 @@ def test_quantized_chunks_run_the_int8_and_int4_kernels_at_32_rows(llama, tmp_pa
     assert_chunk_equals_steps(all_active, tolerance=1e-4)
 
 
+def test_int4_blocked_qdq_chunks_bind_the_decode_kernels(llama, tmp_path):
+    """quantize{format=qdq}'s MatMul nodes end in ".matmul_qdq", like ".matmul_nbits": the chunk
+    finds the decode step's int4 kernels by layer name (a new MatMul named as the old one it
+    replaced had come out "<name>_1", and the prompt ran token by token)."""
+    art = compile_causal_lm(llama, "host", "quantize{mode=weight_only,bits=4,format=qdq}",
+                            output=tmp_path / "qdq.actsparse", max_context=64)
+    assert {layer["kernel"] for layer in art.kernels} == {"int4_dense"}
+    assert_chunk_equals_steps(actsparse.load(art.path))
+
+
 def test_weights_the_decode_step_deduplicated_are_compiled_in(tmp_path):
     """Freshly initialized norms are all ones: the decode step's optimizer keeps one copy of the
     equal arrays, so the chunk's own names are gone; small ones become constants of its code."""

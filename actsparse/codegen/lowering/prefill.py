@@ -42,7 +42,7 @@ from actsparse.codegen.lowering.ops import (DENSE_LINEAR, FUSED_FFN, LOWERING_DO
 from actsparse.codegen.targets import TargetInfo
 
 PACKED, ROWS, COLUMNS, GENERIC, QUANT = "packed", "kn", "nk", "generic", "quant"
-QUANT_PASS_SUFFIXES = (".matmul_integer", ".matmul_nbits")  # passes/quantize.py's node names
+QUANT_PASS_SUFFIXES = (".matmul_integer", ".matmul_nbits", ".matmul_qdq")  # passes/quantize.py's node names
 
 
 def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) -> str | None:

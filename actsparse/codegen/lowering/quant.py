@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from actsparse.codegen.lowering.ops import LOWERING_DOMAIN, QUANT_LINEAR, as_converter, attr_text, declare_lowering_domain
 from actsparse.codegen.targets import DEFAULT_LANES, TargetInfo, describe_target
+from actsparse.errors import ActsparseError
 from actsparse.ir.custom_ops import SPARSIFY_WEIGHTED, add_initializer, is_matmul_nbits, is_sparsify, unique_node_name
 
 MAX_SPARSE_ROWS = 8  # the sparse kernels unroll the rows of x: beyond this, use the dense ones
@@ -85,6 +86,10 @@ def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: 
 
         common.RemoveUnusedNodesPass()(model)
         declare_lowering_domain(model)
+    left = next((node for node in model.graph if is_matmul_nbits(node)), None)
+    if left is not None:  # TVM's importer has no MatMulNBits: say which form, not "unsupported operator"
+        raise ActsparseError(f"node {left.name!r} (MatMulNBits): a form the compiler does not take (it takes "
+                             "4-bit codes, block_size a multiple of 16, no zero points or uint8 ones)")
     return layers
 
 
@@ -154,7 +159,9 @@ def _float_input(value: ir.Value) -> bool:
 def _match_qdq(matmul: ir.Node) -> QuantLinear | None:
     a, b = matmul.inputs[0], matmul.inputs[1]
     dq_w = _producer(b, "DequantizeLinear")
-    if dq_w is None or dq_w.attributes.get_int("axis", 1) not in (1, -1) or dq_w.attributes.get_int("block_size", 0):
+    if dq_w is not None and dq_w.attributes.get_int("block_size", 0):
+        return _match_blocked_int4(matmul, dq_w)
+    if dq_w is None or dq_w.attributes.get_int("axis", 1) not in (1, -1):
         return None
     q, scale = _const(dq_w.inputs[0]), _const(dq_w.inputs[1])
     zero = _const(dq_w.inputs[2]) if len(dq_w.inputs) > 2 and dq_w.inputs[2] is not None else None
@@ -166,6 +173,39 @@ def _match_qdq(matmul: ir.Node) -> QuantLinear | None:
     k, n = q.shape
     return QuantLinear(matmul.outputs[0], x, k, n, "int8", (q, scale.reshape(n).astype(np.float32)),
                        name=matmul.name or matmul.outputs[0].name, int8_activations=x is not a)
+
+
+def _match_blocked_int4(matmul: ir.Node, dq_w: ir.Node) -> QuantLinear | None:
+    """MatMul(x, DequantizeLinear(W int4|uint4 [K, N], scales [G, N][, zero points uint4 [G, N]],
+    axis=0, block_size)): quantize{format=qdq}'s int4 weights, the same numbers as MatMulNBits'
+    (codes 0..15, code - 8 or code - zero point, times the block's scale) with float x."""
+    x, w = matmul.inputs[0], dq_w.inputs[0]
+    group = dq_w.attributes.get_int("block_size", 0)
+    if w is None or w.dtype not in (ir.DataType.INT4, ir.DataType.UINT4) or dq_w.attributes.get_int("axis", 1) != 0:
+        return None
+    q, scales = _const(w), _const(dq_w.inputs[1])
+    zero = _const(dq_w.inputs[2]) if len(dq_w.inputs) > 2 and dq_w.inputs[2] is not None else None
+    if q is None or scales is None or q.ndim != 2 or group < 16 or group % 16:
+        return None
+    k, n = q.shape
+    blocks = -(-k // group)
+    if scales.shape != (blocks, n) or not _float_input(x) or x.shape[-1] != k:
+        return None
+    signed = w.dtype == ir.DataType.INT4
+    if zero is not None and (signed or zero.shape != (blocks, n)):
+        return None
+    codes = np.full((n, blocks * group), 8, np.uint8)  # the padding past K: code 8, weight 0 when symmetric
+    codes[:, :k] = (q.astype(np.int16) + (8 if signed else 0)).T.astype(np.uint8)
+    zeros = None
+    if zero is not None:
+        zeros = np.ascontiguousarray(zero.astype(np.uint8).T)
+        if np.all(zeros == 8):  # the symmetric form spelled with zero points
+            zeros = None
+    elif not signed:  # uint4 without zero points: zero point 0
+        zeros = np.zeros((n, blocks), np.uint8)
+    return QuantLinear(matmul.outputs[0], x, k, n, "int4", (codes, np.ascontiguousarray(scales.T).astype(np.float32),
+                                                             zeros), group=group,
+                       name=matmul.name or matmul.outputs[0].name)
 
 
 def _through_activation_qdq(a: ir.Value) -> ir.Value:

@@ -58,9 +58,12 @@ def select_kernels(model: ir.Model, target: TargetInfo | None = None,
     rank_sparse_layers = select_rank_sparse_kernels(model, target.kind in ("", "llvm"),
                                                     lanes=target.kernel_lanes("sparse"))
     if target.on_cuda:
-        if any(node.op_type == "MatMulNBits" for node in model.graph):
-            raise ActsparseError("int4 weights (MatMulNBits) have no CUDA kernel yet: compile for a CPU target, or "
-                                 "quantize with format=qdq for TVM's own lowering")
+        int4 = (ir.DataType.INT4, ir.DataType.UINT4)
+        if any(node.op_type == "MatMulNBits" or node.op_type == "DequantizeLinear" and node.inputs[0] is not None
+               and node.inputs[0].dtype in int4 for node in model.graph):
+            # (TVM's own importer cannot read int4 tensors either: "TensorCopyFromBytes: size mismatch")
+            raise ActsparseError("int4 weights (MatMulNBits or int4 DequantizeLinear) have no CUDA kernel yet: compile "
+                                 "for a CPU target, or quantize to int8 (mode=dynamic or mode=static)")
         quant_layers = [{"name": node.name, "kernel": "tvm", "reason": "no CUDA int8/int4 kernel yet"}
                         for node in model.graph if node.op_type in ("MatMulInteger", "MatMulNBits", "DequantizeLinear")]
         fused_ffn_forms = CUDA_FORMS
