@@ -37,6 +37,7 @@ def test_chained_linears_all_get_our_kernels():
 
 @pytest.mark.parametrize("passes, kernel, tolerance", [
     ("quantize{bits=8}", "int8_dense", 0.05),  # ours keeps activations in fp32: ORT rounds them to int8
+    ("quantize{bits=8,mode=dynamic,granularity=token}", "int8_dense", 0.05),
     ("quantize{bits=4,group=32,accuracy_level=0}", "int4_dense", 1e-4),
 ])
 def test_quantized_linears_compile_to_our_kernels(passes, kernel, tolerance):
@@ -81,6 +82,23 @@ def test_int4_blocked_qdq_compiles_to_the_int4_kernels(symmetric):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options)
     np.testing.assert_allclose(art.run(x=x)["y"], session.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_per_token_int8_with_a_sparsifier_computes_the_graphs_numbers_on_vnni():
+    """quantize{mode=dynamic,granularity=token} rounds each row of x symmetrically to int8 (scale
+    max |x| / 127), which the one-row VNNI sparse kernel does itself: there it gives onnxruntime's
+    numbers; elsewhere x stays float (the graph's rounding is then the difference)."""
+    from actsparse.codegen.kernels.cpu.quant import has_int8_dot_product
+
+    passes = "sparsify{method=teal,sparsity=0.5},quantize{mode=dynamic,bits=8,granularity=token}"
+    model = actsparse.optimize(ir.serde.deserialize_model(swiglu_stack(layers=1, d=64, f=128)), passes=passes).model
+    x = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
+    art = actsparse.compile(model, target="host", example_inputs={"x": x})
+    vnni = has_int8_dot_product(resolve_target("host"))
+    assert {layer["kernel"] for layer in art.kernels} == {"int8_sparse_threshold" + ("_vnni" if vnni else "")}
+    expected = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})[0]
+    error = np.abs(art.run(x=x)["y"] - expected).max() / np.abs(expected).max()
+    assert error <= (1e-4 if vnni else 0.05)
 
 
 def test_int8_weight_only_is_a_clear_refusal():

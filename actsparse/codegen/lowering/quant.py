@@ -122,7 +122,7 @@ def match_quant_linear(node: ir.Node) -> QuantLinear | None:
     if node.domain in ("", "ai.onnx") and node.op_type == "MatMul":
         return _match_qdq(node)
     if node.domain in ("", "ai.onnx") and node.op_type == "Mul":
-        return _match_dynamic(node)
+        return _match_dynamic(node) or _match_per_token(node)
     if is_matmul_nbits(node):
         return _match_matmulnbits(node)
     return None
@@ -243,6 +243,40 @@ def _match_dynamic(mul: ir.Node) -> QuantLinear | None:
         return QuantLinear(mul.outputs[0], x, k, n, "int8", (q, scale.reshape(n).astype(np.float32)),
                            name=mm.name or mul.outputs[0].name, int8_activations=True)
     return None
+
+
+def _match_per_token(mul: ir.Node) -> QuantLinear | None:
+    """quantize{mode=dynamic,granularity=token}: Mul(Mul(Cast(MatMulInteger(x_q, q)), s), w_scale) with
+    x_q = Cast<int8>(Clip(Round(Div(x, s)))) and s the row's max |x| / 127: the symmetric
+    per-token rounding the VNNI kernels do themselves (elsewhere x stays float, as for `dynamic`)."""
+    for inner, outer_scale in (mul.inputs, mul.inputs[::-1]):
+        token_mul, scale = _producer(inner, "Mul"), _const(outer_scale)
+        if token_mul is None or scale is None:
+            continue
+        for cast_in, token_scale in (token_mul.inputs, token_mul.inputs[::-1]):
+            cast = _producer(cast_in, "Cast")
+            mm = _producer(cast.inputs[0], "MatMulInteger") if cast is not None else None
+            if mm is None or any(v is not None for v in mm.inputs[2:]):
+                continue
+            x = _per_token_source(mm.inputs[0], token_scale)
+            q = _const(mm.inputs[1])
+            if x is None or not _int8_weight(q, scale, None) or not _float_input(x) or x.shape[-1] != q.shape[0]:
+                continue
+            k, n = q.shape
+            return QuantLinear(mul.outputs[0], x, k, n, "int8", (q, scale.reshape(n).astype(np.float32)),
+                               name=mm.name or mul.outputs[0].name, int8_activations=True)
+    return None
+
+
+def _per_token_source(x_q: ir.Value, scale: ir.Value) -> ir.Value | None:
+    """x for x_q = Cast<int8>(Clip(Round(Div(x, scale)))), else None."""
+    cast = _producer(x_q, "Cast")
+    clip = _producer(cast.inputs[0], "Clip") if cast is not None else None
+    rounded = _producer(clip.inputs[0], "Round") if clip is not None else None
+    div = _producer(rounded.inputs[0], "Div") if rounded is not None else None
+    if div is None or div.inputs[1] is not scale or x_q.dtype != ir.DataType.INT8:
+        return None
+    return div.inputs[0]
 
 
 def _match_matmulnbits(node: ir.Node) -> QuantLinear | None:
