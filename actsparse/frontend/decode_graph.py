@@ -344,6 +344,12 @@ def _activation(b: _Builder, kind: str, x: str, name: str) -> str:
         return b.op("Mul", [x, b.op("Sigmoid", [x], f"{name}/Sigmoid")], f"{name}/Mul")
     if kind == "relu":
         return b.op("Relu", [x], f"{name}/Relu")
+    if kind == "relu2":  # relufy{act=relu2}
+        relu = b.op("Relu", [x], f"{name}/Relu")
+        return b.op("Mul", [relu, relu], f"{name}/Square")
+    if kind.startswith("shifted_relu:"):  # relufy{act=shifted_relu,shift=b}: Relu(x - b)
+        shift = float(kind.split(":", 1)[1])
+        return b.op("Relu", [b.op("Sub", [x, b.const(shift)], f"{name}/Shift")], f"{name}/Relu")
     if kind == "gelu":
         erf = b.op("Erf", [b.op("Div", [x, b.const(np.sqrt(2.0))], f"{name}/Div")], f"{name}/Erf")
         half = b.op("Mul", [b.op("Add", [erf, b.const(1.0)], f"{name}/Add"), b.const(0.5)], f"{name}/Half")

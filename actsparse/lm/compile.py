@@ -12,6 +12,8 @@ and then the step once per new token.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -141,6 +143,20 @@ def decode_feeds(model: ir.Model, sequences: list[np.ndarray]) -> list[dict[str,
             for position, (feed, _) in enumerate(ort_decode_steps(session, tokens)) if position]
 
 
+def _chunk_spec(spec, records):
+    """The spec the prompt chunk is built from: the model's, with the activation `relufy` put in
+    the decode step (the chunk computes the model the step computes)."""
+    from actsparse.passes.relufy import SMOOTH_KINDS
+
+    relufy = next((record for record in reversed(records) if record.name == "relufy" and record.modified), None)
+    if relufy is None or spec.activation not in SMOOTH_KINDS:  # OPT's ReLU stays
+        return spec
+    act = relufy.options.get("act", "relu")
+    if act == "shifted_relu":
+        act = f"shifted_relu:{float(relufy.options.get('shift', 0.0))!r}"
+    return dataclasses.replace(spec, activation=act)
+
+
 def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: str | os.PathLike | None = None,
                       max_context: int | None = None, calib_text: str | os.PathLike | None = None,
                       tokenizer: str | os.PathLike | None = None, recipe=None, verify: bool = True, seed: int = 0,
@@ -193,9 +209,8 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
         if tokens < 2 or target.strip().startswith("cuda"):
             lm["prefill"] = {"reason": "the prompt runs token by token on this target"}
             return {}
-        chunk = build_prefill_graph(spec, tokens, capacity, window, kv_cache)
-        relufied = any(record.name == "relufy" for record in records)
-        reason = bind_prefill(chunk, lowered, relufied=relufied)
+        chunk = build_prefill_graph(_chunk_spec(spec, records), tokens, capacity, window, kv_cache)
+        reason = bind_prefill(chunk, lowered)
         if reason:
             step(f"prompt runs token by token: {reason}")
             lm["prefill"] = {"reason": reason}

@@ -168,6 +168,18 @@ def test_sliding_window_chunks_equal_single_steps(tmp_path):
                                                                max_context=64).path))
 
 
+@pytest.mark.parametrize("family, passes", [
+    ("gpt_neox", "relufy"),  # a plain GELU MLP: no fused gated kernel to take the activation from
+    ("gpt_neox_sequential", "relufy{act=relu2}"),  # gelu_new -> ReLU squared
+    ("llama", "relufy{act=shifted_relu,shift=0.05},quantize{mode=dynamic,bits=8}"),  # gated, not fused
+])
+def test_relufied_chunks_outside_a_fused_kernel_use_the_relufied_activation(family, passes, tmp_path):
+    """The chunk graph is built with the activation relufy put in the decode step (it used to have
+    the model's own, so such models ran their prompt token by token)."""
+    art = compile_causal_lm(random_lm(family), "host", passes, output=tmp_path / "relu.actsparse", max_context=64)
+    assert_chunk_equals_steps(actsparse.load(art.path), tolerance=2e-4)
+
+
 @pytest.mark.slow
 def test_relufied_fused_ffn_chunks_follow_the_decode_activation(llama, tmp_path):
     """relufy changes the FFN's activation: the chunk takes it from the fused kernel (gate-sparse

@@ -27,8 +27,8 @@ The prompt runs dense: thresholds and predictors are for the decode step's batch
 with the passes' weights computes. int8 or int4 + a sparsifier on AVX-512 VNNI CPUs (a one-row
 VNNI kernel in the decode step) keeps that kernel's arithmetic in the chunk: x rounded to int8 per
 row (int8: per token, as each decode step rounds it; int4: per row and group), integer dot
-products over the same rows; the other quantized chunks multiply float x by the codes. A model relufied outside a fused FFN gets no
-prefill (`bind_prefill` says why) and its prompt runs through the decode step token by token.
+products over the same rows; the other quantized chunks multiply float x by the codes. A relufied
+model's chunk is built with the activation `relufy` put in the decode step (lm/compile.py).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ PACKED, ROWS, COLUMNS, GENERIC, QUANT = "packed", "kn", "nk", "generic", "quant"
 QUANT_PASS_SUFFIXES = (".matmul_integer", ".matmul_nbits", ".matmul_qdq")  # passes/quantize.py's node names
 
 
-def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) -> str | None:
+def bind_prefill(prefill: ir.Model, decode: ir.Model) -> str | None:
     """Bind `prefill`'s placeholders and weights to `decode`'s (lowered, weights packed), in
     place. Returns None, or why the chunk cannot share the decode step's weights."""
     kernels: dict[str, ir.Node] = {}
@@ -72,8 +72,6 @@ def bind_prefill(prefill: ir.Model, decode: ir.Model, relufied: bool = False) ->
     for node in fused.values():
         _bind_fused_ffn(prefill, node, placeholders)
     bound_by_ffn = {name for node in fused.values() for name in node.attributes.get_strings("linears")}
-    if relufied and any(".mlp." in name for name in set(placeholders) - bound_by_ffn):
-        return "relufied FFNs outside a fused kernel (the chunk graph has the model's own activation)"
     side_by_side: dict[tuple[int, int], ir.Value] = {}  # chunk product per (shared quant kernel, input)
     for name, placeholder in placeholders.items():
         if name not in bound_by_ffn:
