@@ -86,6 +86,14 @@ def to_ir_model(model: Any, example_inputs: Any = None) -> ir.Model:
     raise ActsparseError(f"cannot read a model from {type(model).__name__}; give an ONNX path, ModelProto or torch.nn.Module")
 
 
+def for_compile(specs: list[PassSpec]) -> list[PassSpec]:
+    """`specs` for a compile: quantize's onnxruntime speed check off unless asked for. The compiled
+    artifact runs actsparse's kernels, not onnxruntime's, so that check only cost time (two
+    sessions of the model) and warned of a slowdown the artifact does not have."""
+    return [PassSpec(spec.name, {"speed_check": False} | spec.options) if spec.name == "quantize" else spec
+            for spec in specs]
+
+
 def resolve_passes(passes: PassesArg = None, recipe: str | os.PathLike | None = None) -> list[PassSpec]:
     """The pass pipeline from `passes` (a pipeline string, or names, specs and (name, options)
     pairs) or from a `recipe` file; `cleanup` alone when neither is given."""
@@ -312,7 +320,7 @@ def compile(model: Any, target: str = "host", passes: PassesArg = None, *, examp
     ir_model = to_ir_model(model, example_inputs)
     shapes = dict(input_shapes) if input_shapes is not None else input_shapes_of(ir_model, example_inputs)
     records: list[PassRecord] = []
-    specs = resolve_passes(passes, recipe) if (passes or recipe) else []
+    specs = for_compile(resolve_passes(passes, recipe)) if (passes or recipe) else []
     if specs:
         given = calib is not None or calib_text is not None or tokenizer is not None
         examples = [feeds_of(ir_model, example_inputs)] if example_inputs is not None and not given else None

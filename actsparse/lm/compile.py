@@ -167,7 +167,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
     context reads per token; keys and values rounded to float16, as llama.cpp's default cache)."""
     import tempfile
 
-    from actsparse.api import CompiledArtifact, _accuracy_report, resolve_passes
+    from actsparse.api import CompiledArtifact, _accuracy_report, for_compile, resolve_passes
     from actsparse.codegen.compile import compile_model
     from actsparse.codegen.kernels.cpu.attention import cache_capacity
     from actsparse.codegen.kv_cache import lower_cached_attention
@@ -185,7 +185,7 @@ def compile_causal_lm(model: Any, target: str = "host", passes=None, *, output: 
     spec, decode = load_decoder(model, max_context)
     tokenizer_entry, files = tokenizer_of(model, tokenizer)
     records = []
-    specs = resolve_passes(passes, recipe) if (passes or recipe) else []
+    specs = for_compile(resolve_passes(passes, recipe)) if (passes or recipe) else []
     if specs:
         step("calibrating on decode steps")
         sequences = calibration_tokens(spec, tokenizer_entry, files, calib_text, seed, calibration_steps)

@@ -101,6 +101,18 @@ def test_per_token_int8_with_a_sparsifier_computes_the_graphs_numbers_on_vnni():
     assert error <= (1e-4 if vnni else 0.05)
 
 
+def test_compile_skips_onnxruntimes_speed_check_unless_asked(tmp_path):
+    """The artifact runs actsparse's kernels: quantize's onnxruntime timing is off in compile (it
+    warned of slowdowns the artifact does not have), on when the pipeline asks for it."""
+    model = ir.serde.deserialize_model(swiglu_stack(layers=1, d=64, f=128))
+    x = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
+    quiet = actsparse.compile(model, target="host", passes="quantize{bits=4}", example_inputs={"x": x},
+                              output=tmp_path / "a.actsparse")
+    asked = actsparse.compile(model, target="host", passes="quantize{bits=4,speed_check=true}",
+                              example_inputs={"x": x}, output=tmp_path / "b.actsparse")
+    assert "speed_check" not in quiet.records[-1].report and "speed_check" in asked.records[-1].report
+
+
 def test_int8_weight_only_is_a_clear_refusal():
     model = actsparse.optimize(ir.serde.deserialize_model(swiglu_stack(layers=1, d=64, f=128)),
                                passes="quantize{mode=weight_only,bits=8}").model
