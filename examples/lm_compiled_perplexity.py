@@ -34,6 +34,7 @@ VARIANTS = {
     "TEAL 50% (FFN inputs)": "sparsify{method=teal,sparsity=0.5,scope=ffn}",
     "TEAL 50% (all linears)": "sparsify{method=teal,sparsity=0.5}",
     "TEAL 40% (all linears)": "sparsify{method=teal,sparsity=0.4}",
+    "TEAL 50% (all linears and the LM head)": "sparsify{method=teal,sparsity=0.5,scope=linears}",
     "R-Sparse 50% (FFN inputs)": "rsparse{sparsity=0.5,scope=ffn}",
     "R-Sparse 70% (FFN inputs)": "rsparse{sparsity=0.7,scope=ffn}",
 }
@@ -125,6 +126,9 @@ def main(argv=None) -> dict:
         print(f"compiled decode path, {label}: perplexity {ppl:.5f} ({ppl / reference - 1:+.2%} vs onnxruntime dense)")
     if args.only is None:
         rows += relufied_rows(args, windows, reference)
+    elif Path(args.out).exists():  # keep the rows of what did not run, in their order
+        ran = {row["variant"] for row in rows}
+        rows = [row for row in json.loads(Path(args.out).read_text())["compiled"] if row["variant"] not in ran] + rows
     results = {"model": {"size": args.size, "train_steps": metrics["step"], "parameters": metrics["parameters"]},
                "windows": len(windows), "seq_len": args.seq_len, "onnxruntime_perplexity": round(reference, 5),
                "compiled": rows}
