@@ -9,7 +9,7 @@
    as examples/lm_sparsity.py measures it;
 3. compiled: the decode step compiled for this machine, run token by token over the same windows
    (`LanguageModel.perplexity`), dense, with TEAL at 50 % (FFN inputs, as the README's table;
-   and every linear) and with R-Sparse at 50 / 70 % (FFN inputs; `--only R-Sparse` runs just
+   every linear; and every linear with the LM head) and with R-Sparse at 50 / 70 % (FFN inputs; `--only R-Sparse` runs just
    those), thresholds calibrated on decode steps of built-in text;
 4. relufied (SiLU -> ReLU + ProSparse L1 fine-tuning, as lm_mini.json's relufy stage: 150 steps,
    lr 2e-3, L1 stages 0.05/0.15/0.3), compiled as it is (the ReLU-gated FFN kernel) and with a
