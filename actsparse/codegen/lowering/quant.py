@@ -90,6 +90,13 @@ def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: 
     if left is not None:  # TVM's importer has no MatMulNBits: say which form, not "unsupported operator"
         raise ActsparseError(f"node {left.name!r} (MatMulNBits): a form the compiler does not take (it takes "
                              "4-bit codes, block_size a multiple of 16, no zero points or uint8 ones)")
+    int4 = (ir.DataType.INT4, ir.DataType.UINT4)
+    left = next((node for node in model.graph if node.op_type == "DequantizeLinear" and node.inputs[0] is not None
+                 and node.inputs[0].dtype in int4), None)
+    if left is not None:  # nor can it read int4 tensors ("TensorCopyFromBytes: size mismatch")
+        raise ActsparseError(f"node {left.name!r} (int4 DequantizeLinear): a form the compiler does not take (it "
+                             "takes constant int4 weights [K, N] feeding a MatMul, axis 0, block_size a multiple "
+                             "of 16, uint4 zero points or none)")
     return layers
 
 
@@ -192,13 +199,14 @@ def _match_blocked_int4(matmul: ir.Node, dq_w: ir.Node) -> QuantLinear | None:
     if scales.shape != (blocks, n) or not _float_input(x) or x.shape[-1] != k:
         return None
     signed = w.dtype == ir.DataType.INT4
-    if zero is not None and (signed or zero.shape != (blocks, n)):
+    if zero is not None and zero.shape != (blocks, n):
         return None
+    offset = 8 if signed else 0  # int4 -8..7 -> codes 0..15, zero points moved the same way
     codes = np.full((n, blocks * group), 8, np.uint8)  # the padding past K: code 8, weight 0 when symmetric
-    codes[:, :k] = (q.astype(np.int16) + (8 if signed else 0)).T.astype(np.uint8)
+    codes[:, :k] = (q.astype(np.int16) + offset).T.astype(np.uint8)
     zeros = None
     if zero is not None:
-        zeros = np.ascontiguousarray(zero.astype(np.uint8).T)
+        zeros = np.ascontiguousarray((zero.astype(np.int16) + offset).T.astype(np.uint8))
         if np.all(zeros == 8):  # the symmetric form spelled with zero points
             zeros = None
     elif not signed:  # uint4 without zero points: zero point 0
