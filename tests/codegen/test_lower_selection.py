@@ -53,6 +53,7 @@ def test_quantized_linears_compile_to_our_kernels(passes, kernel, tolerance):
 @pytest.mark.parametrize("passes, kernel, tolerance", [
     ("quantize{bits=8}", "int8_dense", 0.05),
     ("quantize{mode=dynamic,bits=8}", "int8_dense", 0.05),
+    ("quantize{mode=dynamic,bits=8,granularity=token}", "int8_dense", 0.05),  # opset 17: ReduceMax axes attribute
     ("quantize{bits=4,group=32,accuracy_level=0}", "int4_dense", 1e-4),
 ])
 def test_chained_quantized_linears_all_get_our_kernels(passes, kernel, tolerance):
@@ -143,6 +144,21 @@ def test_int4_dequantize_linear_from_another_exporter():
     # blocks along N (axis 1): not a form the kernels take, and TVM cannot read int4: one clear line
     with pytest.raises(actsparse.ActsparseError, match="'dq' \\(int4 DequantizeLinear\\): a form the compiler"):
         actsparse.compile(_int4_dequantize_matmul(axis=1), target="host", example_inputs={"x": x})
+
+
+def test_per_token_form_with_another_scale_is_not_taken_for_the_kernels_rounding():
+    """The kernels round x with max |x| / 127 per row: a graph of the same shape whose scale is
+    something else (here max |x| / 63) is left to TVM's generic ops, which compute it exactly."""
+    model = actsparse.optimize(ir.serde.deserialize_model(swiglu_stack(layers=1, d=64, f=128)),
+                               passes="quantize{mode=dynamic,bits=8,granularity=token}").model
+    for name, value in model.graph.initializers.items():
+        if name.endswith(".int8_max"):
+            value.const_value = ir.tensor(np.array(63.0, np.float32), name=name)
+    x = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
+    art = actsparse.compile(model, target="host", example_inputs={"x": x})
+    assert not any(layer["kernel"].startswith("int8") for layer in art.kernels)
+    expected = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(art.run(x=x)["y"], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_weight_only_is_a_clear_refusal():

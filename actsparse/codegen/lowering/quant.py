@@ -277,14 +277,45 @@ def _match_per_token(mul: ir.Node) -> QuantLinear | None:
 
 
 def _per_token_source(x_q: ir.Value, scale: ir.Value) -> ir.Value | None:
-    """x for x_q = Cast<int8>(Clip(Round(Div(x, scale)))), else None."""
+    """x for x_q = Cast<int8>(Clip(Round(Div(x, scale)), -127, 127)) with scale = max(max |x| of
+    the row, floor) / 127 (the pass's form, which the kernels round as), else None."""
     cast = _producer(x_q, "Cast")
     clip = _producer(cast.inputs[0], "Clip") if cast is not None else None
     rounded = _producer(clip.inputs[0], "Round") if clip is not None else None
     div = _producer(rounded.inputs[0], "Div") if rounded is not None else None
-    if div is None or div.inputs[1] is not scale or x_q.dtype != ir.DataType.INT8:
+    if div is None or div.inputs[1] is not scale or x_q.dtype != ir.DataType.INT8 or len(clip.inputs) != 3:
         return None
-    return div.inputs[0]
+    if not (_scalar(clip.inputs[1]) == -127 and _scalar(clip.inputs[2]) == 127):
+        return None
+    x = div.inputs[0]
+    return x if _row_absmax_over_127(scale, x) else None
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    array = _const(value)
+    return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
+
+
+def _row_absmax_over_127(scale: ir.Value, x: ir.Value) -> bool:
+    """scale = Div(ReduceMax(Abs(x), last axis) [through a Max with a small constant floor], 127)."""
+    div = _producer(scale, "Div")
+    if div is None or _scalar(div.inputs[1]) != 127:
+        return False
+    reduced = div.inputs[0]
+    floor = _producer(reduced, "Max")
+    if floor is not None:  # max(row max, a tiny floor): the floor only matters for an all-zero row
+        values = [_scalar(v) for v in floor.inputs]
+        kept = [v for v, c in zip(floor.inputs, values) if c is None]
+        if len(floor.inputs) != 2 or len(kept) != 1 or not 0 <= max(c for c in values if c is not None) < 1e-3:
+            return False
+        reduced = kept[0]
+    reduce = _producer(reduced, "ReduceMax")
+    magnitude = _producer(reduce.inputs[0], "Abs") if reduce is not None else None
+    if magnitude is None or magnitude.inputs[0] is not x or x.shape is None:
+        return False
+    axes = _const(reduce.inputs[1]) if len(reduce.inputs) > 1 and reduce.inputs[1] is not None else None
+    axes = list(axes.reshape(-1)) if axes is not None else reduce.attributes.get_ints("axes", None)
+    return axes is not None and [int(a) % len(x.shape) for a in axes] == [len(x.shape) - 1]
 
 
 def _match_matmulnbits(node: ir.Node) -> QuantLinear | None:
