@@ -13,7 +13,6 @@ and then the step once per new token.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 from pathlib import Path
 from typing import Any, Callable

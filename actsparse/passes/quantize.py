@@ -178,20 +178,10 @@ class QuantizePass(ActsparsePass):
         if mode == "weight_only" and opts.format == "qdq":
             _raise_opset(model, QDQ_BLOCKED_OPSET)
         rows = self._calibration_rows(model, inputs) if self._needs_rows(mode) else {}
-        by_group: dict[int, list[dict]] = {}
         # Last group first: a group's input may be the output of a linear rewritten later (OPT-350m's
         # project_out feeds lm_head); that rewrite then moves the new nodes onto its new output.
-        for group in reversed(inputs):
-            if mode == "static":
-                by_group[id(group)] = self._static(model, group, rows[group.value.name])
-            elif mode == "dynamic" and opts.granularity == "token":
-                by_group[id(group)] = self._dynamic_per_token(model, group)
-            elif mode == "dynamic":
-                by_group[id(group)] = self._dynamic(model, group)
-            else:
-                hessian = layer_hessian(rows[group.value.name]) if opts.rounding == "gptq" else None
-                by_group[id(group)] = [self._weight_only(model, linear, hessian) for linear in group.linears]
-        layers = [layer for group in inputs for layer in by_group[id(group)]]
+        rewritten = [self._quantize_group(model, group, rows) for group in reversed(inputs)]
+        layers = [layer for group_layers in reversed(rewritten) for layer in group_layers]  # graph order
         model = common.RemoveUnusedNodesPass()(model).model
         bytes_after = _initializer_bytes(model)
         self.report = {
@@ -207,6 +197,19 @@ class QuantizePass(ActsparsePass):
         if float_model is not None:
             self.report.update(_speed_vs_float(float_model, model, speed_sample))
         return ir.passes.PassResult(model, modified=True)
+
+    def _quantize_group(self, model: ir.Model, group: _Input, rows: dict[str, np.ndarray]) -> list[dict]:
+        """Rewrite the linears reading `group`'s input; their report entries."""
+        opts = self.options
+        mode = opts.resolved_mode
+        if mode == "static":
+            return self._static(model, group, rows[group.value.name])
+        if mode == "dynamic" and opts.granularity == "token":
+            return self._dynamic_per_token(model, group)
+        if mode == "dynamic":
+            return self._dynamic(model, group)
+        hessian = layer_hessian(rows[group.value.name]) if opts.rounding == "gptq" else None
+        return [self._weight_only(model, linear, hessian) for linear in group.linears]
 
     def _apply_overrides(self, model: ir.Model, linears: list[Linear]) -> tuple[list[Linear], list[dict]]:
         """The linears still to quantize, and those an override of 0 bits keeps float (as report entries)."""

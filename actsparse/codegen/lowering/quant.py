@@ -74,13 +74,10 @@ def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: 
     """
     model = _infer_matmulnbits_shapes(model)
     matches = [match for node in list(model.graph) if (match := match_quant_linear(node)) is not None]
-    batches = shared_input_batches(matches, int8_dot)
-    rewritten: dict[int, list[dict]] = {}
     # Last batch first: a batch's input may be an earlier batch's output (OPT-350m's project_out
     # feeds lm_head); rewriting that one afterwards moves the new kernel onto its replacement.
-    for batch in reversed(batches):
-        rewritten[id(batch[0])] = _replace(model, batch, lanes, int8_dot)
-    layers = [layer for batch in batches for layer in rewritten[id(batch[0])]]
+    rewritten = [_replace(model, batch, lanes, int8_dot) for batch in reversed(shared_input_batches(matches, int8_dot))]
+    layers = [layer for batch_layers in reversed(rewritten) for layer in batch_layers]  # graph order
     if layers:
         import onnx_ir.passes.common as common
 
@@ -90,9 +87,7 @@ def select_quant_kernels(model: ir.Model, lanes: int = DEFAULT_LANES, int8_dot: 
     if left is not None:  # TVM's importer has no MatMulNBits: say which form, not "unsupported operator"
         raise ActsparseError(f"node {left.name!r} (MatMulNBits): a form the compiler does not take (it takes "
                              "4-bit codes, block_size a multiple of 16, no zero points or uint8 ones)")
-    int4 = (ir.DataType.INT4, ir.DataType.UINT4)
-    left = next((node for node in model.graph if node.op_type == "DequantizeLinear" and node.inputs[0] is not None
-                 and node.inputs[0].dtype in int4), None)
+    left = next((node for node in model.graph if is_int4_dequantize(node)), None)
     if left is not None:  # nor can it read int4 tensors ("TensorCopyFromBytes: size mismatch")
         raise ActsparseError(f"node {left.name!r} (int4 DequantizeLinear): a form the compiler does not take (it "
                              "takes constant int4 weights [K, N] feeding a MatMul, axis 0, block_size a multiple "
@@ -123,6 +118,15 @@ def _infer_matmulnbits_shapes(model: ir.Model) -> ir.Model:
 
 
 # ---------------------------------------------------------------------------- matching
+
+INT4_TYPES = (ir.DataType.INT4, ir.DataType.UINT4)
+
+
+def is_int4_dequantize(node: ir.Node) -> bool:
+    """A DequantizeLinear of int4 / uint4 values (TVM's ONNX importer cannot read int4 tensors)."""
+    return node.op_type == "DequantizeLinear" and bool(node.inputs) and node.inputs[0] is not None \
+        and node.inputs[0].dtype in INT4_TYPES
+
 
 def match_quant_linear(node: ir.Node) -> QuantLinear | None:
     """The quantized linear ending at ``node``, or None."""
@@ -188,7 +192,7 @@ def _match_blocked_int4(matmul: ir.Node, dq_w: ir.Node) -> QuantLinear | None:
     (codes 0..15, code - 8 or code - zero point, times the block's scale) with float x."""
     x, w = matmul.inputs[0], dq_w.inputs[0]
     group = dq_w.attributes.get_int("block_size", 0)
-    if w is None or w.dtype not in (ir.DataType.INT4, ir.DataType.UINT4) or dq_w.attributes.get_int("axis", 1) != 0:
+    if not is_int4_dequantize(dq_w) or dq_w.attributes.get_int("axis", 1) != 0:
         return None
     q, scales = _const(w), _const(dq_w.inputs[1])
     zero = _const(dq_w.inputs[2]) if len(dq_w.inputs) > 2 and dq_w.inputs[2] is not None else None

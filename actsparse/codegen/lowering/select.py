@@ -45,7 +45,7 @@ def select_kernels(model: ir.Model, target: TargetInfo | None = None,
     selects as for no particular CPU (16-lane kernels); `fused_ffn_forms`: the fused FFN kernels
     to use (default: all that the target has, ffn_fusion.FORMS)."""
     from actsparse.codegen.lowering.ffn_fusion import CUDA_FORMS, FORMS, fuse_ffn_blocks
-    from actsparse.codegen.lowering.quant import select_quant_kernels
+    from actsparse.codegen.lowering.quant import is_int4_dequantize, select_quant_kernels
     from actsparse.codegen.lowering.rsparse import select_rank_sparse_kernels
 
     target = describe_target(target)  # None: no particular CPU; a TargetInfo stays as it is
@@ -58,9 +58,7 @@ def select_kernels(model: ir.Model, target: TargetInfo | None = None,
     rank_sparse_layers = select_rank_sparse_kernels(model, target.kind in ("", "llvm"),
                                                     lanes=target.kernel_lanes("sparse"))
     if target.on_cuda:
-        int4 = (ir.DataType.INT4, ir.DataType.UINT4)
-        if any(node.op_type == "MatMulNBits" or node.op_type == "DequantizeLinear" and node.inputs[0] is not None
-               and node.inputs[0].dtype in int4 for node in model.graph):
+        if any(node.op_type == "MatMulNBits" or is_int4_dequantize(node) for node in model.graph):
             # (TVM's own importer cannot read int4 tensors either: "TensorCopyFromBytes: size mismatch")
             raise ActsparseError("int4 weights (MatMulNBits or int4 DequantizeLinear) have no CUDA kernel yet: compile "
                                  "for a CPU target, or quantize to int8 (mode=dynamic or mode=static)")
