@@ -258,11 +258,16 @@ def _scores(x: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
 
 
 def _activation_dtype(group: _Group) -> ir.DataType:
-    """The sparsified value's float type: its own when known, else its linear's weight type (an
-    fp16 model needs an fp16 threshold: onnxruntime refuses Greater(fp16, fp32))."""
+    """The sparsified value's float type: its own when known, else the type its linear computes in
+    (an fp16 model needs an fp16 threshold: onnxruntime refuses Greater(fp16, fp32)): the target
+    of a Cast on the weight's way to the linear (fp16 weights cast to float32), else the weight's."""
     if group.value.dtype is not None:
         return group.value.dtype
-    weight = group.linears[0].weight.const_value if group.linears else None
+    linear = group.linears[0] if group.linears else None
+    casts = [node for node in linear.weight_nodes if node.op_type == "Cast"] if linear is not None else []
+    if casts:
+        return ir.DataType(casts[-1].attributes.get_int("to"))
+    weight = linear.weight.const_value if linear is not None else None
     return weight.dtype if weight is not None and weight.dtype.is_floating_point() else ir.DataType.FLOAT
 
 

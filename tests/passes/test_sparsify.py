@@ -483,3 +483,24 @@ def test_overrides_accept_the_block_names_inspect_prints(tmp_path):
     targets = {layer["name"]: layer["target"] for layer in result.records[-1].report["layers"]}
     assert {t for name, t in targets.items() if name.startswith(block)} == {0.2}
     assert {t for name, t in targets.items() if not name.startswith(block)} == {0.5}
+
+
+def test_fp16_weights_cast_to_float32_get_float32_thresholds():
+    """Weights stored fp16 and cast to float32 before the linears (a mixed-precision export), no
+    value types recorded: the threshold takes the Cast's type, the one the linears compute in
+    (the stored weight's fp16 made Greater(float32, fp16), which onnxruntime refuses)."""
+    proto = gelu_mlp_stack(layers=1, tokens=TOKENS)
+    for node in proto.graph.node:
+        node.name = ""
+    weights = [init for init in proto.graph.initializer if len(init.dims) == 2]
+    for init in weights:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+        for node in proto.graph.node:
+            node.input[:] = [f"{name}_f32" if name == init.name else name for name in node.input]
+        proto.graph.node.insert(0, helper.make_node("Cast", [init.name], [f"{init.name}_f32"], to=TensorProto.FLOAT))
+    del proto.graph.value_info[:]
+    model = ir.serde.deserialize_model(proto)
+    after, record = _run_verified(model, _samples(), method="teal", sparsity=0.5)
+    thresholds = [n.inputs[1] for n in _sparsify_nodes(after)]
+    assert thresholds and all(t.dtype == ir.DataType.FLOAT for t in thresholds)
+    assert 0.5 < record.vs_original.cosine < 1.0
